@@ -1,0 +1,168 @@
+"""Resumable checkpoints (torch.distributed.checkpoint) and the Hugging Face export at the end of a stage.
+
+Layout of one stage:
+    <stage>/checkpoints/step-000020/   DCP shards of model + optimizer, trainer.json (step, scheduler, data
+                                       position, counters), rng-rank<r>.pt (every RNG of every rank)
+    <stage>/hf/                        safetensors + config + tokenizer + image processor (from_pretrained loads it)
+
+Both are written under a temporary name and renamed when complete, so a crash never leaves a directory that
+looks finished; `latest()` ignores the temporaries.
+"""
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from engine.config_stages import CheckpointConfig
+from engine.dist import DistInfo, barrier
+from engine.log import log0
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Files of a checkpoint directory that are not weights: tokenizer, chat template, image processor, generation.
+_SIDE_FILES = re.compile(r"^(tokenizer.*|vocab\.json|merges\.txt|special_tokens_map\.json|added_tokens\.json|"
+                         r"chat_template\.(json|jinja)|preprocessor_config\.json|video_preprocessor_config\.json|"
+                         r"generation_config\.json|processor_config\.json)$")
+_SHARD_BYTES = 4 * 2**30
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, ckpt_dir: Path, cfg: CheckpointConfig, dist_info: DistInfo):
+        self.dir = Path(ckpt_dir)
+        self.cfg = cfg
+        self.dist = dist_info
+
+    def steps(self) -> list[int]:
+        """Steps with a complete checkpoint, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _STEP_DIR.match(p.name)))
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step-{step:06d}"
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+        """Collective: every rank writes its shards and RNG; rank 0 renames the directory when all are done."""
+        final, tmp = self.path(step), self.dir / f"step-{step:06d}.tmp"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash during an earlier save
+            tmp.mkdir(parents=True)
+        barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
+        if self.dist.is_main:
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        barrier()
+        if self.dist.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in self.steps()[: -self.cfg.keep]:
+                shutil.rmtree(self.path(old), ignore_errors=True)
+        barrier()
+        log0(f"checkpoint: saved step {step} to {final}")
+        return final
+
+    def load(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore model, optimizer and this rank's RNG from `step`; returns the trainer state saved with it."""
+        path = self.path(step)
+        if not path.is_dir():
+            raise ValueError(f"checkpoint step {step}: {path} does not exist (found: {self.steps() or 'none'})")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng_file = path / f"rng-rank{self.dist.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:  # resumed with a different world size: the data order is still exact, sampling RNG is not
+            log0(f"checkpoint: {rng_file.name} missing (world size changed?); RNG not restored")
+        return json.loads((path / "trainer.json").read_text())
+
+
+def export_hf(model: nn.Module, hf_model: nn.Module, src_dir: Path, out_dir: Path, dist_info: DistInfo,
+              prefix: str = "hf.") -> None:
+    """Write a Hugging Face directory of `model`'s full weights that `from_pretrained` loads (collective).
+
+    Weights are gathered to rank 0's CPU one full state dict at a time (fine up to ~7B on a large host);
+    tokenizer and image-processor files are copied from `src_dir`, the checkpoint the stage started from.
+    """
+    out_dir = Path(out_dir)
+    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist_info.is_main:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        sd = {k.removeprefix(prefix): v for k, v in full_sd.items()}
+        if getattr(hf_model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)  # tied to the input embeddings; safetensors rejects shared storage
+        dtype = _export_dtype(src_dir)
+        sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+        _save_shards(sd, tmp)
+        hf_model.config.save_pretrained(tmp)
+        for f in Path(src_dir).iterdir():
+            if f.is_file() and _SIDE_FILES.match(f.name):
+                shutil.copy2(f, tmp / f.name)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+        log0(f"export: {len(sd)} tensors ({dtype}) to {out_dir}")
+    barrier()
+
+
+def _export_dtype(src_dir: Path) -> torch.dtype:
+    """Export in the dtype the source checkpoint was stored in (bf16 for released Qwen models, fp32 for the toy)."""
+    config = json.loads((Path(src_dir) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def _save_shards(sd: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """safetensors files of at most ~4 GiB, with the index file transformers expects when there are several."""
+    shards, current, size = [], {}, 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > _SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out_dir / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

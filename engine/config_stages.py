@@ -1,0 +1,203 @@
+"""Stage configs: one dataclass per stage kind, built from a `[[stages]]` table, and the tables they share.
+
+A stage names its model inputs by earlier stage names (or "model" for `[model].path`), and its file inputs
+either as plain paths or as `<stage>:relative/path` inside an earlier stage's output directory.
+"""
+
+import dataclasses
+from typing import ClassVar, Literal
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup length, in optimizer steps."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate shape after warmup."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of `lr`."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still measured)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.lr <= 0:
+            problems.append(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0:
+            problems.append(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm < 0:
+            problems.append(f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 0
+    """Optimizer steps; 0 derives them from `epochs` and the data size."""
+    epochs: float = 1.0
+    """Passes over the training data when `steps` is 0."""
+    batch_size: int = 8
+    """Samples per optimizer step, over all ranks (must divide by the world size)."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one micro-batch on one rank (padded tokens count). Micro-batches accumulate gradients
+    until the step's batch is consumed, so the number of accumulation steps follows from this budget."""
+    max_bad_steps: int = 3
+    """Consecutive steps with a non-finite loss or gradient norm that stop the stage (each is skipped)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.steps < 0:
+            problems.append(f"train.steps must be >= 0, got {self.steps}")
+        if self.steps == 0 and self.epochs <= 0:
+            problems.append(f"train.epochs must be > 0 when train.steps = 0, got {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.micro_batch_tokens < 1:
+            problems.append(f"train.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        if self.max_bad_steps < 1:
+            problems.append(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save a resumable checkpoint every this many optimizer steps (0: only at the end of the stage)."""
+    keep: int = 2
+    """Keep the newest this many checkpoints; older ones are deleted."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.every < 0:
+            problems.append(f"checkpoint.every must be >= 0, got {self.every}")
+        if self.keep < 1:
+            problems.append(f"checkpoint.keep must be >= 1, got {self.keep}")
+        return problems
+
+
+DEFAULT_TEMPLATE = (
+    "{problem}\nThink step by step inside <think> </think> tags, then give the final answer inside "
+    "<answer> </answer> tags."
+)
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    train: str
+    """Training rows: a parquet/jsonl/arrow file or a directory of them, or `<stage>:relative/path`."""
+    template: str = DEFAULT_TEMPLATE
+    """User prompt template; `{problem}` is replaced by the row's problem text."""
+    system: str = ""
+    """System prompt; empty uses the chat template's default."""
+    response_column: str = "response"
+    """Column holding the target response (SFT)."""
+    min_pixels: int | None = None
+    """Smallest image area after resizing, in pixels; unset keeps the model's image processor setting."""
+    max_pixels: int | None = None
+    """Largest image area after resizing, in pixels; unset keeps the model's image processor setting."""
+    max_tokens: int = 4096
+    """Longest sample (prompt + response) in tokens; longer rows are bad rows."""
+    on_bad_row: Literal["skip", "error"] = "skip"
+    """A row with a missing/corrupt image, a placeholder/image count mismatch or empty text: skip it (counted
+    and logged with its id) or stop with an error naming it."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if "{problem}" not in self.template:
+            problems.append(f"data.template must contain '{{problem}}', got {self.template!r}")
+        if self.max_tokens < 2:
+            problems.append(f"data.max_tokens must be >= 2, got {self.max_tokens}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            problems.append(f"data.min_pixels ({self.min_pixels}) > data.max_pixels ({self.max_pixels})")
+        return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class StageConfig:
+    name: str
+    """Stage name: its output directory and how later stages refer to it."""
+    kind: str
+    """Stage kind (toy, sft, ...)."""
+    produces_model: ClassVar[bool] = True
+
+    def model_inputs(self) -> dict[str, str]:
+        """Keys of this stage that name a model: "model" or an earlier stage."""
+        return {}
+
+    def path_inputs(self) -> dict[str, str]:
+        """Keys of this stage that name files: plain paths or `<stage>:relative/path`."""
+        return {}
+
+    def check(self) -> list[str]:
+        return [] if self.name.strip() else ["name must not be empty"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class ToyStageConfig(StageConfig):
+    """Builds the embedded toy world: data under `data/`, a tiny random Qwen2.5-VL plus tokenizer in `hf/`."""
+
+    seed: int = 0
+    """Seed of the data, tokenizer and model initialisation."""
+    num_train: int = 512
+    """Training rows."""
+    num_test: int = 128
+    """Test rows."""
+    format_share: float = 0.4
+    """Share of the synthetic SFT responses written in the <think>/<answer> format (the rest answer plainly)."""
+    image_size: int = 112
+    """Side of the square toy images, in pixels."""
+    hidden_size: int = 64
+    """Text model width."""
+    num_layers: int = 2
+    """Text decoder layers."""
+    vision_depth: int = 2
+    """Vision tower blocks."""
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if self.num_train < 1 or self.num_test < 1:
+            problems.append(f"num_train and num_test must be >= 1, got {self.num_train}, {self.num_test}")
+        if not 0 <= self.format_share <= 1:
+            problems.append(f"format_share must be in [0, 1], got {self.format_share}")
+        if self.image_size < 28 or self.image_size % 28:
+            problems.append(f"image_size must be a multiple of 28 (patch 14 x merge 2), got {self.image_size}")
+        return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class SFTStageConfig(StageConfig):
+    """Supervised fine-tuning: next-token loss on the response tokens only."""
+
+    init: str
+    """Model to start from: "model" or an earlier stage's name."""
+    data: DataConfig
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def model_inputs(self) -> dict[str, str]:
+        return {"init": self.init}
+
+    def path_inputs(self) -> dict[str, str]:
+        return {"data.train": self.data.train}
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        for obj in (self.data, self.optim, self.train, self.checkpoint):
+            problems.extend(obj.check())
+        return problems
+
+
+STAGE_KINDS: dict[str, type[StageConfig]] = {"toy": ToyStageConfig, "sft": SFTStageConfig}

@@ -1,0 +1,81 @@
+"""Loading Hugging Face checkpoints and the policy wrapper that turns hidden states into per-token log-probs.
+
+Supported: Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) and text-only Qwen2 (`AutoModelForCausalLM`).
+The policy never builds the full [tokens, vocab] logits: it takes the last hidden states at the positions
+that have a target, and `kernels.fused_logprobs` computes log-probs from them and the lm_head weight.
+
+Letters: B batch rows, T sequence length, H hidden size, N tokens with a target.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Qwen2_5_VLForConditionalGeneration
+
+from kernels import fused_logprobs
+
+VLM_TYPES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+TEXT_TYPES = {"qwen2"}
+# Batch keys the backbone understands; anything else (labels, bookkeeping) stays out of the forward.
+_FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def load_hf_model(path: str | Path, *, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """Load a checkpoint directory in fp32 on CPU (master weights; FSDP2 casts for compute)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model path {str(path)!r} has no config.json: expected a Hugging Face checkpoint directory")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type in VLM_TYPES:
+        cls = VLM_TYPES[config.model_type]
+    elif config.model_type in TEXT_TYPES:
+        cls = AutoModelForCausalLM
+    else:
+        raise ValueError(f"model type {config.model_type!r} in {path}/config.json is not supported "
+                         f"(supported: {', '.join([*VLM_TYPES, *TEXT_TYPES])})")
+    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+
+
+class Policy(nn.Module):
+    """Wraps a causal LM so that `forward(batch)` returns the log-probs of the batch's target tokens.
+
+    FSDP2's root wrapping goes around this module, so the embeddings, final norm and lm_head (root
+    parameters) are gathered for the whole forward, including the log-prob computation outside `hf.forward`.
+    """
+
+    def __init__(self, hf_model: PreTrainedModel, *, chunk_tokens: int = 1024):
+        super().__init__()
+        self.hf = hf_model
+        self.chunk_tokens = chunk_tokens
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last hidden states [B, T, H] of the backbone (no lm_head)."""
+        inputs = {k: batch[k] for k in _FORWARD_KEYS if k in batch}
+        out = self.hf.model(**inputs, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+        """Log-probs [N] fp32 of `labels[:, 1:]` where they are not -100, in row-major order.
+
+        Position t predicts token t+1, so hidden state t is paired with label t+1.
+        """
+        hidden_BTH = self.hidden_states(batch)
+        targets_BT = batch["labels"][:, 1:]
+        mask_BT = targets_BT != -100
+        hidden_NH = hidden_BTH[:, :-1][mask_BT]
+        weight_VH = self.hf.get_output_embeddings().weight
+        return fused_logprobs(hidden_NH, weight_VH, targets_BT[mask_BT], temperature=temperature,
+                              chunk_tokens=self.chunk_tokens)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; works on FSDP2-sharded models (counts the global shapes)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def flops_per_token(hf_model: PreTrainedModel) -> int:
+    """Approximate training FLOPs per token: 6 x (text parameters), ignoring attention's quadratic term."""
+    return 6 * sum(p.numel() for n, p in hf_model.named_parameters() if "visual" not in n)

@@ -1,0 +1,59 @@
+"""Pieces every training stage uses: building the sharded policy and the step-to-samples data order."""
+
+import math
+from pathlib import Path
+
+import torch
+
+from engine.config import ModelConfig
+from engine.dist import DistInfo
+from engine.fsdp import parallelize, resolve_dtype
+from engine.log import log0
+from engine.model import Policy, count_params, flops_per_token, load_hf_model
+
+
+def build_policy(model_dir: Path, cfg: ModelConfig, dist_info: DistInfo) -> tuple[Policy, torch.nn.Module]:
+    """Load `model_dir`, wrap it as a `Policy`, freeze/checkpoint/shard it; returns (policy, inner HF model)."""
+    hf_model = load_hf_model(model_dir, attn_implementation=cfg.attn_implementation)
+    fpt = flops_per_token(hf_model)
+    dtype, why = resolve_dtype(cfg.dtype, dist_info.device)
+    policy = Policy(hf_model, chunk_tokens=cfg.logprob_chunk_tokens)
+    parallelize(policy, hf_model, dist_info, param_dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
+                freeze_vision=cfg.freeze_vision)
+    total, trainable = count_params(policy)
+    log0(f"model: {model_dir} | {type(hf_model).__name__} | {total:,} params ({trainable:,} trainable) | "
+         f"{fpt / 1e6:.2f} MFLOPs/token | compute dtype {dtype} ({why}) | attention {cfg.attn_implementation} | "
+         f"log-probs: kernels.fused_logprobs (chunked torch, {cfg.logprob_chunk_tokens} tokens/chunk)")
+    return policy, hf_model
+
+
+class StepOrder:
+    """Which samples optimizer step `s` uses: a stream of seeded epoch permutations, cut into batches.
+
+    Step s covers stream positions [s * batch_size, (s + 1) * batch_size); the order depends only on the seed
+    and the step, so resuming at step s needs no saved data-loader state. Rank r takes every world_size-th
+    sample of the step, so the union over ranks is exactly what one process would use.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int):
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.num_samples, generator=gen).tolist()}  # keep one epoch
+        return self._perms[epoch]
+
+    def step_indices(self, step: int) -> list[int]:
+        start = step * self.batch_size
+        return [self._perm(p // self.num_samples)[p % self.num_samples] for p in range(start, start + self.batch_size)]
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        return max(1, math.ceil(epochs * self.num_samples / self.batch_size))
+
+
+def check_batch_size(batch_size: int, world_size: int, where: str) -> None:
+    if batch_size % world_size:
+        raise ValueError(f"{where}.batch_size = {batch_size} is not divisible by the world size {world_size}; "
+                         f"use a multiple of {world_size}")

@@ -1,0 +1,65 @@
+"""Supervised fine-tuning: next-token loss on response tokens only, averaged over the step's response tokens.
+
+Used twice in SPECS work: to pretrain the toy base model (tiny.toml) and as the SFT cold-start ablation.
+"""
+
+import torch
+
+from engine.checkpoint import export_hf
+from engine.config_stages import SFTStageConfig
+from engine.data import Processor, collate, encode_rows, load_rows, plan_micro_batches
+from engine.log import log0
+from engine.stages import StageContext
+from engine.stages.common import StepOrder, build_policy, check_batch_size
+from engine.trainer import Trainer
+
+
+def _num_targets(sample) -> int:
+    return sum(1 for t in sample.labels[1:] if t != -100)
+
+
+def run(cfg: SFTStageConfig, ctx: StageContext) -> None:
+    dist_info = ctx.dist
+    init_dir = ctx.model_dir(cfg.init)
+    processor = Processor.from_pretrained(init_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    data_path = ctx.resolve_path(cfg.data.train)
+    samples, report = encode_rows(load_rows(str(data_path)), processor, template=cfg.data.template,
+                                  system=cfg.data.system or None, response_column=cfg.data.response_column,
+                                  on_bad_row=cfg.data.on_bad_row, max_tokens=cfg.data.max_tokens)
+    if not samples:
+        raise ValueError(f"{data_path}: no usable rows ({report.num_skipped} of {report.num_rows} skipped: "
+                         f"{report.by_reason})")
+    check_batch_size(cfg.train.batch_size, dist_info.world_size, f"stages.{cfg.name}.train")
+    order = StepOrder(len(samples), cfg.train.batch_size, ctx.run.seed)
+    total_steps = cfg.train.steps or order.steps_for_epochs(cfg.train.epochs)
+    per_rank = cfg.train.batch_size // dist_info.world_size
+    log0(f"data: {data_path} | {len(samples)} samples ({report.num_skipped} bad rows skipped) | "
+         f"batch {cfg.train.batch_size} samples = {dist_info.world_size} ranks x {per_rank} | "
+         f"micro-batches of <= {cfg.train.micro_batch_tokens} padded tokens per rank | "
+         f"{total_steps} steps = {'train.steps' if cfg.train.steps else f'{cfg.train.epochs} epochs'}")
+
+    policy, hf_model = build_policy(init_dir, ctx.model, dist_info)
+    trainer = Trainer(policy, optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint, stage_dir=ctx.stage_dir,
+                      dist_info=dist_info, total_steps=total_steps, log_every=ctx.run.log_every)
+    trainer.resume()
+    pad_id = processor.pad_id
+    world, device = dist_info.world_size, dist_info.device
+    step_targets = [1]  # response tokens of the whole step over all ranks: the loss normaliser
+
+    def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
+        indices = order.step_indices(step)
+        # Every rank sees the whole step's indices, so the normaliser needs no communication.
+        step_targets[0] = max(1, sum(_num_targets(samples[i]) for i in indices))
+        mine = indices[dist_info.rank :: world]
+        groups = plan_micro_batches([len(samples[i].input_ids) for i in mine], cfg.train.micro_batch_tokens)
+        return [{k: v.to(device) for k, v in collate([samples[mine[j]] for j in g], pad_id).items()} for g in groups]
+
+    def loss_fn(mb: dict[str, torch.Tensor]):
+        nll = -policy(mb).sum()
+        # FSDP2 averages gradients over ranks; scaling by world size makes the result the global token mean.
+        loss = nll * world / step_targets[0]
+        return loss, {"loss": nll / step_targets[0], "num_tokens": mb["attention_mask"].sum(),
+                      "num_target_tokens": (mb["labels"][:, 1:] != -100).sum()}
+
+    trainer.fit(micro_batches, loss_fn)
+    export_hf(policy, hf_model, init_dir, ctx.stage_dir / "hf", dist_info)

@@ -1,0 +1,125 @@
+"""Recipe loading: every problem reported at once, overrides, the resolved TOML round trip, the CLI exit code."""
+
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from engine.config import ConfigError, load_config, parse_config, to_toml
+
+from .conftest import REPO
+
+GOOD = """
+[run]
+name = "t"
+[[stages]]
+name = "world"
+kind = "toy"
+[[stages]]
+name = "sft"
+kind = "sft"
+init = "world"
+[stages.data]
+train = "world:data/sft.parquet"
+[stages.optim]
+lr = 1e-3
+"""
+
+
+def _parse(text, overrides=()):
+    return parse_config(tomllib.loads(text), list(overrides), source="x.toml")
+
+
+def test_good_recipe_and_defaults():
+    cfg = _parse(GOOD)
+    assert [s.name for s in cfg.stages] == ["world", "sft"]
+    sft = cfg.stages[1]
+    assert sft.optim.lr == 1e-3 and sft.optim.schedule == "cosine" and sft.train.batch_size == 8
+    assert str(cfg.out_dir) == "runs/t"
+
+
+def test_all_problems_reported_together():
+    bad = GOOD.replace("lr = 1e-3", 'lrr = 1e-3\nschedule = "cosin"\nwarmup_steps = "5"\nmax_grad_norm = -1')
+    bad = bad.replace('name = "t"', 'name = "t"\nseeed = 3')
+    with pytest.raises(ConfigError) as e:
+        _parse(bad)
+    msg = str(e.value)
+    assert "5 problems" in msg
+    assert "optim.lrr: unknown key (did you mean 'lr'?)" in msg
+    assert "run.seeed: unknown key (did you mean 'seed'?)" in msg
+    assert "'cosin' not in {cosine, constant} (did you mean 'cosine'?)" in msg
+    assert "warmup_steps: expected int, got str '5'" in msg
+    assert "max_grad_norm must be >= 0" in msg
+
+
+def test_cross_stage_references():
+    bad = GOOD.replace('init = "world"', 'init = "pretrain"').replace('"world:data', '"nope:data')
+    bad += '\n[[stages]]\nname = "world"\nkind = "toy"\n[[stages]]\nname = "x"\nkind = "sfd"\n'
+    with pytest.raises(ConfigError) as e:
+        _parse(bad)
+    msg = str(e.value)
+    assert "init = 'pretrain': not the base model or an earlier stage (known: model, world)" in msg
+    assert "'nope' is not an earlier stage" in msg
+    assert "duplicate stage name 'world'" in msg
+    assert "'sfd' not in" in msg and "did you mean 'sft'" in msg
+
+
+def test_model_reference_needs_a_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[model\].path is empty"):
+        _parse(GOOD.replace('init = "world"', 'init = "model"'))
+    with pytest.raises(ConfigError, match="is not a directory"):
+        _parse(GOOD.replace('init = "world"', 'init = "model"') + f'\n[model]\npath = "{tmp_path}/missing"\n')
+
+
+def test_missing_required_key_and_int_widening():
+    with pytest.raises(ConfigError, match="stages.sft.init: required key is missing"):
+        _parse(GOOD.replace('init = "world"\n', ""))
+    cfg = _parse(GOOD.replace("lr = 1e-3", "lr = 1"))
+    assert cfg.stages[1].optim.lr == 1.0 and isinstance(cfg.stages[1].optim.lr, float)
+
+
+def test_override_precedence_and_parsing():
+    cfg = _parse(GOOD, ["--stages.sft.optim.lr=5e-5", "--run.seed=7", "--stages.sft.optim.betas=[0.8, 0.9]",
+                        "--run.out_dir=/tmp/somewhere", "--stages.sft.data.on_bad_row=error"])
+    sft = cfg.stages[1]
+    assert sft.optim.lr == 5e-5 and cfg.run.seed == 7 and sft.optim.betas == [0.8, 0.9]
+    assert str(cfg.out_dir) == "/tmp/somewhere" and sft.data.on_bad_row == "error"
+    # The last override of a key wins.
+    assert _parse(GOOD, ["--run.seed=1", "--run.seed=2"]).run.seed == 2
+    with pytest.raises(ConfigError) as e:
+        _parse(GOOD, ["--stages.nope.optim.lr=1", "--run.seed=x", "--stages.sft.optim.lr=-1"])
+    assert "3 problems" in str(e.value) and "no stage named 'nope'" in str(e.value)
+
+
+def test_resolved_toml_round_trip():
+    cfg = _parse(GOOD, ["--stages.sft.optim.lr=2e-4"])
+    again = _parse(to_toml(cfg))
+    assert again == cfg
+
+
+def test_shipped_recipes_are_valid():
+    for recipe in sorted((REPO / "recipes").glob("**/*.toml")):
+        load_config(recipe)  # raises ConfigError listing any problem
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_train_exits_2_without_traceback(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(GOOD.replace("lr = 1e-3", "lrr = 1e-3\nwarmup_steps = -1"))
+    out = _run([str(REPO / "engine" / "train.py"), str(recipe)], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "2 problems" in out.stderr and "did you mean 'lr'" in out.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_config_cli_prints_resolved(tmp_path):
+    recipe = tmp_path / "good.toml"
+    recipe.write_text(GOOD)
+    out = _run(["-m", "engine.config", str(recipe), "--stages.sft.optim.lr=3e-4"], cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    printed = tomllib.loads(out.stdout)
+    assert printed["stages"][1]["optim"]["lr"] == 3e-4 and printed["stages"][1]["train"]["micro_batch_tokens"] > 0
