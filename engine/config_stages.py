@@ -171,8 +171,9 @@ class ToyStageConfig(StageConfig):
             problems.append(f"num_train and num_test must be >= 1, got {self.num_train}, {self.num_test}")
         if not 0 <= self.format_share <= 1:
             problems.append(f"format_share must be in [0, 1], got {self.format_share}")
-        if self.image_size < 28 or self.image_size % 28:
-            problems.append(f"image_size must be a multiple of 28 (patch 14 x merge 2), got {self.image_size}")
+        if self.image_size < 112 or self.image_size % 28:
+            problems.append(f"image_size must be a multiple of 28 (patch 14 x merge 2) and >= 112 (room for 14 "
+                            f"shapes), got {self.image_size}")
         return problems
 
 
