@@ -46,11 +46,11 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a plain `python engine/train.py`: be a world of one
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if use_cuda else None)
+        # A plain `python engine/train.py` has no torchrun rendezvous: be a world of one on a free loopback port.
+        # (Not through os.environ, which child processes would inherit and then collide on.)
+        init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s), device_id=device if use_cuda else None)
     return DistInfo(rank, world_size, local_rank, device, backend)
 
 

@@ -10,6 +10,7 @@ steps the optimizer and schedule, logs metrics and saves/restores checkpoints.
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,7 +121,10 @@ class Trainer:
                            f"update skipped ({self.bad_in_a_row} in a row, {self.num_skipped} in this stage)")
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule follows the step count even when an update was skipped; torch warns about that order.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
         if self.bad_in_a_row >= self.train_cfg.max_bad_steps:
             last = self.checkpointer.steps()
             raise NonFiniteError(

@@ -1,0 +1,79 @@
+"""The policy's log-probs equal transformers' full-logits log-softmax; Qwen2 text models load too;
+activation checkpointing and vision freezing do not change the numbers."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2_5_VLForConditionalGeneration
+
+from engine.config import ModelConfig
+from engine.data import Processor, collate, encode_rows
+from engine.dist import init_distributed
+from engine.model import Policy, load_hf_model
+from engine.stages.common import build_policy
+
+
+def _full_logits_logprobs(hf_model, batch):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = hf_model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    logp = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return logp[mask]
+
+
+@pytest.fixture(scope="module")
+def batch(toy_world):
+    processor = Processor.from_pretrained(toy_world / "hf")
+    samples, _ = encode_rows(toy_world / "data" / "sft.parquet", processor, response_column="response")
+    return collate(samples[:5], processor.pad_id)
+
+
+def test_vlm_policy_matches_full_logits(toy_world, batch):
+    hf_model = load_hf_model(toy_world / "hf")
+    assert isinstance(hf_model, Qwen2_5_VLForConditionalGeneration)
+    with torch.no_grad():
+        ours = Policy(hf_model, chunk_tokens=7)(batch)
+        ref = _full_logits_logprobs(hf_model, batch)
+    assert ours.shape == ref.shape == ((batch["labels"][:, 1:] != -100).sum(),)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_text_qwen2_loads_and_matches(tmp_path):
+    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    hf_model = load_hf_model(tmp_path)
+    ids = torch.randint(0, 97, (2, 11))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        torch.testing.assert_close(Policy(hf_model)(batch), _full_logits_logprobs(hf_model, batch), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_unsupported_or_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_hf_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="'llama' .* is not supported"):
+        load_hf_model(tmp_path)
+
+
+def test_activation_checkpointing_and_frozen_vision(toy_world, batch):
+    dist_info = init_distributed()
+    results = []
+    for ac in (False, True):
+        policy, hf_model = build_policy(toy_world / "hf", ModelConfig(dtype="float32", activation_checkpointing=ac),
+                                        dist_info)
+        policy.train()
+        loss = -policy(batch).mean()
+        loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in policy.named_parameters() if p.grad is not None}
+        assert not any("visual" in n for n in grads)  # frozen vision tower gets no gradient
+        assert all(not p.requires_grad for n, p in policy.named_parameters() if "visual" in n)
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(g, results[1][1][name], rtol=1e-5, atol=1e-6)
