@@ -3,7 +3,7 @@ activation checkpointing and vision freezing do not change the numbers."""
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
 from engine.config import ModelConfig
 from engine.data import Processor, collate, encode_rows
