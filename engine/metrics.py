@@ -5,6 +5,7 @@ exactly the lines an uninterrupted run would have written.
 """
 
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class Metrics:
                  f"{v['tokens_per_s']:,.0f} tok/s"]
         if torch.cuda.is_available():
             parts.append(f"mem {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB")
+        else:  # peak resident memory of this process (Linux reports KiB)
+            parts.append(f"rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
         parts += [f"{1000 * v['step_s']:.0f} ms", f"eta {eta_min:.1f}m"]
         if v.get("skipped"):
             parts.append("SKIPPED (non-finite)")
