@@ -428,5 +428,6 @@ def plan_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
     """Permutation of range(num_samples) for one epoch, a pure function of (seed, epoch) so a resumed run
     can skip to its saved position."""
-    gen = torch.Generator().manual_seed(seed + epoch)
+    # Not seed + epoch: (seed 0, epoch 1) and (seed 1, epoch 0) would then share an order.
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
     return torch.randperm(num_samples, generator=gen).tolist()

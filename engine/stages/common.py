@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
+from engine.data import epoch_order
 from engine.dist import DistInfo
 from engine.fsdp import parallelize, resolve_dtype
 from engine.log import log0
@@ -41,8 +42,7 @@ class StepOrder:
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.num_samples, generator=gen).tolist()}  # keep one epoch
+            self._perms = {epoch: epoch_order(self.num_samples, self.seed, epoch)}  # keep one epoch
         return self._perms[epoch]
 
     def step_indices(self, step: int) -> list[int]:
