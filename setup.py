@@ -6,17 +6,70 @@ The C++ packing extension (csrc/packing) is optional: with no sources or no comp
 `kernels` falls back to its Python reference, logging that once.
 """
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext as _setuptools_build_ext
 
 ROOT = Path(__file__).parent
+PACKING = Path("csrc") / "packing"
+# Real GPUs we target (A100, H100/H200) plus PTX for newer ones, which the driver JIT-compiles.
+NVCC_ARCH = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+             "-gencode=arch=compute_90,code=compute_90"]
+
+try:  # pybind11's build_ext picks the newest C++ standard the compiler supports
+    from pybind11.setup_helpers import build_ext as _build_ext
+except ImportError:
+    _build_ext = _setuptools_build_ext
+
+
+def _cuda_home(nvcc: str) -> Path | None:
+    """The toolkit root holding libcudart_static (nvcc may be a wrapper script outside it)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  str(Path(os.path.realpath(nvcc)).parents[1])]
+    for c in filter(None, candidates):
+        for lib in ("lib64", "lib", "targets/x86_64-linux/lib"):
+            if (Path(c) / lib / "libcudart_static.a").exists():
+                return Path(c)
+    return None
+
+
+class BuildExt(_build_ext):
+    """Compiles an extension's `cuda_sources` with nvcc first; any failure skips that extension with a warning."""
+
+    def build_extension(self, ext):
+        cuda_sources = getattr(ext, "cuda_sources", [])
+        if cuda_sources:
+            try:
+                ext.extra_objects = [self._nvcc(src) for src in cuda_sources]
+            except (OSError, subprocess.CalledProcessError) as e:
+                print(f"setup.py: WARNING: nvcc failed ({e}); skipping {ext.name}, CUDA tensors will use the "
+                      "Python reference in kernels/packing.py")
+                return
+        super().build_extension(ext)
+
+    def _nvcc(self, src: str) -> str:
+        obj = Path(self.build_temp) / (src + ".o")
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        deps = [Path(src), PACKING / "pack.h"]
+        if not self.force and obj.exists() and all(obj.stat().st_mtime >= d.stat().st_mtime for d in deps):
+            return str(obj)  # up to date: nvcc takes ~25 s for three architectures
+        cmd = [shutil.which("nvcc"), "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+               *NVCC_ARCH, "-I", str(PACKING), "-c", src, "-o", str(obj)]
+        print("setup.py:", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+        return str(obj)
 
 
 def _extensions() -> list:
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "packing").glob("*.cpp"))
-    if not sources:
+    """kernels._packing (C++, always) and kernels._packing_cuda (nvcc + static cudart, only where nvcc exists).
+
+    Both are optional=True: a failed compile or link prints a warning and the install goes on; kernels/packing.py
+    then uses its Python reference (and logs that once)."""
+    if not (ROOT / PACKING / "pack.cpp").exists():
         print("setup.py: csrc/packing has no C++ sources yet; skipping the extension")
         return []
     if shutil.which("c++") is None and shutil.which("g++") is None:
@@ -27,8 +80,22 @@ def _extensions() -> list:
     except ImportError:
         print("setup.py: pybind11 is not installed; skipping the extension")
         return []
-    # optional=True: a compile failure is a warning, not a failed install.
-    return [Pybind11Extension("kernels._packing", sources, cxx_std=17, optional=True)]
+    exts = [Pybind11Extension("kernels._packing", [str(PACKING / "bindings.cpp"), str(PACKING / "pack.cpp")],
+                              cxx_std=17, optional=True, depends=[str(PACKING / "pack.h")])]
+    nvcc = shutil.which("nvcc")
+    home = _cuda_home(nvcc) if nvcc else None
+    if nvcc is None or home is None:
+        print(f"setup.py: {'no nvcc on PATH' if nvcc is None else 'no libcudart_static.a found'}; skipping "
+              "kernels._packing_cuda (CUDA tensors will use the Python reference)")
+        return exts
+    # Static cudart: the module imports on machines without libcudart and needs only the driver at call time.
+    cuda = Pybind11Extension("kernels._packing_cuda", [str(PACKING / "bindings_cuda.cpp")], cxx_std=17,
+                             optional=True, depends=[str(PACKING / "pack.h"), str(PACKING / "pack.cu")],
+                             libraries=["cudart_static", "dl", "rt", "pthread"],
+                             library_dirs=[str(home / d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")
+                                           if (home / d).is_dir()])
+    cuda.cuda_sources = [str(PACKING / "pack.cu")]
+    return [*exts, cuda]
 
 
 setup(
@@ -40,6 +107,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
     ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExt},
     install_requires=[
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",

@@ -126,8 +126,8 @@ def main() -> int:
         steady = sorted(times[2:]) or times
         tokens = args.batch * args.seq
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-        print(f"\n| device | layers x hidden | batch x seq | step ms (median after 2) | tok/s | peak GiB | "
-              f"loss first -> last | resume diff | export max diff |")
+        print("\n| device | layers x hidden | batch x seq | step ms (median after 2) | tok/s | peak GiB | "
+              "loss first -> last | resume diff | export max diff |")
         print("|---|---|---|---|---|---|---|---|---|")
         print(f"| {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} | {args.layers} x "
               f"{args.hidden} | {args.batch} x {args.seq} | {1000 * steady[len(steady) // 2]:.1f} | "

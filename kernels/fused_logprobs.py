@@ -1,96 +1,242 @@
-"""Per-token log-probs of target tokens computed from hidden states and the lm_head weight, chunk by chunk.
+"""Per-token log-probs (and optionally entropy) of target tokens from hidden states and the lm_head weight.
 
-    logp[n] = log_softmax(hidden[n] @ weight.T / temperature)[targets[n]]
+    z = hidden @ weight.T / temperature        lse[n] = logsumexp_v z[n, v]
+    logp[n] = z[n, t_n] - lse[n]               entropy[n] = lse[n] - sum_v p[n, v] * z[n, v]
 
-The full [N, V] logits are never alive at once: the forward keeps only the per-token log-sum-exp, and the
-backward recomputes one chunk of logits at a time. Memory beyond inputs, outputs and gradients is
-O(N + chunk x V). This is the plain-torch version; a Triton kernel with the same contract plugs in here.
+The full [N, V] logits are never alive at once: the forward keeps only the per-token lse (and entropy), and the
+backward recomputes the logits tile by tile. Memory beyond inputs, outputs and gradients is O(N + tile).
+
+Layers: `fused_logprobs_ref` (chunked torch, the spec) and the Triton kernels in `kernels/_logprobs_triton.py`
+share one contract, `logprobs_fwd` / `logprobs_bwd`. Losses that compute their upstream gradient in the forward
+pass (the Liger approach) call those two directly; `FusedLogprobsFunction` wires them into autograd.
+Backend: CUDA tensors -> Triton; CPU tensors -> torch reference, or Triton's interpreter when TRITON_INTERPRET=1
+(read at call time). Refs: Liger-Kernel fused linear cross-entropy; arXiv:2411.09009 (Cut Cross-Entropy).
 
 Shapes: N tokens, H hidden size, V vocabulary size, C tokens per chunk.
 """
 
+import logging
+import os
+
 import torch
 
+logger = logging.getLogger("kernels")
+_LOGGED: set[str] = set()
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT_CHUNK_TOKENS = 1024
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [V, H={hidden.shape[1]}], got shape {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must be [N={hidden.shape[0]}], got shape {tuple(targets.shape)}")
+
+def _backend(device: torch.device, backend: str | None) -> str:
+    """'ref' or 'triton' for this call, the one place the choice is made; logged once per choice."""
+    if backend is None:
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        backend = "triton" if device.type == "cuda" or interpret else "ref"
+        if backend not in _LOGGED:
+            _LOGGED.add(backend)
+            why = "CUDA tensors" if device.type == "cuda" else ("TRITON_INTERPRET=1" if interpret else "CPU tensors")
+            logger.info("fused_logprobs: backend %s (%s)", backend, why)
+    return backend
+
+
+def _check(hidden, weight, targets, temperature, backend):
+    """Validate the common arguments; return contiguous hidden, weight, targets (copies only if needed)."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"hidden must be a [N, H] tensor, got shape {tuple(getattr(hidden, 'shape', ()))}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, H={hidden.shape[1]}], got shape {tuple(getattr(weight, 'shape', ()))}")
+    if not isinstance(targets, torch.Tensor) or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N={hidden.shape[0]}], got shape {tuple(getattr(targets, 'shape', ()))}")
+    allowed = _FLOAT_DTYPES + ((torch.float64,) if backend == "ref" else ())  # fp64: reference only (gradcheck)
+    if hidden.dtype not in allowed:
+        raise ValueError(f"hidden dtype must be one of {allowed}, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype must match hidden ({hidden.dtype}), got {weight.dtype}")
     if targets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"targets must be int32/int64, got {targets.dtype}")
     if hidden.device != weight.device or hidden.device != targets.device:
         raise ValueError(f"hidden, weight, targets must share a device, got {hidden.device}, {weight.device}, "
                          f"{targets.device}")
+    if weight.shape[0] == 0 or hidden.shape[1] == 0:
+        raise ValueError(f"weight must be non-empty [V, H], got shape {tuple(weight.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # The kernels index rows by stride with unit inner stride; a non-contiguous input is copied once here.
+    return hidden.contiguous(), weight.contiguous(), targets.contiguous()
 
 
-class ChunkedLogprobsFunction(torch.autograd.Function):
+def _check_vec(name: str, x, n: int, device) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.shape != (n,):
+        raise ValueError(f"{name} must be a [N={n}] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device}, got {x.device}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point (fp32), got {x.dtype}")
+    return x.float().contiguous() if x.dtype != torch.float64 else x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference: plain torch, chunked over tokens. fp32 statistics whatever the input dtype (fp64 stays fp64).
+
+
+def _ref_fwd(hidden_NH, weight_VH, targets_N, temperature, ignore_index, return_entropy, chunk_tokens):
+    n = hidden_NH.shape[0]
+    acc = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
+    logp_N = torch.zeros(n, dtype=acc, device=hidden_NH.device)
+    lse_N = torch.zeros(n, dtype=acc, device=hidden_NH.device)
+    ent_N = torch.zeros(n, dtype=acc, device=hidden_NH.device) if return_entropy else None
+    valid_N = targets_N != ignore_index
+    safe_N = torch.where(valid_N, targets_N, 0)
+    for s in range(0, n, chunk_tokens):
+        sl = slice(s, s + chunk_tokens)
+        # Logits for one chunk only, upcast: the softmax statistics accumulate in fp32.
+        z_CV = (hidden_NH[sl] @ weight_VH.T).to(acc) / temperature
+        lse_N[sl] = torch.logsumexp(z_CV, dim=-1)
+        logp_N[sl] = z_CV.gather(1, safe_N[sl, None]).squeeze(1) - lse_N[sl]
+        if return_entropy:
+            ent_N[sl] = lse_N[sl] - (torch.softmax(z_CV, -1) * z_CV).sum(-1)
+    logp_N = torch.where(valid_N, logp_N, 0.0)
+    if return_entropy:
+        ent_N = torch.where(valid_N, ent_N, 0.0)
+    return logp_N, lse_N, ent_N
+
+
+def _ref_bwd(hidden_NH, weight_VH, targets_N, lse_N, g_N, ge_N, ent_N, temperature, ignore_index, need_weight_grad,
+             chunk_tokens):
+    acc = lse_N.dtype
+    valid_N = targets_N != ignore_index
+    safe_N = torch.where(valid_N, targets_N, 0)
+    g_N = torch.where(valid_N, g_N.to(acc), 0.0)
+    if ge_N is not None:
+        ge_N = torch.where(valid_N, ge_N.to(acc), 0.0)
+        c_N = lse_N - ent_N  # sum_v p * z
+    grad_hidden = torch.empty_like(hidden_NH)
+    grad_weight = torch.zeros(weight_VH.shape, dtype=acc, device=weight_VH.device) if need_weight_grad else None
+    w_VH = weight_VH.to(acc)
+    for s in range(0, hidden_NH.shape[0], chunk_tokens):
+        sl = slice(s, s + chunk_tokens)
+        h_CH = hidden_NH[sl]
+        z_CV = (h_CH @ weight_VH.T).to(acc) / temperature
+        p_CV = torch.exp(z_CV - lse_N[sl, None])
+        # d logp / dz = onehot(target) - p;  d entropy / dz = -p * (z - sum_v p z);  then / temperature.
+        d_CV = -p_CV * g_N[sl, None]
+        d_CV.scatter_add_(1, safe_N[sl, None], g_N[sl, None])
+        if ge_N is not None:
+            d_CV -= ge_N[sl, None] * p_CV * (z_CV - c_N[sl, None])
+        d_CV /= temperature
+        grad_hidden[sl] = (d_CV @ w_VH).to(hidden_NH.dtype)
+        if need_weight_grad:
+            grad_weight += d_CV.T @ h_CH.to(acc)
+    return grad_hidden, grad_weight
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shared contract: dispatch once, then the reference or the Triton launchers.
+
+
+def logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                 ignore_index: int = -100, return_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 _backend_override: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Forward without autograd.
+
+    Args:
+        hidden: [N, H] fp32/bf16/fp16; weight: [V, H] same dtype; targets: [N] int32/int64 (ignore_index allowed).
+        chunk_tokens: tokens per chunk on the torch path (bounds its temporary logits to C x V); unused by Triton.
+    Returns:
+        (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None); ignored positions give logp 0 and entropy 0.
+    """
+    backend = _backend(hidden.device, _backend_override)
+    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend)
+    with torch.no_grad():
+        if backend == "ref" or hidden.shape[0] == 0:
+            return _ref_fwd(hidden, weight, targets, float(temperature), ignore_index, return_entropy,
+                            int(chunk_tokens))
+        from kernels._logprobs_triton import _logprobs_fwd
+        return _logprobs_fwd(hidden, weight, targets, float(temperature), ignore_index, return_entropy)
+
+
+def logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                 grad_logp: torch.Tensor, *, grad_entropy: torch.Tensor | None = None,
+                 entropy: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                 need_weight_grad: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 _backend_override: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. hidden and weight, without autograd.
+
+    Args:
+        lse: [N] fp32 from `logprobs_fwd`; grad_logp: [N] fp32 upstream gradient.
+        grad_entropy, entropy: [N] fp32, both or neither (entropy from `logprobs_fwd(return_entropy=True)`).
+        need_weight_grad: False skips the grad_weight matmul (and its [V, H] fp32 buffer).
+    Returns:
+        (grad_hidden [N, H] in hidden.dtype, grad_weight [V, H] fp32 or None).
+    """
+    backend = _backend(hidden.device, _backend_override)
+    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend)
+    n = hidden.shape[0]
+    lse = _check_vec("lse", lse, n, hidden.device)
+    grad_logp = _check_vec("grad_logp", grad_logp, n, hidden.device)
+    if (grad_entropy is None) != (entropy is None):
+        raise ValueError("grad_entropy and entropy must be given together (entropy from logprobs_fwd)")
+    if grad_entropy is not None:
+        grad_entropy = _check_vec("grad_entropy", grad_entropy, n, hidden.device)
+        entropy = _check_vec("entropy", entropy, n, hidden.device)
+    with torch.no_grad():
+        if backend == "ref" or n == 0:
+            return _ref_bwd(hidden, weight, targets, lse, grad_logp, grad_entropy, entropy, float(temperature),
+                            ignore_index, need_weight_grad, int(chunk_tokens))
+        from kernels._logprobs_triton import _logprobs_bwd
+        return _logprobs_bwd(hidden, weight, targets, lse, grad_logp, grad_entropy, entropy, float(temperature),
+                             ignore_index, need_weight_grad)
+
+
+class FusedLogprobsFunction(torch.autograd.Function):
+    """forward = logprobs_fwd, backward = logprobs_bwd; saves only lse (and entropy), O(N)."""
+
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, chunk_tokens, ignore_index):
-        n = hidden_NH.shape[0]
-        logp_N = torch.zeros(n, dtype=torch.float32, device=hidden_NH.device)
-        lse_N = torch.zeros(n, dtype=torch.float32, device=hidden_NH.device)
-        valid_N = targets_N != ignore_index
-        safe_targets_N = torch.where(valid_N, targets_N, 0)
-        for s in range(0, n, chunk_tokens):
-            # fp32 logits for one chunk only: accumulate the softmax statistics in fp32 whatever the input dtype.
-            logits_CV = (hidden_NH[s : s + chunk_tokens] @ weight_VH.T).float() / temperature
-            lse_N[s : s + chunk_tokens] = torch.logsumexp(logits_CV, dim=-1)
-            tgt = logits_CV.gather(1, safe_targets_N[s : s + chunk_tokens, None]).squeeze(1)
-            logp_N[s : s + chunk_tokens] = tgt - lse_N[s : s + chunk_tokens]
-        logp_N = torch.where(valid_N, logp_N, 0.0)
-        ctx.save_for_backward(hidden_NH, weight_VH, safe_targets_N, valid_N, lse_N)
-        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
-        return logp_N
+    def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, ignore_index, return_entropy, chunk_tokens,
+                backend):
+        logp_N, lse_N, ent_N = logprobs_fwd(hidden_NH, weight_VH, targets_N, temperature=temperature,
+                                            ignore_index=ignore_index, return_entropy=return_entropy,
+                                            chunk_tokens=chunk_tokens, _backend_override=backend)
+        ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse_N, ent_N)
+        ctx.args = (temperature, ignore_index, chunk_tokens, backend)
+        ctx.set_materialize_grads(False)  # an unused output (e.g. entropy) sends None: skip its term
+        return (logp_N, ent_N) if return_entropy else logp_N
 
     @staticmethod
-    def backward(ctx, grad_logp_N):
-        hidden_NH, weight_VH, targets_N, valid_N, lse_N = ctx.saved_tensors
-        t, c = ctx.temperature, ctx.chunk_tokens
-        grad_logp_N = torch.where(valid_N, grad_logp_N.float(), 0.0)
-        grad_hidden = torch.empty_like(hidden_NH) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) \
-            if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden_NH.shape[0], c):
-            h_CH = hidden_NH[s : s + c]
-            logits_CV = (h_CH @ weight_VH.T).float() / t
-            # d logp / d logits = onehot(target) - softmax; scaled by the upstream gradient and 1/temperature.
-            g_C = grad_logp_N[s : s + c]
-            dlogits_CV = -torch.exp(logits_CV - lse_N[s : s + c, None]) * g_C[:, None]
-            dlogits_CV.scatter_add_(1, targets_N[s : s + c, None], g_C[:, None])
-            dlogits_CV /= t
-            if grad_hidden is not None:
-                grad_hidden[s : s + c] = (dlogits_CV @ weight_VH.float()).to(hidden_NH.dtype)
-            if grad_weight is not None:
-                grad_weight += dlogits_CV.T @ h_CH.float()
+    def backward(ctx, grad_logp_N, grad_ent_N=None):
+        hidden_NH, weight_VH, targets_N, lse_N, ent_N = ctx.saved_tensors
+        temperature, ignore_index, chunk_tokens, backend = ctx.args
+        if grad_logp_N is None:
+            grad_logp_N = torch.zeros_like(lse_N)
+        grad_hidden, grad_weight = logprobs_bwd(
+            hidden_NH, weight_VH, targets_N, lse_N, grad_logp_N, grad_entropy=grad_ent_N,
+            entropy=ent_N if grad_ent_N is not None else None, temperature=temperature, ignore_index=ignore_index,
+            need_weight_grad=ctx.needs_input_grad[1], chunk_tokens=chunk_tokens, _backend_override=backend)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_VH.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def fused_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                       temperature: float = 1.0, ignore_index: int = -100, chunk_tokens: int = 1024) -> torch.Tensor:
-    """Log-probs of `targets` under softmax(hidden @ weight.T / temperature), chunked over tokens.
-
-    Args:
-        hidden: [N, H] fp32/bf16/fp16 last hidden states.
-        weight: [V, H] lm_head weight, same dtype as hidden.
-        targets: [N] int64/int32 token ids; `ignore_index` positions give 0 and no gradient.
-        temperature: divides the logits before the softmax.
-        chunk_tokens: tokens per chunk; bounds the temporary logits to chunk_tokens x V fp32.
-    Returns:
-        [N] fp32 log-probs, differentiable with respect to hidden and weight.
-    """
-    _check(hidden, weight, targets)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return ChunkedLogprobsFunction.apply(hidden, weight, targets, float(temperature), int(chunk_tokens), ignore_index)
+                       temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                       chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    """The torch reference of `fused_logprobs` on any device (also fp64, for gradcheck); same arguments."""
+    return FusedLogprobsFunction.apply(hidden, weight, targets, float(temperature), ignore_index,
+                                       bool(return_entropy), int(chunk_tokens), "ref")
 
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                   ignore_index: int = -100, chunk_tokens: int = 1024) -> torch.Tensor:
-    """Public entry; today every device runs the chunked torch path (see `fused_logprobs_ref`)."""
-    return fused_logprobs_ref(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index,
-                              chunk_tokens=chunk_tokens)
+                   ignore_index: int = -100, return_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    """Log-probs of `targets` under softmax(hidden @ weight.T / temperature), without [N, V] logits.
+
+    Args:
+        hidden: [N, H] fp32/bf16/fp16 last hidden states.
+        weight: [V, H] lm_head weight, same dtype and device as hidden.
+        targets: [N] int64/int32 token ids; `ignore_index` positions give logp 0, entropy 0 and no gradient.
+        temperature: divides the logits before the softmax; > 0.
+        return_entropy: also return the entropy of the full distribution per token.
+        chunk_tokens: tokens per chunk on the torch path (CPU); the Triton path tiles by itself.
+    Returns:
+        logp [N] fp32, or (logp, entropy) [N] fp32 each; differentiable w.r.t. hidden and weight.
+    """
+    return FusedLogprobsFunction.apply(hidden, weight, targets, float(temperature), ignore_index,
+                                       bool(return_entropy), int(chunk_tokens), None)

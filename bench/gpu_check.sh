@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Device check for one GPU, under 5 minutes: the CUDA kernel tests, the engine smoke run (FSDP2 + bf16 +
+# checkpoint + export), and the three kernel benchmarks. Results are appended to $OUT (or bench/results).
+#   bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+results=${OUT:-bench/results}
+mkdir -p "$results"
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+step() { echo; echo "=== $* ($(date +%T))"; "$@" || { echo "=== FAILED: $*"; status=1; }; }
+step python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py
+step python3 bench/gpu_smoke_engine.py
+step python3 bench/bench_logprobs.py --out "$results"
+step python3 bench/bench_grpo.py --out "$results"
+step python3 bench/bench_dpo.py --out "$results"
+echo; echo "gpu_check: $([ $status = 0 ] && echo ok || echo FAILED) ($(date +%T))"
+exit $status

@@ -1,0 +1,98 @@
+"""The Triton paths on a real GPU against the torch references, in fp32, bf16 and fp16 (bf16 cannot be checked
+through the CPU interpreter). Skipped without CUDA; the same comparisons run on CPU through the interpreter in
+test_fused_logprobs*.py, test_grpo_loss.py and test_dpo_loss.py. Run by bench/gpu_check.sh on the lent GPU."""
+
+import pytest
+import torch
+
+from kernels import dpo_loss, fused_logprobs, fused_logprobs_ref, grpo_loss
+from kernels._testing import assert_close, tolerance
+from kernels.dpo_loss import dpo_loss_ref
+from kernels.grpo_loss import grpo_loss_ref
+
+pytestmark = pytest.mark.requires_cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Triton on GPU)")
+
+SHAPES = [(1, 13, 16), (130, 1000, 96), (1000, 32000, 512), (4097, 50000, 1024)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(n, v, h, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(n, h, device="cuda", generator=g) * 2
+    weight = torch.randn(v, h, device="cuda", generator=g) / h**0.5
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    targets[::5] = -100
+    return hidden.to(dtype), weight.to(dtype), targets
+
+
+def _run(fn, hidden, weight, *args, **kw):
+    """Forward value(s) and the gradients of hidden and weight for a random upstream gradient."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    out = fn(h, w, *args, **kw)
+    outs = out if isinstance(out, tuple) else (out,)
+    vals = [o for o in outs if isinstance(o, torch.Tensor)]
+    torch.manual_seed(1)
+    total = sum((o.float() * torch.randn_like(o.float())).sum() for o in vals)
+    total.backward()
+    return [o.detach().float() for o in vals], h.grad.float(), w.grad.float()
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,v,h", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_logprobs_matches_reference(n, v, h, dtype):
+    hidden, weight, targets = _inputs(n, v, h, dtype)
+    kw = dict(return_entropy=True, temperature=0.9)
+    out, gh, gw = _run(fused_logprobs, hidden, weight, targets, **kw)
+    ref_lp, rgh_lp, rgw_lp = _run(fused_logprobs_ref, hidden, weight, targets, **kw)
+    ref32, rgh32, rgw32 = _run(fused_logprobs_ref, hidden.float(), weight.float(), targets, **kw)
+    floor = 1e-4 if dtype == torch.float32 else 1e-2
+    for name, a, lp, r32 in [("logp", out[0], ref_lp[0], ref32[0]), ("entropy", out[1], ref_lp[1], ref32[1]),
+                             ("grad_hidden", gh, rgh_lp, rgh32), ("grad_weight", gw, rgw_lp, rgw32)]:
+        assert_close(a, r32, atol=tolerance(a, lp, r32, floor), rtol=1e-3, name=name)
+
+
+def _grpo_args(n, seqs, dtype):
+    hidden, weight, targets = _inputs(n, 3000, 256, dtype, seed=2)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    old = -torch.rand(n, device="cuda", generator=g) * 3
+    ref = old + 0.1 * torch.randn(n, device="cuda", generator=g)
+    adv = torch.randn(n, device="cuda", generator=g)
+    mask = torch.rand(n, device="cuda", generator=g) > 0.2
+    cu = torch.linspace(0, n, seqs + 1, device="cuda").round().int()
+    return hidden, weight, targets.clamp(min=0), adv, old, mask, cu, ref
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_grpo_loss_matches_reference(dtype, agg):
+    hidden, weight, targets, adv, old, mask, cu, ref = _grpo_args(1031, 5, dtype)
+    kw = dict(cu_seqlens=cu, ref_logprobs=ref, kl_coef=0.05, agg=agg)
+    (loss, *_), gh, gw = _run(lambda h, w: grpo_loss(h, w, targets, adv, old, mask, **kw)[0], hidden, weight)
+    (rloss, *_), rgh, rgw = _run(lambda h, w: grpo_loss_ref(h, w, targets, adv, old, mask, **kw)[0], hidden, weight)
+    atol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert_close(loss, rloss, atol=atol, rtol=1e-3, name="loss")
+    assert_close(gh, rgh, atol=atol, rtol=1e-2, name="grad_hidden")
+    assert_close(gw, rgw, atol=atol, rtol=1e-2, name="grad_weight")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dpo_loss_matches_reference(dtype):
+    hidden, weight, targets = _inputs(1100, 3000, 256, dtype, seed=4)
+    targets = targets.clamp(min=0)
+    mask = torch.ones(1100, dtype=torch.bool, device="cuda")
+    mask[:30] = False
+    cu = torch.tensor([0, 100, 300, 550, 700, 900, 1100], dtype=torch.int32, device="cuda")
+    is_chosen = torch.tensor([True, True, True, False, False, False], device="cuda")
+    ref_c, ref_r = -torch.rand(3, device="cuda") * 200, -torch.rand(3, device="cuda") * 200
+    args = (targets, mask, cu, is_chosen, ref_c, ref_r)
+    (loss, *_), gh, gw = _run(lambda h, w: dpo_loss(h, w, *args, beta=0.1)[0], hidden, weight)
+    (rloss, *_), rgh, rgw = _run(lambda h, w: dpo_loss_ref(h, w, *args, beta=0.1)[0], hidden, weight)
+    atol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert_close(loss, rloss, atol=atol, rtol=1e-3, name="loss")
+    assert_close(gh, rgh, atol=atol, rtol=1e-2, name="grad_hidden")
+    assert_close(gw, rgw, atol=atol, rtol=1e-2, name="grad_weight")
