@@ -2,8 +2,10 @@
 
     pip install -e ".[dev]" --no-build-isolation     # development (what `make` does)
 
-The C++ packing extension (csrc/packing) is optional: with no sources or no compiler, the build skips it and
-`kernels` falls back to its Python reference, logging that once.
+Two optional extensions from csrc/packing: `kernels._packing` (C++, built whenever a compiler exists) and
+`kernels._packing_cuda` (compiled with nvcc when nvcc and a static CUDA runtime are found). A failed or skipped
+build is a printed warning, never a failed install; `kernels.packing` then falls back to its Python reference
+and logs that once.
 """
 
 import os

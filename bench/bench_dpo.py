@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels._bench import Results, peak_extra_gib, time_ms  # noqa: E402
+from kernels._bench import Results, check_against_eager, peak_extra_gib, time_ms  # noqa: E402
 from kernels.dpo_loss import dpo_loss  # noqa: E402
 from kernels.fused_logprobs import logprobs_fwd  # noqa: E402
 from kernels.grpo_loss import sequence_logps  # noqa: E402
@@ -67,22 +67,6 @@ def make_inputs(num_seqs, t, h, v, dtype, device, seed=0):
     return hidden, weight, ref_weight, targets, mask, cu, is_chosen
 
 
-def check(inputs, dtype):
-    """Ours vs eager once, before timing: loss and both gradients, relative to the largest eager value."""
-    hidden, weight = inputs[:2]
-    out = {}
-    for name, fn in (("ours", ours_dpo), ("eager", eager_dpo)):
-        loss = fn(*inputs)
-        out[name] = (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
-    tol = 1e-3 if dtype == torch.float32 else 3e-2  # bf16 logits in eager vs fp32 accumulation in ours
-    for i, what in enumerate(("loss", "grad_hidden", "grad_weight")):
-        a, e = out["ours"][i].float(), out["eager"][i].float()
-        rel = ((a - e).abs().max() / e.abs().max().clamp(min=1e-12)).item()
-        print(f"check {what}: max |ours - eager| / max |eager| = {rel:.2e} (tol {tol:g})")
-        if not rel <= tol:
-            raise SystemExit(f"ours disagrees with eager on {what}: {rel:.2e} > {tol:g}")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results", help="folder for dpo_loss.csv")
@@ -95,7 +79,7 @@ def main():
     num_seqs, t, h, v = (8, 1024, 3584, 152064) if cuda else (8, 64, 256, 4096)
     n = num_seqs * t
     inputs = make_inputs(num_seqs, t, h, v, dtype, device)
-    check(inputs, dtype)
+    check_against_eager(ours_dpo, eager_dpo, inputs)
     flops = 8 * n * v * h
     print(f"FLOPs (useful) = 8*N*V*H = 8*{n}*{v}*{h} = {flops:.3e} (ref fwd 2NVH + policy 6NVH); ours executes 10NVH")
     res = Results("dpo_loss", Path(args.out))

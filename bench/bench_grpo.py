@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 import torch  # noqa: E402
 
-from kernels._bench import Results, peak_extra_gib, time_ms  # noqa: E402
+from kernels._bench import Results, check_against_eager, peak_extra_gib, time_ms  # noqa: E402
 from kernels.grpo_loss import grpo_loss  # noqa: E402
 
 CLIP_LOW, CLIP_HIGH, KL_COEF = 0.2, 0.28, 0.01
@@ -54,22 +54,6 @@ def make_inputs(n, h, v, dtype, device, seed=0):
     return hidden, weight, targets, adv, old, ref, mask
 
 
-def check(inputs, dtype):
-    """Ours vs eager once, before timing: loss and both gradients, relative to the largest eager value."""
-    hidden, weight = inputs[:2]
-    out = {}
-    for name, fn in (("ours", ours_grpo), ("eager", eager_grpo)):
-        loss = fn(*inputs)
-        out[name] = (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
-    tol = 1e-3 if dtype == torch.float32 else 3e-2  # bf16 logits in eager vs fp32 accumulation in ours
-    for i, what in enumerate(("loss", "grad_hidden", "grad_weight")):
-        a, e = out["ours"][i].float(), out["eager"][i].float()
-        rel = ((a - e).abs().max() / e.abs().max().clamp(min=1e-12)).item()
-        print(f"check {what}: max |ours - eager| / max |eager| = {rel:.2e} (tol {tol:g})")
-        if not rel <= tol:
-            raise SystemExit(f"ours disagrees with eager on {what}: {rel:.2e} > {tol:g}")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results", help="folder for grpo_loss.csv")
@@ -82,7 +66,7 @@ def main():
     b, t, h, v = (8, 1024, 3584, 152064) if cuda else (4, 128, 256, 4096)
     n = b * t
     inputs = make_inputs(n, h, v, dtype, device)
-    check(inputs, dtype)
+    check_against_eager(ours_grpo, eager_grpo, inputs)
     flops = 6 * n * v * h
     print(f"FLOPs (useful) = 6*N*V*H = 6*{n}*{v}*{h} = {flops:.3e}; ours executes 8NVH (logits recompute)")
     res = Results("grpo_loss", Path(args.out))

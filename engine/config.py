@@ -55,8 +55,9 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype of parameters under FSDP2 mixed precision. auto: bfloat16 on CUDA, float32 on CPU.
     Master weights, gradients reduction and optimizer state stay float32."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """transformers attention implementation."""
+    attn_implementation: Literal["varlen", "sdpa", "eager"] = "varlen"
+    """Attention: "varlen" (ours, engine/attention.py: attends within each packed sample; varlen_attn on CUDA,
+    sdpa per sample on CPU) or transformers' "sdpa" / "eager" (a dense block-diagonal mask for packed rows)."""
     freeze_vision: bool = True
     """Keep the vision tower (and its merger) frozen."""
     activation_checkpointing: bool = False

@@ -53,6 +53,9 @@ class TrainConfig:
     micro_batch_tokens: int = 4096
     """Token budget of one micro-batch on one rank (padded tokens count). Micro-batches accumulate gradients
     until the step's batch is consumed, so the number of accumulation steps follows from this budget."""
+    packing: bool = True
+    """Pack a micro-batch's samples into one row (no padding; boundaries and per-sample M-RoPE positions carried
+    along) instead of padding them to the longest. `micro_batch_tokens` then counts real tokens."""
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient norm that stop the stage (each is skipped)."""
 

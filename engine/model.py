@@ -13,15 +13,17 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Qwen2_5_VLForConditionalGeneration
 
+from engine import attention
 from kernels import fused_logprobs
 
 VLM_TYPES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 TEXT_TYPES = {"qwen2"}
 # Batch keys the backbone understands; anything else (labels, bookkeeping) stays out of the forward.
-_FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+_FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+                 "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def load_hf_model(path: str | Path, *, attn_implementation: str = "sdpa") -> PreTrainedModel:
+def load_hf_model(path: str | Path, *, attn_implementation: str = "varlen") -> PreTrainedModel:
     """Load a checkpoint directory in fp32 on CPU (master weights; FSDP2 casts for compute)."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -34,6 +36,8 @@ def load_hf_model(path: str | Path, *, attn_implementation: str = "sdpa") -> Pre
     else:
         raise ValueError(f"model type {config.model_type!r} in {path}/config.json is not supported "
                          f"(supported: {', '.join([*VLM_TYPES, *TEXT_TYPES])})")
+    if attn_implementation == "varlen":
+        attn_implementation = attention.register()
     return cls.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
 
 
@@ -52,8 +56,21 @@ class Policy(nn.Module):
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Last hidden states [B, T, H] of the backbone (no lm_head)."""
         inputs = {k: batch[k] for k in _FORWARD_KEYS if k in batch}
-        out = self.hf.model(**inputs, use_cache=False)
-        return out.last_hidden_state
+        hidden = self.hf.model(**inputs, use_cache=False).last_hidden_state
+        if "pixel_values" not in batch and getattr(self.hf.model, "visual", None) is not None:
+            # Under FSDP2 every rank must run the vision tower's all-gathers the same number of times: a
+            # micro-batch without images runs it on one tiny dummy image and adds its output times zero.
+            hidden = hidden + 0.0 * self._dummy_vision(hidden).to(hidden.dtype)
+        return hidden
+
+    def _dummy_vision(self, like: torch.Tensor) -> torch.Tensor:
+        vc = self.hf.config.vision_config
+        merge = vc.spatial_merge_size
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        grid = torch.tensor([[1, merge, merge]], device=like.device)
+        pixels = torch.zeros(merge * merge, patch_dim, device=like.device, dtype=like.dtype)
+        out = self.hf.model.get_image_features(pixels, grid, return_dict=True).pooler_output
+        return torch.cat(list(out)).sum()
 
     def forward(self, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
         """Log-probs [N] fp32 of `labels[:, 1:]` where they are not -100, in row-major order.

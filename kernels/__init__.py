@@ -3,6 +3,7 @@
 from kernels.dpo_loss import dpo_loss
 from kernels.fused_logprobs import fused_logprobs, fused_logprobs_ref, logprobs_bwd, logprobs_fwd
 from kernels.grpo_loss import grpo_loss
+from kernels.packing import PackedBatch, mrope_positions, pack, plan_bins, repack, unpack
 
-__all__ = ["fused_logprobs", "fused_logprobs_ref", "logprobs_bwd", "logprobs_fwd"]
-__all__ += ["dpo_loss", "grpo_loss"]
+__all__ = ["fused_logprobs", "fused_logprobs_ref", "logprobs_bwd", "logprobs_fwd", "dpo_loss", "grpo_loss",
+           "PackedBatch", "mrope_positions", "pack", "plan_bins", "repack", "unpack"]

@@ -115,3 +115,27 @@ class Results:
                 w.writerow({**common, "metric": "peak_extra_mem", "unit": "GiB", "p50": f"{r['extra_gib']:.4f}",
                             "p20": "", "p80": ""})
         print(f"appended {3 * len(self.rows)} rows to {self.path}")
+
+
+def check_against_eager(ours: Callable, eager: Callable, inputs: tuple, *, floor: float = 1e-3) -> None:
+    """Ours vs eager once before timing, by STYLE section 8's rule: on the loss and both gradients, ours may be
+    off the fp32 eager result by twice what eager itself is off in the input dtype, plus `floor` (all relative to
+    the largest fp32 value). A bf16 eager rounds its logits to bf16, ours accumulates them in fp32, so a fixed
+    bf16 tolerance against bf16 eager would blame ours for eager's error (GRPO's exp(ref - logp) amplifies it).
+    `inputs[0]` and `inputs[1]` are hidden and weight; the functions return a scalar loss. Exits on failure."""
+    hidden, weight, rest = inputs[0], inputs[1], inputs[2:]
+
+    def run(fn, h, w):
+        loss = fn(h, w, *rest)
+        return [loss.detach().float(), *(g.float() for g in torch.autograd.grad(loss, (h, w)))]
+
+    h32 = hidden.detach().float().requires_grad_()
+    w32 = weight.detach().float().requires_grad_()
+    ref32, ref_lowp, got = run(eager, h32, w32), run(eager, hidden, weight), run(ours, hidden, weight)
+    for what, a, lp, r in zip(("loss", "grad_hidden", "grad_weight"), got, ref_lowp, ref32, strict=True):
+        scale = r.abs().max().clamp(min=1e-12)
+        err, eager_err = ((a - r).abs().max() / scale).item(), ((lp - r).abs().max() / scale).item()
+        tol = 2 * eager_err + floor
+        print(f"check {what}: ours {err:.2e}, eager in {hidden.dtype} {eager_err:.2e} off fp32 eager (tol {tol:.2e})")
+        if not err <= tol:
+            raise SystemExit(f"ours disagrees with fp32 eager on {what}: {err:.2e} > {tol:.2e}")

@@ -77,3 +77,66 @@ def test_activation_checkpointing_and_frozen_vision(toy_world, batch):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
     for name, g in results[0][1].items():
         torch.testing.assert_close(g, results[1][1][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["varlen", "sdpa"])
+def test_packed_row_matches_padded_batch(toy_world, attn):
+    from engine.packing import pack_samples
+
+    processor = Processor.from_pretrained(toy_world / "hf")
+    samples, _ = encode_rows(toy_world / "data" / "sft.parquet", processor, response_column="response")
+    chosen = [samples[i] for i in (3, 0, 7, 5)]  # different lengths and tasks, each with an image
+    padded_model = load_hf_model(toy_world / "hf", attn_implementation="sdpa")
+    packed_model = load_hf_model(toy_world / "hf", attn_implementation=attn)
+    packed = pack_samples(chosen, merge_size=processor.merge_size)
+    assert packed["position_ids"].shape == (4, 1, sum(len(s.input_ids) for s in chosen))
+    padded_policy, packed_policy = Policy(padded_model), Policy(packed_model)
+    with torch.no_grad():
+        ref = padded_policy(collate(chosen, processor.pad_id))
+        got = packed_policy(packed)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # Gradients agree too (the loss is a sum over the same tokens).
+    for policy, batch in ((padded_policy, collate(chosen, processor.pad_id)), (packed_policy, packed)):
+        policy.zero_grad()
+        policy(batch).sum().backward()
+    for (name, a), (_, b) in zip(padded_policy.named_parameters(), packed_policy.named_parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_varlen_attention_matches_per_sample_sdpa():
+    from engine.attention import attention_ref, boundaries_from_positions
+
+    torch.manual_seed(0)
+    lengths = [5, 1, 12, 7]
+    q, k, v = torch.randn(1, 4, 25, 8), torch.randn(1, 2, 25, 8), torch.randn(1, 2, 25, 8)
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    cu = boundaries_from_positions(pos)
+    assert cu.tolist() == [0, 5, 6, 18, 25]
+    out = attention_ref(q, k, v, cu, None)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        kk, vv = k[:, :, s:e].repeat_interleave(2, 1), v[:, :, s:e].repeat_interleave(2, 1)
+        scores = q[:, :, s:e] @ kk.transpose(-1, -2) / 8**0.5
+        scores = scores.masked_fill(torch.ones(e - s, e - s, dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(out[:, s:e], (scores.softmax(-1) @ vv).transpose(1, 2))
+
+
+def test_text_only_batch_runs_the_vision_tower_once(toy_world):
+    """A VLM micro-batch without images still calls the vision tower (FSDP2 ranks stay in lockstep), and the
+    dummy pass changes nothing."""
+    processor = Processor.from_pretrained(toy_world / "hf")
+    hf_model = load_hf_model(toy_world / "hf")
+    ids = processor.tokenizer("<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\nhi")["input_ids"]
+    ids = torch.tensor([ids])
+    labels = ids.clone()
+    labels[:, :-3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    calls = []
+    hook = hf_model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        got = Policy(hf_model)(batch)
+    hook.remove()
+    with torch.no_grad():
+        ref = _full_logits_logprobs(hf_model, batch)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -24,8 +24,14 @@ def build_policy(model_dir: Path, cfg: ModelConfig, dist_info: DistInfo) -> tupl
     total, trainable = count_params(policy)
     log0(f"model: {model_dir} | {type(hf_model).__name__} | {total:,} params ({trainable:,} trainable) | "
          f"{fpt / 1e6:.2f} MFLOPs/token | compute dtype {dtype} ({why}) | attention {cfg.attn_implementation} | "
-         f"log-probs: kernels.fused_logprobs (chunked torch, {cfg.logprob_chunk_tokens} tokens/chunk)")
+         f"log-probs: kernels.fused_logprobs ({_logprob_backend(dist_info.device, cfg.logprob_chunk_tokens)})")
     return policy, hf_model
+
+
+def _logprob_backend(device: torch.device, chunk_tokens: int) -> str:
+    if device.type == "cuda":
+        return "Triton: fused lm_head + log-softmax, no [tokens, vocab] logits"
+    return f"chunked torch reference on CPU, {chunk_tokens} tokens/chunk"
 
 
 class StepOrder:

@@ -8,10 +8,13 @@ import torch
 from engine.checkpoint import export_hf
 from engine.config_stages import SFTStageConfig
 from engine.data import Processor, collate, encode_rows, load_rows, plan_micro_batches
+from engine.fsdp import vision_tower
 from engine.log import log0
+from engine.packing import pack_samples
 from engine.stages import StageContext
 from engine.stages.common import StepOrder, build_policy, check_batch_size
 from engine.trainer import Trainer
+from kernels import plan_bins
 
 
 def _num_targets(sample) -> int:
@@ -46,19 +49,29 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> None:
     world, device = dist_info.world_size, dist_info.device
     step_targets = [1]  # response tokens of the whole step over all ranks: the loss normaliser
 
+    merge_size = processor.merge_size if vision_tower(hf_model) is not None else None
+
     def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
         indices = order.step_indices(step)
         # Every rank sees the whole step's indices, so the normaliser needs no communication.
         step_targets[0] = max(1, sum(_num_targets(samples[i]) for i in indices))
-        mine = indices[dist_info.rank :: world]
-        groups = plan_micro_batches([len(samples[i].input_ids) for i in mine], cfg.train.micro_batch_tokens)
-        return [{k: v.to(device) for k, v in collate([samples[mine[j]] for j in g], pad_id).items()} for g in groups]
+        if cfg.train.packing:
+            # Token-balanced bins, the same number on every rank; each bin becomes one packed row.
+            lengths = [len(samples[i].input_ids) for i in indices]
+            bins = plan_bins(lengths, cfg.train.micro_batch_tokens, num_ranks=world)[dist_info.rank]
+            rows = [pack_samples([samples[indices[j]] for j in b], merge_size=merge_size) for b in bins if b]
+        else:
+            mine = indices[dist_info.rank :: world]
+            groups = plan_micro_batches([len(samples[i].input_ids) for i in mine], cfg.train.micro_batch_tokens)
+            rows = [collate([samples[mine[j]] for j in g], pad_id) for g in groups]
+        return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in rows]
 
     def loss_fn(mb: dict[str, torch.Tensor]):
         nll = -policy(mb).sum()
         # FSDP2 averages gradients over ranks; scaling by world size makes the result the global token mean.
         loss = nll * world / step_targets[0]
-        return loss, {"loss": nll / step_targets[0], "num_tokens": mb["attention_mask"].sum(),
+        num_tokens = mb["attention_mask"].sum() if "attention_mask" in mb else mb["input_ids"].numel()
+        return loss, {"loss": nll / step_targets[0], "num_tokens": torch.as_tensor(num_tokens),
                       "num_target_tokens": (mb["labels"][:, 1:] != -100).sum()}
 
     trainer.fit(micro_batches, loss_fn)
