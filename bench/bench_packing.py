@@ -6,6 +6,7 @@ get_rope_index once per sample) and pack, on 64 multimodal samples of 200-4,000 
 Needs only torch and transformers (no engine); build the extension first: pip install -e . --no-build-isolation.
 """
 
+import argparse
 import os
 import random
 import sys
@@ -58,6 +59,9 @@ def tiny_qwen():
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for packing.csv")
+    args = ap.parse_args()
     samples = make_samples()
     packed = packing.pack_ref(samples)
     types, cu, grid = packed.mm_token_type_ids, packed.cu_seqlens, packed.image_grid_thw
@@ -87,7 +91,7 @@ def main() -> None:
         pos, delta = fn()
         assert torch.equal(pos[1:].cpu(), want_pos) and torch.equal(delta.cpu(), want_delta), name
 
-    res = Results("packing", Path(__file__).parent / "results")
+    res = Results("packing", Path(args.out))
     hf_ms = time_ms(hf_loop, warmup=1, reps=5)
     res.add("hf_get_rope_index_loop", "mrope", shape, "int64", hf_ms, ref_ms=hf_ms[0])
     for name, fn in providers.items():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Device check for one GPU, under 5 minutes: the CUDA kernel tests, the engine smoke run (FSDP2 + bf16 +
-# checkpoint + export), and the three kernel benchmarks. Results are appended to $OUT (or bench/results).
+# Device check for one GPU: the CUDA kernel tests, the engine smoke run (FSDP2 + bf16 + checkpoint + export),
+# the three kernel benchmarks (about 5 minutes together), then packing and the packed-vs-padded train step. Results are appended to $OUT (or bench/results).
 #   bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +16,7 @@ step python3 bench/gpu_smoke_engine.py
 step python3 bench/bench_logprobs.py --out "$results"
 step python3 bench/bench_grpo.py --out "$results"
 step python3 bench/bench_dpo.py --out "$results"
+step python3 bench/bench_packing.py --out "$results"
+step python3 bench/bench_train.py --out "$results"
 echo; echo "gpu_check: $([ $status = 0 ] && echo ok || echo FAILED) ($(date +%T))"
 exit $status
