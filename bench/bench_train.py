@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
+from bench._synthetic import qwen_vl_config, random_model, special_ids  # noqa: E402
 from engine.attention import register  # noqa: E402
 from engine.data import Sample, collate  # noqa: E402
 from engine.model import Policy  # noqa: E402
@@ -32,27 +32,13 @@ PRESETS = {
 }
 
 
-def special_ids(vocab: int) -> tuple[int, int, int]:
-    """(image pad, vision start, vision end): the top of the vocabulary, as in Qwen's tokenizer."""
-    return vocab - 1, vocab - 2, vocab - 3
-
-
-def build_model(p: dict, attn: str) -> Qwen2_5_VLForConditionalGeneration:
+def build_model(p: dict, attn: str):
     hidden, layers, heads, kv, inter = p["text"]
     depth, v_hidden, v_heads = p["vision"]
-    image, v_start, v_end = special_ids(p["vocab"])
-    half = hidden // heads // 2
-    mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=p["vocab"],
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}),
-        vision_config=dict(depth=depth, hidden_size=v_hidden, num_heads=v_heads, intermediate_size=4 * v_hidden,
-                           out_hidden_size=hidden, fullatt_block_indexes=[depth - 1]),
-        image_token_id=image, vision_start_token_id=v_start, vision_end_token_id=v_end, tie_word_embeddings=False)
+    config = qwen_vl_config(hidden=hidden, layers=layers, heads=heads, kv_heads=kv, intermediate=inter,
+                            vocab=p["vocab"], vision_depth=depth, vision_hidden=v_hidden, vision_heads=v_heads)
     config._attn_implementation = attn
-    torch.manual_seed(0)
-    return Qwen2_5_VLForConditionalGeneration(config)
+    return random_model(config)
 
 
 def make_samples(p: dict, num: int) -> list[Sample]:

@@ -16,8 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
+from bench._synthetic import qwen_vl_config, random_model, special_ids  # noqa: E402
 from engine.checkpoint import export_hf  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.config_stages import CheckpointConfig, OptimConfig, TrainConfig  # noqa: E402
@@ -27,32 +28,22 @@ from engine.model import Policy  # noqa: E402
 from engine.stages.common import build_policy  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
-IMAGE_TOKEN, VISION_START, VISION_END, VOCAB = 1000, 1001, 1002, 1024
+VOCAB = 1024
+IMAGE_TOKEN, VISION_START, VISION_END = special_ids(VOCAB)
 
 
 def make_model(path: Path, layers: int, hidden: int) -> None:
     heads = max(2, hidden // 128)
-    head_dim = hidden // heads
-    half = head_dim // 2
-    mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # [16, 24, 24] at head_dim 128, as Qwen
-    text = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=VOCAB,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope})
-    vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=hidden,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[1])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
-                              vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
-                              tie_word_embeddings=False)
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    config = qwen_vl_config(hidden=hidden, layers=layers, heads=heads, kv_heads=max(1, heads // 4),
+                            intermediate=4 * hidden, vocab=VOCAB, vision_depth=2, vision_hidden=128, vision_heads=2)
+    random_model(config).save_pretrained(path)
 
 
 def make_batch(batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Each sample: 4 text tokens, one 112x112 image (8x8 patches -> 16 merged tokens), then text; the second
     half of every sample is the response (labels), the first half the prompt."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 1000, (batch, seq), generator=g)
+    ids = torch.randint(0, VOCAB - 3, (batch, seq), generator=g)
     ids[:, 4] = VISION_START
     ids[:, 5:21] = IMAGE_TOKEN
     ids[:, 21] = VISION_END
