@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 
 .PHONY: venv demo test lint clean-runs
 
-$(STAMP): setup.py pyproject.toml requirements/ci.txt
+$(STAMP): setup.py pyproject.toml requirements/ci.txt $(wildcard csrc/packing/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/ci.txt setuptools pybind11 torch triton

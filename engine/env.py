@@ -14,6 +14,9 @@ VARS: dict[str, tuple[str, str]] = {
     "RANK": ("0", "Global rank (torchrun)."),
     "LOCAL_RANK": ("0", "Rank on this node (torchrun)."),
     "WORLD_SIZE": ("1", "Number of processes (torchrun)."),
+    # Secrets: read only by engine/judge.py, never logged or written anywhere.
+    "GEMINI_API_KEY": ("", "API key for the optional Gemini judge (engine/judge.py) if GOOGLE_API_KEY is unset."),
+    "GOOGLE_API_KEY": ("", "API key for the optional Gemini judge; takes precedence over GEMINI_API_KEY."),
 }
 
 
