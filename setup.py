@@ -119,6 +119,7 @@ setup(
         "datasets>=4.0",
         "numpy>=1.26",
         "pillow>=10",
+        "math-verify>=0.9",  # symbolic answers in the accuracy reward (engine/rewards.py)
     ],
     extras_require={
         "vllm": ["vllm>=0.32"],
