@@ -204,4 +204,59 @@ class SFTStageConfig(StageConfig):
         return problems
 
 
-STAGE_KINDS: dict[str, type[StageConfig]] = {"toy": ToyStageConfig, "sft": SFTStageConfig}
+@dataclasses.dataclass(kw_only=True)
+class DPOConfig:
+    beta: float = 0.1
+    """DPO inverse temperature. The SPECS paper does not publish it; 0.1 is our choice (TRL's default)."""
+    sft_weight: float = 1.0
+    """Weight of the SFT (NLL of the chosen response) term: loss = DPO + sft_weight x SFT (paper: 1)."""
+    sft_norm: Literal["token-mean", "seq-mean"] = "token-mean"
+    """SFT normalisation: over all chosen response tokens of the step, or per chosen sequence."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped (conservative DPO); 0 is plain DPO."""
+    chosen_column: str = "chosen"
+    """Column of the preferred response."""
+    rejected_column: str = "rejected"
+    """Column of the dispreferred response."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.beta <= 0:
+            problems.append(f"dpo.beta must be > 0, got {self.beta}")
+        if self.sft_weight < 0:
+            problems.append(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
+        if not 0 <= self.label_smoothing <= 0.5:
+            problems.append(f"dpo.label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+        return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class DPOStageConfig(StageConfig):
+    """Preference training: DPO + sft_weight x SFT on (chosen, rejected) pairs, the SPECS cold start."""
+
+    init: str
+    """Model to start from: "model" or an earlier stage's name."""
+    ref: str = ""
+    """Reference model; empty: the same checkpoint as `init`. Its log-probs are computed once before training."""
+    data: DataConfig
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def model_inputs(self) -> dict[str, str]:
+        return {"init": self.init, **({"ref": self.ref} if self.ref else {})}
+
+    def path_inputs(self) -> dict[str, str]:
+        return {"data.train": self.data.train}
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        for obj in (self.data, self.dpo, self.optim, self.train, self.checkpoint):
+            problems.extend(obj.check())
+        if not self.train.packing:
+            problems.append("train.packing = false is not supported by the dpo stage (pairs are packed rows)")
+        return problems
+
+
+STAGE_KINDS: dict[str, type[StageConfig]] = {"toy": ToyStageConfig, "sft": SFTStageConfig, "dpo": DPOStageConfig}

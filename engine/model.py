@@ -72,17 +72,24 @@ class Policy(nn.Module):
         out = self.hf.model.get_image_features(pixels, grid, return_dict=True).pooler_output
         return torch.cat(list(out)).sum()
 
-    def forward(self, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-        """Log-probs [N] fp32 of `labels[:, 1:]` where they are not -100, in row-major order.
-
-        Position t predicts token t+1, so hidden state t is paired with label t+1.
-        """
+    def target_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden states [N, H] at the positions that have a target, the targets [N] and the lm_head weight
+        [V, H] (gathered under FSDP2 while inside this module's forward). Position t predicts label t+1."""
         hidden_BTH = self.hidden_states(batch)
         targets_BT = batch["labels"][:, 1:]
         mask_BT = targets_BT != -100
-        hidden_NH = hidden_BTH[:, :-1][mask_BT]
-        weight_VH = self.hf.get_output_embeddings().weight
-        return fused_logprobs(hidden_NH, weight_VH, targets_BT[mask_BT], temperature=temperature,
+        return hidden_BTH[:, :-1][mask_BT], targets_BT[mask_BT], self.hf.get_output_embeddings().weight
+
+    def forward(self, batch: dict[str, torch.Tensor], temperature: float = 1.0, loss_fn=None):
+        """Log-probs [N] fp32 of `labels[:, 1:]` where they are not -100, in row-major order.
+
+        With `loss_fn`, returns `loss_fn(hidden [N, H], weight [V, H], targets [N])` instead: fused losses
+        (kernels.dpo_loss, kernels.grpo_loss) must run inside this forward so FSDP2 has the lm_head gathered.
+        """
+        hidden_NH, targets_N, weight_VH = self.target_hidden(batch)
+        if loss_fn is not None:
+            return loss_fn(hidden_NH, weight_VH, targets_N)
+        return fused_logprobs(hidden_NH, weight_VH, targets_N, temperature=temperature,
                               chunk_tokens=self.chunk_tokens)
 
 

@@ -2,11 +2,13 @@
 Qwen2.5-VL, all built offline in a few seconds and byte-identical for a given seed.
 
     from engine.toy import build_toy_world
-    paths = build_toy_world("runs/toy", seed=0)   # {"train", "test", "sft", "hf"} -> Path
+    paths = build_toy_world("runs/toy", seed=0)   # {"train", "test", "sft", "pairs", "hf"} -> Path
 
 Layout written under `out_dir`:
     data/train.parquet, data/test.parquet  id, task, problem, answer, choices, images (List(Image()), PNG bytes)
     data/sft.parquet                        train rows + response (a `format_share` of them <think>/<answer> tagged)
+    data/pairs.parquet                      the tagged sft rows + chosen (that response), rejected (it corrupted
+                                            by engine/corrupt.py), corruption: synthetic format-only pairs
     hf/                                     tokenizer (byte-level BPE, Qwen2-VL chat template), image processor
                                             (Qwen2VLImageProcessor, PIL backend) and Qwen2_5_VLForConditionalGeneration
 
@@ -33,6 +35,8 @@ from tokenizers.models import BPE
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from engine.corrupt import corrupt
+from engine.rewards import format_ok
 from engine.toy_draw import CELL_PX, TASKS, ToySample, make_response, make_sample, png_bytes
 
 logger = logging.getLogger("engine.toy")
@@ -176,9 +180,12 @@ def _sft_responses(spec: ToySpec, samples: list[ToySample]) -> list[str]:
     return [make_response(s, rng, i in formatted) for i, s in enumerate(samples)]
 
 
-def _write_parquet(path: Path, split: str, samples: list[ToySample], responses: list[str] | None = None) -> None:
+def _write_parquet(path: Path, split: str, samples: list[ToySample], extra: dict[str, list[str]] | None = None,
+                   ids: list[int] | None = None) -> None:
+    """Rows of `samples` (their ids `<split>-<index>`, or `ids` when the samples are a subset) plus string columns."""
+    ids = list(range(len(samples))) if ids is None else ids
     columns = {
-        "id": [f"{split}-{i:05d}" for i in range(len(samples))],
+        "id": [f"{split}-{i:05d}" for i in ids],
         "task": [s.task for s in samples],
         "problem": [s.problem for s in samples],
         "answer": [s.answer for s in samples],
@@ -186,11 +193,20 @@ def _write_parquet(path: Path, split: str, samples: list[ToySample], responses: 
         # Encode the PNG ourselves so the stored bytes do not depend on how `datasets` would pick a format.
         "images": [[{"bytes": png_bytes(s.image), "path": None}] for s in samples],
     }
-    features = _FEATURES
-    if responses is not None:
-        columns["response"] = responses
-        features = datasets.Features({**_FEATURES, "response": datasets.Value("string")})
+    extra = extra or {}
+    columns.update(extra)
+    features = datasets.Features({**_FEATURES, **{k: datasets.Value("string") for k in extra}})
     datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
+
+
+def _pairs(spec: ToySpec, responses: list[str]) -> tuple[list[int], dict[str, list[str]]]:
+    """Format-only preference pairs from the well-formatted SFT responses: chosen = the response, rejected = it
+    with one of the five corruptions (engine/corrupt.py). A synthetic stand-in for self-distilled pairs, so the
+    DPO stage can run on the toy before the distill stage exists."""
+    rng = random.Random(spec.seed)
+    keep = [i for i, r in enumerate(responses) if format_ok(r)]
+    rejected, kinds = zip(*(corrupt(responses[i], rng=rng) for i in keep), strict=True) if keep else ((), ())
+    return keep, {"chosen": [responses[i] for i in keep], "rejected": list(rejected), "corruption": list(kinds)}
 
 
 def _train_tokenizer(spec: ToySpec, corpus: list[str]) -> Qwen2Tokenizer:
@@ -291,6 +307,7 @@ def build_toy_world(out_dir: str | Path, *, seed: int = 0, num_train: int = 512,
     data_dir.mkdir(parents=True, exist_ok=True)
     hf_dir.mkdir(parents=True, exist_ok=True)
     paths = {"train": data_dir / "train.parquet", "test": data_dir / "test.parquet", "sft": data_dir / "sft.parquet",
+             "pairs": data_dir / "pairs.parquet",
              "hf": hf_dir}
 
     train, test = generate_split(spec, "train"), generate_split(spec, "test")
@@ -306,7 +323,9 @@ def build_toy_world(out_dir: str | Path, *, seed: int = 0, num_train: int = 512,
     with _quiet_progress_bars():
         _write_parquet(paths["train"], "train", train)
         _write_parquet(paths["test"], "test", test)
-        _write_parquet(paths["sft"], "train", train, responses)
+        _write_parquet(paths["sft"], "train", train, {"response": responses})
+        keep, pair_columns = _pairs(spec, responses)
+        _write_parquet(paths["pairs"], "train", [train[i] for i in keep], pair_columns, ids=keep)
         tokenizer.save_pretrained(hf_dir)
         image_processor.save_pretrained(hf_dir)
         model.save_pretrained(hf_dir)

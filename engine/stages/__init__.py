@@ -33,6 +33,8 @@ def run_stage(cfg, ctx: StageContext) -> None:
         from engine.stages import toy as module
     elif cfg.kind == "sft":
         from engine.stages import sft as module
+    elif cfg.kind == "dpo":
+        from engine.stages import dpo as module
     else:
         raise ValueError(f"no runner for stage kind {cfg.kind!r}")
     module.run(cfg, ctx)
