@@ -1,0 +1,79 @@
+"""The rollout interface: sampling settings, one completion, and the protocol every generation backend follows.
+
+A backend turns prompt `Sample`s (engine/data.py, prompt-only) into completions with per-token log-probs. The
+GRPO stage calls `generate`, scores the completions, trains, then streams the new weights into the backend with
+`update_weights`; `sleep` / `wake` let the backend give its accelerator memory back while the trainer runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from engine.data import Sample
+
+__all__ = ["Completion", "RolloutBackend", "SamplingParams"]
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p (1.0 = off)."""
+    max_new_tokens: int = 256
+    """Most tokens generated per completion (the stop token included)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a completion; text and token_ids are cut at the first occurrence."""
+    seed: int = 0
+    """Seed of the sampling RNG: the same seed, prompts and weights give the same completions."""
+
+    def check(self) -> list[str]:
+        errors = []
+        if self.temperature < 0:
+            errors.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            errors.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            errors.append(f"stop strings must be non-empty, got {self.stop!r}")
+        return errors
+
+
+@dataclass
+class Completion:
+    """One generated continuation of prompt `prompt_index`.
+
+    `token_ids` exclude the prompt and include the stop token (<|im_end|> / eos) when generation stopped on it.
+    `logprobs[i]` is log softmax(logits / temperature)[token_ids[i]] over the full vocabulary, before top_p
+    (temperature 0: the plain log_softmax): what the trainer recomputes for the same token. `text` is the decode
+    with skip_special_tokens=True, cut before a stop string.
+    """
+
+    prompt_index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompts: list[Sample], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+        """n completions for each prompt, as result[prompt][sample]."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load full (unsharded) tensors by HF state-dict name into the backend's model."""
+        ...
+
+    def sleep(self) -> None:
+        """Free accelerator memory until `wake` (weights kept on the host)."""
+        ...
+
+    def wake(self) -> None:
+        """Undo `sleep`."""
+        ...

@@ -1,0 +1,296 @@
+"""The builtin rollout backend: batched sampling from a plain HF model with our own prefill + decode loop.
+
+Why an inference copy of the model: the backend holds its own unsharded `Qwen2_5_VLForConditionalGeneration`
+(or text Qwen2). Decoding then needs no FSDP collectives (gathering every layer from FSDP2 at every one of
+hundreds of decode steps would put an all-gather on the critical path of each token), the code stays a plain
+forward, and after each optimizer step the trainer streams the full tensors in with `update_weights`. The cost
+is one extra copy of the weights per rank (bf16: 2 bytes per parameter, 15 GiB for the 7B), which `sleep` moves
+to host memory while the trainer runs on CUDA.
+
+The loop: repeat each prompt n times, left-pad, one prefill forward with the images into a preallocated
+`StaticCache` (transformers' own; it works with Qwen2.5-VL on CPU, and the greedy test against `generate`, which
+uses a DynamicCache, checks it), then one single-token forward per step. Positions are passed explicitly (M-RoPE: see
+`_prefill_positions`). Vision special tokens are banned from the output; rows stop on eos or a stop string and
+then keep feeding padding until every row is done.
+
+TODO: CUDA graphs (or torch.compile mode="reduce-overhead") for the decode step; the static cache keeps the
+tensor addresses fixed, which that needs. Not written yet because it cannot be tested on CPU.
+
+Letters in shapes: B batch rows (prompts x n), T prompt length (padded), L cache length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import StaticCache
+
+from engine.data import Sample
+from engine.log import log0
+from engine.model import load_hf_model
+from engine.rollout.base import Completion, SamplingParams
+
+__all__ = ["BuiltinBackend"]
+
+_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+class BuiltinBackend:
+    """Generation with an inference copy of the policy (see the module docstring).
+
+    Args:
+        model_dir: HF checkpoint directory (Qwen2.5-VL or text Qwen2).
+        device: where the inference copy runs ("cpu", "cuda", "cuda:3", ...).
+        dtype: parameter dtype of the inference copy (bf16 on GPU; fp32 for exact tests on CPU).
+        processor: an `engine.data.Processor` (its tokenizer decodes and names the stop tokens); None loads one
+            from `model_dir`.
+        max_batch_size: most rows (prompts x n) per prefill/decode batch; larger requests run in chunks.
+    """
+
+    def __init__(self, model_dir: str | Path, *, device: str | torch.device, dtype: torch.dtype = torch.float32,
+                 processor=None, max_batch_size: int = 64):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if processor is None:
+            from engine.data import Processor
+
+            processor = Processor.from_pretrained(model_dir)
+        self.device, self.dtype, self.max_batch_size = torch.device(device), dtype, max_batch_size
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        model = load_hf_model(model_dir, attn_implementation="sdpa")
+        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        _rotary_to_fp32(self.model)
+        self.is_vlm = hasattr(self.model.model, "get_rope_index")
+        self.eos_ids = sorted(self._eos_ids())
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        banned = {self.tokenizer.convert_tokens_to_ids(t) for t in _VISION_TOKENS}
+        self.banned_ids = sorted(i for i in banned if isinstance(i, int) and 0 <= i < vocab
+                                 and i != self.tokenizer.unk_token_id)
+        self._refresh_params()
+        log0("rollout: builtin backend, %s %s on %s, static KV cache, max_batch_size %d, eos %s, banned %s",
+             type(self.model).__name__, str(dtype).removeprefix("torch."), self.device, max_batch_size,
+             self.eos_ids, self.banned_ids)
+
+    def _eos_ids(self) -> set[int]:
+        """<|im_end|> plus every eos id of the generation config and the (text) model config."""
+        ids = {int(self.processor.end_of_turn_id)}
+        for cfg in (self.model.generation_config, self.model.config, self.model.config.get_text_config()):
+            eos = getattr(cfg, "eos_token_id", None)
+            ids.update([eos] if isinstance(eos, int) else eos or [])
+        return ids
+
+    def _refresh_params(self) -> None:
+        # remove_duplicate=False: with tied embeddings both "lm_head.weight" and the embedding name resolve.
+        self._params = dict(self.model.named_parameters(remove_duplicate=False))
+
+    # ------------------------------------------------------------------------------------------------ generate
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Sample], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+        """n completions per prompt, as result[prompt][sample] (see `Completion` for the fields).
+
+        All prompts x n rows are decoded in batches of `max_batch_size`; one torch.Generator seeded with
+        `sampling.seed` drives every batch, so the result is a pure function of (prompts, n, sampling, weights).
+        """
+        errors = sampling.check() + ([f"n must be >= 1, got {n}"] if n < 1 else [])
+        if errors:
+            raise ValueError("generate: " + "; ".join(errors))
+        rows = [i for i in range(len(prompts)) for _ in range(n)]
+        gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        out: list[list[Completion]] = [[] for _ in prompts]
+        t0, num_tokens = time.perf_counter(), 0
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start:start + self.max_batch_size]
+            for i, (ids, lps, text, reason) in zip(chunk, self._generate_batch([prompts[i] for i in chunk],
+                                                                                 sampling, gen), strict=True):
+                out[i].append(Completion(prompt_index=i, token_ids=ids, text=text, logprobs=lps,
+                                         finish_reason=reason))
+                num_tokens += len(ids)
+        dt = time.perf_counter() - t0
+        log0("rollout: %d prompts x %d -> %d tokens in %.2f s (%.0f tok/s)", len(prompts), n, num_tokens, dt,
+             num_tokens / max(dt, 1e-9))
+        return out
+
+    def _prefill_inputs(self, samples: list[Sample]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Left-padded model inputs for the prefill and each row's next text position [B] (= its prompt length)."""
+        b, t = len(samples), max(len(s.input_ids) for s in samples)
+        pad = self.processor.pad_id
+        input_ids = torch.full((b, t), pad, dtype=torch.long)
+        attention_mask = torch.zeros(b, t, dtype=torch.long)
+        mm_token_type_ids = torch.zeros(b, t, dtype=torch.long)
+        for i, s in enumerate(samples):
+            k = len(s.input_ids)
+            input_ids[i, t - k:] = torch.tensor(s.input_ids)
+            attention_mask[i, t - k:] = 1
+            mm_token_type_ids[i, t - k:] = torch.tensor(s.mm_token_type_ids)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        # TODO: with n > 1 each image goes through the vision tower n times; encode once per prompt and pass
+        # the embeddings (`mm_encoder_outputs`) when the vision tower shows up in rollout profiles.
+        with_images = [s for s in samples if s.pixel_values is not None]
+        if with_images:
+            if not self.is_vlm:
+                raise ValueError(f"{type(self.model).__name__} is a text model but some prompts have images")
+            inputs["pixel_values"] = torch.cat([s.pixel_values for s in with_images]).to(self.dtype)
+            inputs["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images])
+        if self.is_vlm:
+            inputs["mm_token_type_ids"] = mm_token_type_ids
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        return inputs, attention_mask.sum(-1).to(self.device)
+
+    def _prefill_positions(self, inputs: dict[str, torch.Tensor], prompt_lens: torch.Tensor):
+        """Prefill position ids and the position of each row's first generated token [B].
+
+        M-RoPE (Qwen2.5-VL): `get_rope_index` gives the prompt's (t, h, w) positions [3, B, T] (padding at 0)
+        and rope_deltas [B, 1] = max position + 1 - prompt length. After the prompt every new token is text, so
+        its three positions are equal: text position + delta. We pass positions explicitly at every step
+        rather than rely on the model's cached `rope_deltas` attribute, which is per-model state a forward of
+        another batch would overwrite. Text models: 1-D positions that skip the left padding.
+        """
+        mask_BT = inputs["attention_mask"]
+        if self.is_vlm:
+            pos_3BT, deltas_B1 = self.model.model.get_rope_index(
+                inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+                attention_mask=mask_BT)
+            return pos_3BT, prompt_lens + deltas_B1.view(-1).to(prompt_lens.device)
+        return (mask_BT.cumsum(-1) - 1).clamp(min=0), prompt_lens
+
+    def _step_positions(self, next_pos: torch.Tensor) -> torch.Tensor:
+        """Position ids of one decode step from each row's position [B]: [3, B, 1] (M-RoPE) or [B, 1]."""
+        pos_B1 = next_pos[:, None]
+        return pos_B1[None].expand(3, -1, -1) if self.is_vlm else pos_B1
+
+    def _generate_batch(self, samples: list[Sample], sampling: SamplingParams, gen: torch.Generator):
+        """Decode one batch. Returns per row (token_ids, logprobs, text, finish_reason)."""
+        inputs, prompt_lens_B = self._prefill_inputs(samples)
+        b, t = inputs["input_ids"].shape
+        max_new = sampling.max_new_tokens
+        pos, next_pos_B = self._prefill_positions(inputs, prompt_lens_B)
+        # Preallocated K/V for prompt + max_new tokens; the mask grows over the same length.
+        cache = StaticCache(config=self.model.config, max_cache_len=t + max_new)
+        mask_BL = torch.ones(b, t + max_new, dtype=torch.long, device=self.device)
+        mask_BL[:, :t] = inputs["attention_mask"]
+        logits_BV = self.model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True,
+                               logits_to_keep=1).logits[:, -1]
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        tokens_BN = torch.full((b, max_new), self.processor.pad_id, dtype=torch.long, device=self.device)
+        logprobs_BN = torch.zeros(b, max_new, device=self.device)
+        lengths_B = torch.zeros(b, dtype=torch.long, device=self.device)
+        finished_B = torch.zeros(b, dtype=torch.bool, device=self.device)
+        stopped_text: dict[int, str] = {}  # row -> text cut before its first stop string
+        for step in range(max_new):
+            tok_B, lp_B = _sample(logits_BV, sampling, gen, self.banned_ids)
+            tok_B = tok_B.masked_fill(finished_B, self.processor.pad_id)  # finished rows keep padding
+            tokens_BN[:, step], logprobs_BN[:, step] = tok_B, lp_B
+            lengths_B += (~finished_B).long()
+            finished_B |= torch.isin(tok_B, eos)
+            if sampling.stop:
+                self._check_stop(tokens_BN, lengths_B, finished_B, sampling.stop, stopped_text)
+            if step == max_new - 1 or bool(finished_B.all()):  # host sync once a step: lets the batch end early
+                break
+            logits_BV = self.model(input_ids=tok_B[:, None], attention_mask=mask_BL[:, :t + step + 1],
+                                   position_ids=self._step_positions(next_pos_B + step), past_key_values=cache,
+                                   use_cache=True).logits[:, -1]
+        results = []
+        rows = zip(tokens_BN.tolist(), logprobs_BN.tolist(), lengths_B.tolist(), strict=True)
+        for i, (ids, lps, k) in enumerate(rows):
+            ids, lps = ids[:k], lps[:k]
+            text = stopped_text.get(i)
+            stopped = text is not None or (bool(ids) and ids[-1] in self.eos_ids)
+            if text is None:
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            results.append((ids, lps, text, "stop" if stopped else "length"))
+        return results
+
+    def _check_stop(self, tokens, lengths, finished, stop: list[str], stopped_text: dict[int, str]) -> None:
+        """Finish rows whose decoded text now contains a stop string; remember the text cut before it.
+
+        Checked after every token, so the token that completes a stop string is the last one kept.
+        """
+        active = (~finished).nonzero().view(-1).tolist()  # host sync; only when stop strings are set
+        if not active:
+            return
+        lens = lengths.tolist()
+        for i in active:
+            text = self.tokenizer.decode(tokens[i, :lens[i]].tolist(), skip_special_tokens=True)
+            hits = [j for j in (text.find(s) for s in stop) if j >= 0]
+            if hits:
+                stopped_text[i] = text[:min(hits)]
+                finished[i] = True
+
+    # ------------------------------------------------------------------------------------------------- weights
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy full tensors into the inference model by HF state-dict name, casting dtype and device.
+
+        Names look like "model.language_model.layers.0.self_attn.q_proj.weight" or "lm_head.weight". Raises
+        ValueError naming every unknown name (after loading the known ones) or the first shape mismatch.
+        """
+        unknown, num_loaded = [], 0
+        for name, tensor in named_tensors:
+            param = self._params.get(name)
+            if param is None:
+                unknown.append(name)
+                continue
+            if param.shape != tensor.shape:
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the inference model "
+                                 f"expects {tuple(param.shape)}")
+            param.copy_(tensor)  # copy_ casts to the parameter's dtype and device
+            num_loaded += 1
+        if unknown:
+            example = next(iter(self._params))
+            raise ValueError(f"update_weights: {len(unknown)} unknown parameter name(s) {unknown[:8]} (loaded "
+                             f"{num_loaded}); expected HF state-dict names such as {example!r}")
+
+    def sleep(self) -> None:
+        """Move the weights to host memory and free the CUDA cache (no-op on CPU)."""
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            self._refresh_params()
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        """Move the weights back to the device (no-op on CPU)."""
+        if self.device.type == "cuda":
+            self.model.to(self.device)
+            self._refresh_params()
+
+
+def _rotary_to_fp32(model: torch.nn.Module) -> None:
+    """`model.to(bf16)` also casts the rotary inverse frequencies; positions in the thousands need them in fp32."""
+    for module in model.modules():
+        for name in ("inv_freq", "original_inv_freq"):
+            buf = getattr(module, name, None)
+            if isinstance(buf, torch.Tensor) and buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(module, name, buf.float())
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator, banned_ids: list[int]):
+    """One token per row and its log-prob under the full-vocabulary softmax(logits / temperature).
+
+    The log-prob is taken before the vision-token ban and top_p so it equals what the trainer recomputes from
+    the same weights; the token is drawn from the banned, nucleus-truncated distribution.
+
+    Returns:
+        tokens [B] int64, logprobs [B] fp32.
+    """
+    logits_BV = logits.float()  # fp32 softmax even for a bf16 model
+    if sampling.temperature > 0:
+        logits_BV = logits_BV / sampling.temperature
+    logp_BV = torch.log_softmax(logits_BV, dim=-1)
+    masked_BV = logp_BV.clone()
+    masked_BV[:, banned_ids] = float("-inf")
+    if sampling.temperature == 0:
+        tok_B = masked_BV.argmax(-1)
+    else:
+        if sampling.top_p < 1.0:
+            sorted_BV, order_BV = masked_BV.sort(-1, descending=True)
+            probs_BV = sorted_BV.softmax(-1)
+            # Drop a token when the tokens ranked above it already reach top_p (the top token always stays).
+            drop_BV = probs_BV.cumsum(-1) - probs_BV >= sampling.top_p
+            masked_BV = masked_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, float("-inf")))
+        tok_B = torch.multinomial(masked_BV.softmax(-1), 1, generator=gen).view(-1)
+    return tok_B, logp_BV.gather(-1, tok_B[:, None]).view(-1)
