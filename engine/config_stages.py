@@ -259,4 +259,85 @@ class DPOStageConfig(StageConfig):
         return problems
 
 
-STAGE_KINDS: dict[str, type[StageConfig]] = {"toy": ToyStageConfig, "sft": SFTStageConfig, "dpo": DPOStageConfig}
+@dataclasses.dataclass(kw_only=True)
+class RolloutConfig:
+    backend: Literal["builtin"] = "builtin"
+    """Rollout engine: our batched decode loop over an inference copy of the policy (vLLM comes later)."""
+    n: int = 8
+    """Completions per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature (the loss uses the same one)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 256
+    """Longest completion, in tokens."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.n < 2:
+            problems.append(f"rollout.n must be >= 2 (group-normalised advantages), got {self.n}")
+        if self.temperature <= 0:
+            problems.append(f"rollout.temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            problems.append(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class GRPOConfig:
+    clip_low: float = 0.2
+    """PPO clip below 1 (ratio >= 1 - clip_low)."""
+    clip_high: float = 0.28
+    """PPO clip above 1 (DAPO clip-higher: ratio <= 1 + clip_high)."""
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    """Loss aggregation over the step's response tokens (see kernels/grpo_loss.py)."""
+    scale_by_std: bool = True
+    """Divide group-centred rewards by the group's standard deviation (GRPO); false: Dr.GRPO."""
+    filter_equal_groups: bool = True
+    """Drop groups whose rewards are all equal (their advantages are zero): DAPO's dynamic sampling filter."""
+    format_weight: float = 0.5
+    """Reward for a well-formatted response (the paper: 0.5)."""
+    accuracy_weight: float = 1.0
+    """Reward for a correct answer (the paper: 1.0)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            problems.append(f"grpo.clip_low must be in [0, 1) and clip_high >= 0, got {self.clip_low}, "
+                            f"{self.clip_high}")
+        return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class GRPOStageConfig(StageConfig):
+    """GRPO: sample n completions per prompt, reward them, and take a clipped policy-gradient step."""
+
+    init: str
+    """Model to start from: "model" or an earlier stage's name."""
+    data: DataConfig
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """`train.batch_size` counts prompts per step (each gives `rollout.n` completions)."""
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def model_inputs(self) -> dict[str, str]:
+        return {"init": self.init}
+
+    def path_inputs(self) -> dict[str, str]:
+        return {"data.train": self.data.train}
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        for obj in (self.data, self.rollout, self.grpo, self.optim, self.train, self.checkpoint):
+            problems.extend(obj.check())
+        if not self.train.packing:
+            problems.append("train.packing = false is not supported by the grpo stage")
+        return problems
+
+
+STAGE_KINDS: dict[str, type[StageConfig]] = {"toy": ToyStageConfig, "sft": SFTStageConfig, "dpo": DPOStageConfig,
+                                             "grpo": GRPOStageConfig}

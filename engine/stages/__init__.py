@@ -35,6 +35,8 @@ def run_stage(cfg, ctx: StageContext) -> None:
         from engine.stages import sft as module
     elif cfg.kind == "dpo":
         from engine.stages import dpo as module
+    elif cfg.kind == "grpo":
+        from engine.stages import grpo as module
     else:
         raise ValueError(f"no runner for stage kind {cfg.kind!r}")
     module.run(cfg, ctx)

@@ -1,0 +1,90 @@
+"""GRPO pieces: group advantages, the training sample layout, and a short run on the toy whose reward rises."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.data import Sample
+from engine.stages.grpo import group_advantages, training_sample
+
+from .conftest import REPO
+
+
+def test_group_advantages():
+    rewards = torch.tensor([[1.5, 0.5, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    adv = group_advantages(rewards, scale_by_std=True)
+    expected0 = (rewards[0] - rewards[0].mean()) / (rewards[0].std() + 1e-6)
+    torch.testing.assert_close(adv[0], expected0)
+    assert torch.equal(adv[1], torch.zeros(4))  # an all-equal group carries no signal
+    torch.testing.assert_close(group_advantages(rewards, scale_by_std=False)[0], rewards[0] - 0.5)
+    assert adv[0].sum().abs() < 1e-5
+
+
+def test_training_sample_layout():
+    prompt = Sample([1, 2, 3], None, [0, 1, 0], None, None, 3, "r0", answer="4", choices=None)
+    s = training_sample(prompt, [7, 8])
+    assert s.input_ids == [1, 2, 3, 7, 8] and s.labels == [-100, -100, -100, 7, 8]
+    assert s.mm_token_type_ids == [0, 1, 0, 0, 0] and s.num_prompt_tokens == 3 and s.answer == "4"
+
+
+RECIPE = """
+[run]
+name = "grpo"
+seed = 0
+[model]
+path = "{world}/hf"
+dtype = "float32"
+[[stages]]
+name = "base"
+kind = "sft"
+init = "model"
+[stages.data]
+train = "{world}/data/sft.parquet"
+[stages.optim]
+lr = 3e-3
+warmup_steps = 5
+min_lr_ratio = 0.1
+[stages.train]
+steps = 250
+batch_size = 16
+micro_batch_tokens = 1024
+[[stages]]
+name = "grpo_zero"
+kind = "grpo"
+init = "base"
+[stages.data]
+train = "{world}/data/train.parquet"
+[stages.rollout]
+n = 8
+max_new_tokens = 48
+[stages.optim]
+lr = 5e-4
+schedule = "constant"
+[stages.train]
+steps = 16
+batch_size = 16
+micro_batch_tokens = 2048
+"""
+
+
+@pytest.mark.slow
+def test_two_process_grpo_raises_format_reward(toy_world, tmp_path):
+    """SFT a toy base (~17% well-formatted samples), then GRPO with 2 gloo ranks and the builtin backend: the
+    sampled format accuracy rises (deterministic under the fixed seeds; ~75 s on 2 cores)."""
+    recipe = tmp_path / "grpo.toml"
+    recipe.write_text(RECIPE.format(world=toy_world))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={tmp_path / 'out'}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "grpo_zero" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("reward", "format_acc", "accuracy", "response_len", "entropy", "clip_frac", "kl", "grad_norm",
+                "rollout_s", "tokens_per_s"):
+        assert all(key in r for r in rows), key
+    early = sum(r["format_acc"] for r in rows[:4]) / 4
+    late = sum(r["format_acc"] for r in rows[-4:]) / 4
+    assert late > early + 0.08, [round(r["format_acc"], 3) for r in rows]
+    assert (tmp_path / "out" / "grpo_zero" / "hf" / "model.safetensors").is_file()
