@@ -181,8 +181,9 @@ class ToyStageConfig(StageConfig):
 
 
 @dataclasses.dataclass(kw_only=True)
-class SFTStageConfig(StageConfig):
-    """Supervised fine-tuning: next-token loss on the response tokens only."""
+class TrainingStageConfig(StageConfig):
+    """What every training stage has: a starting model, training data, the optimizer, the loop, checkpoints.
+    Sub-tables that have a `check()` are checked automatically."""
 
     init: str
     """Model to start from: "model" or an earlier stage's name."""
@@ -199,9 +200,16 @@ class SFTStageConfig(StageConfig):
 
     def check(self) -> list[str]:
         problems = super().check()
-        for obj in (self.data, self.optim, self.train, self.checkpoint):
-            problems.extend(obj.check())
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value) and hasattr(value, "check"):
+                problems.extend(value.check())
         return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class SFTStageConfig(TrainingStageConfig):
+    """Supervised fine-tuning: next-token loss on the response tokens only."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -231,29 +239,18 @@ class DPOConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
-class DPOStageConfig(StageConfig):
+class DPOStageConfig(TrainingStageConfig):
     """Preference training: DPO + sft_weight x SFT on (chosen, rejected) pairs, the SPECS cold start."""
 
-    init: str
-    """Model to start from: "model" or an earlier stage's name."""
     ref: str = ""
     """Reference model; empty: the same checkpoint as `init`. Its log-probs are computed once before training."""
-    data: DataConfig
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def model_inputs(self) -> dict[str, str]:
-        return {"init": self.init, **({"ref": self.ref} if self.ref else {})}
-
-    def path_inputs(self) -> dict[str, str]:
-        return {"data.train": self.data.train}
+        return {**super().model_inputs(), **({"ref": self.ref} if self.ref else {})}
 
     def check(self) -> list[str]:
         problems = super().check()
-        for obj in (self.data, self.dpo, self.optim, self.train, self.checkpoint):
-            problems.extend(obj.check())
         if not self.train.packing:
             problems.append("train.packing = false is not supported by the dpo stage (pairs are packed rows)")
         return problems
@@ -311,29 +308,15 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
-class GRPOStageConfig(StageConfig):
-    """GRPO: sample n completions per prompt, reward them, and take a clipped policy-gradient step."""
+class GRPOStageConfig(TrainingStageConfig):
+    """GRPO: sample n completions per prompt, reward them, and take a clipped policy-gradient step.
+    `train.batch_size` counts prompts per step (each gives `rollout.n` completions)."""
 
-    init: str
-    """Model to start from: "model" or an earlier stage's name."""
-    data: DataConfig
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    """`train.batch_size` counts prompts per step (each gives `rollout.n` completions)."""
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-
-    def model_inputs(self) -> dict[str, str]:
-        return {"init": self.init}
-
-    def path_inputs(self) -> dict[str, str]:
-        return {"data.train": self.data.train}
 
     def check(self) -> list[str]:
         problems = super().check()
-        for obj in (self.data, self.rollout, self.grpo, self.optim, self.train, self.checkpoint):
-            problems.extend(obj.check())
         if not self.train.packing:
             problems.append("train.packing = false is not supported by the grpo stage")
         return problems
