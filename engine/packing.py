@@ -9,12 +9,24 @@ A packed row carries everything the model needs to keep samples apart:
   (a 2-D mask would be taken as padding); `use_cache=False` is the policy's job (with a cache transformers
   would let samples attend to each other).
 The first label of every sample is forced to -100 so no sample is trained to predict the next one's first token.
+`target_cu` gives each sample's slice of the policy's flat per-target output (its response tokens), the
+boundaries the fused losses take.
 """
 
 import torch
 
 from engine.data import IGNORE_INDEX, Sample
 from kernels import mrope_positions, pack
+
+
+def num_targets(sample: Sample) -> int:
+    """Tokens the sample is trained on (labels after the first position that are not -100)."""
+    return sum(1 for t in sample.labels[1:] if t != IGNORE_INDEX)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move the tensors of a batch; leave plain values (max lengths, flags) alone."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def pack_samples(samples: list[Sample], *, merge_size: int | None) -> dict[str, torch.Tensor]:
@@ -38,7 +50,10 @@ def pack_samples(samples: list[Sample], *, merge_size: int | None) -> dict[str, 
     else:
         starts = cu[:-1].long().repeat_interleave(torch.diff(cu).long())
         position_ids = (torch.arange(len(packed.input_ids)) - starts)[None]  # [1, T]
+    counts = torch.tensor([num_targets(s) for s in samples])
+    target_cu = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
     batch = {"input_ids": packed.input_ids[None], "labels": packed.labels[None], "position_ids": position_ids,
+             "target_cu": target_cu,
              "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": packed.max_seqlen,
              "max_length_k": packed.max_seqlen}
     if packed.pixel_values is not None:

@@ -21,17 +21,13 @@ from engine.data import Processor, Sample, encode_rows, load_rows
 from engine.dist import all_reduce
 from engine.fsdp import vision_tower
 from engine.log import log0
-from engine.packing import pack_samples
+from engine.packing import num_targets, pack_samples, to_device
 from engine.stages import StageContext
 from engine.stages.common import StepOrder, build_policy, check_batch_size
 from engine.trainer import Trainer
 from kernels import dpo_loss, plan_bins
 
 Pair = tuple[Sample, Sample]
-
-
-def _num_targets(sample: Sample) -> int:
-    return sum(1 for t in sample.labels[1:] if t != -100)
 
 
 def encode_pairs(cfg: DPOStageConfig, processor: Processor, path: Path) -> list[Pair]:
@@ -55,16 +51,10 @@ def pair_batch(pairs: list[Pair], indices: list[int], merge_size: int | None) ->
     """One packed row: the chosen responses of `indices`, then their rejected twins (k-th pairs with k-th)."""
     samples = [pairs[i][0] for i in indices] + [pairs[i][1] for i in indices]
     batch = pack_samples(samples, merge_size=merge_size)
-    counts = torch.tensor([_num_targets(s) for s in samples])
-    batch["target_cu"] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
     batch["is_chosen"] = torch.tensor([True] * len(indices) + [False] * len(indices))
     batch["pair_index"] = torch.tensor(indices)
-    batch["num_chosen_targets"] = int(counts[: len(indices)].sum())
+    batch["num_chosen_targets"] = int(batch["target_cu"][len(indices)])
     return batch
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -81,7 +71,7 @@ def reference_logps(policy, pairs: list[Pair], ctx: StageContext, micro_batch_to
     for i in range(num):
         b = bins[i] if i < len(bins) else (bins[0] if bins else [0])
         indices = [mine[j] for j in b] if mine else [0]
-        batch = _to(pair_batch(pairs, indices, merge_size), dist_info.device)
+        batch = to_device(pair_batch(pairs, indices, merge_size), dist_info.device)
         logp = policy(batch)
         if i >= len(bins) or not mine:
             continue
@@ -131,10 +121,10 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> None:
     def micro_batches(s: int) -> list[dict]:
         indices = order.step_indices(s)
         step["pairs"] = len(indices)
-        step["chosen_targets"] = max(1, sum(_num_targets(pairs[i][0]) for i in indices))
+        step["chosen_targets"] = max(1, sum(num_targets(pairs[i][0]) for i in indices))
         lengths = [len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in indices]
         bins = plan_bins(lengths, cfg.train.micro_batch_tokens, num_ranks=world)[dist_info.rank]
-        return [_to(pair_batch(pairs, [indices[j] for j in b], merge_size), dist_info.device) for b in bins if b]
+        return [to_device(pair_batch(pairs, [indices[j] for j in b], merge_size), dist_info.device) for b in bins if b]
 
     def loss_fn(mb: dict):
         k = len(mb["pair_index"])

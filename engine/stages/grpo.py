@@ -19,7 +19,7 @@ from engine.data import IGNORE_INDEX, Processor, Sample, encode_rows, load_rows
 from engine.dist import all_reduce
 from engine.fsdp import vision_tower
 from engine.log import log0
-from engine.packing import pack_samples
+from engine.packing import num_targets, pack_samples, to_device
 from engine.rewards import RewardConfig, score
 from engine.rollout import BuiltinBackend, SamplingParams
 from engine.stages import StageContext
@@ -95,7 +95,7 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
                 advantages.append(float(adv[g, j]) if keep else 0.0)
         lens = [len(c.token_ids) for g in groups for c in g]
         step_state.update(
-            local_tokens=sum(len(s.input_ids) - s.num_prompt_tokens for s in samples), local_seqs=len(samples),
+            local_tokens=sum(num_targets(s) for s in samples), local_seqs=len(samples),
             stats={"reward": totals.sum(), "format_acc": torch.tensor(sum(r.format > 0 for g in rewards for r in g)),
                    "accuracy": torch.tensor(sum(r.accuracy > 0 for g in rewards for r in g)),
                    "response_len": torch.tensor(float(sum(lens))), "kept_groups": torch.tensor(float(len(keep))),
@@ -109,11 +109,10 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
             if not b:
                 continue
             row = pack_samples([samples[j] for j in b], merge_size=merge_size)
-            counts = torch.tensor([len(samples[j].input_ids) - samples[j].num_prompt_tokens for j in b])
-            row["target_cu"] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
+            counts = torch.diff(row["target_cu"].long())
             row["advantages"] = torch.repeat_interleave(torch.tensor([advantages[j] for j in b]), counts)
             row["first"] = len(rows) == 0
-            rows.append({k: v.to(dist_info.device) if isinstance(v, torch.Tensor) else v for k, v in row.items()})
+            rows.append(to_device(row, dist_info.device))
         return rows
 
     def loss_fn(mb: dict):

@@ -10,15 +10,11 @@ from engine.config_stages import SFTStageConfig
 from engine.data import Processor, collate, encode_rows, load_rows, plan_micro_batches
 from engine.fsdp import vision_tower
 from engine.log import log0
-from engine.packing import pack_samples
+from engine.packing import num_targets, pack_samples, to_device
 from engine.stages import StageContext
 from engine.stages.common import StepOrder, build_policy, check_batch_size
 from engine.trainer import Trainer
 from kernels import plan_bins
-
-
-def _num_targets(sample) -> int:
-    return sum(1 for t in sample.labels[1:] if t != -100)
 
 
 def run(cfg: SFTStageConfig, ctx: StageContext) -> None:
@@ -54,7 +50,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> None:
     def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
         indices = order.step_indices(step)
         # Every rank sees the whole step's indices, so the normaliser needs no communication.
-        step_targets[0] = max(1, sum(_num_targets(samples[i]) for i in indices))
+        step_targets[0] = max(1, sum(num_targets(samples[i]) for i in indices))
         if cfg.train.packing:
             # Token-balanced bins, the same number on every rank; each bin becomes one packed row.
             lengths = [len(samples[i].input_ids) for i in indices]
@@ -64,7 +60,7 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> None:
             mine = indices[dist_info.rank :: world]
             groups = plan_micro_batches([len(samples[i].input_ids) for i in mine], cfg.train.micro_batch_tokens)
             rows = [collate([samples[mine[j]] for j in g], pad_id) for g in groups]
-        return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in rows]
+        return [to_device(r, device) for r in rows]
 
     def loss_fn(mb: dict[str, torch.Tensor]):
         nll = -policy(mb).sum()
