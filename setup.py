@@ -120,6 +120,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "math-verify>=0.9",  # symbolic answers in the accuracy reward (engine/rewards.py)
+        "matplotlib>=3.8",  # the evaluation report's plots (engine/report.py)
     ],
     extras_require={
         "vllm": ["vllm>=0.32"],

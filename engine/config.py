@@ -298,18 +298,26 @@ def _toml_value(v: Any) -> str:
 
 
 def _toml_table(obj: Any, header: str, lines: list[str]) -> None:
-    scalars, tables = [], []
+    scalars, tables, arrays = [], [], []
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if v is None:
             continue  # an unset optional value: TOML has no null
-        (tables if dataclasses.is_dataclass(v) else scalars).append((f.name, v))
+        if dataclasses.is_dataclass(v):
+            tables.append((f.name, v))
+        elif isinstance(v, list) and v and all(dataclasses.is_dataclass(x) for x in v):
+            arrays.append((f.name, v))  # a list of tables: [[a.b]] blocks
+        else:
+            scalars.append((f.name, v))
     lines.append(header)
     lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars)
     lines.append("")
     sub = header.strip("[]")
     for k, v in tables:
         _toml_table(v, f"[{sub}.{k}]", lines)
+    for k, items in arrays:
+        for item in items:
+            _toml_table(item, f"[[{sub}.{k}]]", lines)
 
 
 def to_toml(cfg: Config) -> str:

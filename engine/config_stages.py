@@ -7,6 +7,11 @@ either as plain paths or as `<stage>:relative/path` inside an earlier stage's ou
 import dataclasses
 from typing import ClassVar, Literal
 
+from engine.corrupt import CORRUPTIONS
+from engine.judge import JudgeConfig
+
+CORRUPTION_NAMES = tuple(CORRUPTIONS)
+
 
 @dataclasses.dataclass(kw_only=True)
 class OptimConfig:
@@ -322,5 +327,136 @@ class GRPOStageConfig(TrainingStageConfig):
         return problems
 
 
-STAGE_KINDS: dict[str, type[StageConfig]] = {"toy": ToyStageConfig, "sft": SFTStageConfig, "dpo": DPOStageConfig,
-                                             "grpo": GRPOStageConfig}
+@dataclasses.dataclass(kw_only=True)
+class DistillConfig:
+    max_chosen_per_prompt: int = 1
+    """Chosen responses kept per prompt (m); each gives one pair. Our choice: the paper does not publish it."""
+    rejected: Literal["corrupt", "incorrect"] = "corrupt"
+    """How a rejected response is made: "corrupt" (SPECS, decoupled: the chosen response with one format
+    corruption, same reasoning and answer) or "incorrect" (the coupled ablation: a sampled wrong answer)."""
+    corruptions: list[str] = dataclasses.field(default_factory=lambda: list(CORRUPTION_NAMES))
+    """Corruptions to use, in turn (engine/corrupt.py; the five are our choice, the paper does not list them)."""
+    chunk_prompts: int = 64
+    """Prompts per part file: the unit of resumption (a rerun skips parts already written)."""
+    num_prompts: int = 0
+    """Use only the first this many prompts (0: all)."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.max_chosen_per_prompt < 1:
+            problems.append(f"distill.max_chosen_per_prompt must be >= 1, got {self.max_chosen_per_prompt}")
+        unknown = [c for c in self.corruptions if c not in CORRUPTION_NAMES]
+        if unknown or not self.corruptions:
+            problems.append(f"distill.corruptions: unknown or empty {unknown or self.corruptions}; "
+                            f"choose from {list(CORRUPTION_NAMES)}")
+        if self.chunk_prompts < 1 or self.num_prompts < 0:
+            problems.append(f"distill.chunk_prompts must be >= 1 and num_prompts >= 0, got {self.chunk_prompts}, "
+                            f"{self.num_prompts}")
+        return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class DistillStageConfig(StageConfig):
+    """Self-distillation: sample k answers per prompt from `policy`, keep the correct well-formatted ones
+    (optionally judged consistent), and write (chosen, rejected) pairs to `<stage>/pairs.parquet`."""
+
+    produces_model: ClassVar[bool] = False
+    policy: str = ""
+    """Model that samples: "model" (the base: the base-model distillation ablation) or an earlier stage."""
+    model_dir: str = ""
+    """A Hugging Face model directory outside this run (an external teacher); overrides `policy` when set."""
+    data: DataConfig
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    """Sampling: `rollout.n` answers per prompt (k)."""
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
+    """Optional Gemini check that the reasoning supports the answer (engine/judge.py); off by default. An empty
+    `judge.cache_path` caches verdicts in `<stage>/judge_cache.jsonl`, so a rerun sends nothing twice."""
+
+    def model_inputs(self) -> dict[str, str]:
+        return {} if self.model_dir else {"policy": self.policy}
+
+    def path_inputs(self) -> dict[str, str]:
+        return {"data.train": self.data.train, **({"model_dir": self.model_dir} if self.model_dir else {})}
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if not self.policy and not self.model_dir:
+            problems.append("set policy (an earlier stage or 'model') or model_dir (an external model directory)")
+        for sub in (self.data, self.rollout, self.distill, self.judge):
+            problems.extend(sub.check())
+        return problems
+
+
+@dataclasses.dataclass(kw_only=True)
+class BenchmarkConfig:
+    name: str
+    """Column name in the report (unique within the stage)."""
+    kind: Literal["toy", "mathvista", "mathverse", "mathvision", "mmmu", "megabench"]
+    """Loader and scorer: engine/benchmarks/<kind>.py; "toy" reads a toy world split (parquet)."""
+    path: str
+    """The benchmark's local directory (official release layout, see its module), a toy parquet file, or
+    `<stage>:relative/path`."""
+    group: Literal["id", "ood", "none"] = "none"
+    """Which group's mean gain it enters for the Generalization Factor (in-distribution or out-of-distribution)."""
+    limit: int = 0
+    """Evaluate only the first this many rows (0: all). A limited score does not compare with published ones."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvalStageConfig(StageConfig):
+    """Greedy evaluation of several models on several benchmarks, with the Generalization Factor and a report
+    (`<stage>/report.md`, `scores.json`, plots)."""
+
+    produces_model: ClassVar[bool] = False
+    models: list[str]
+    """Models to evaluate, in report order: "model" or earlier stages."""
+    base: str = ""
+    """Model the gains are measured against (GF); empty: the first of `models`."""
+    benchmarks: list[BenchmarkConfig]
+    template: str = DEFAULT_TEMPLATE
+    """User prompt template, as in training; `{problem}` is the benchmark's own prompt."""
+    system: str = ""
+    """System prompt; empty uses the chat template's default."""
+    max_new_tokens: int = 1024
+    """Longest response, in tokens (greedy decoding)."""
+    chunk_prompts: int = 64
+    """Prompts per generation round; predictions are appended after each, so a rerun resumes there."""
+    min_pixels: int | None = None
+    """Smallest image area after resizing, in pixels; unset keeps the model's image processor setting."""
+    max_pixels: int | None = None
+    """Largest image area after resizing, in pixels; unset keeps the model's image processor setting."""
+    gf_beta: float = 2.0
+    """b of the Generalization Factor (the paper: 2)."""
+
+    def model_inputs(self) -> dict[str, str]:
+        return {f"models[{i}]": m for i, m in enumerate(self.models)} | ({"base": self.base} if self.base else {})
+
+    def path_inputs(self) -> dict[str, str]:
+        return {f"benchmarks.{b.name}.path": b.path for b in self.benchmarks}
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if not self.models:
+            problems.append("models must name at least one model")
+        if self.base and self.base not in self.models:
+            problems.append(f"base = {self.base!r} is not one of models {self.models}")
+        names = [b.name for b in self.benchmarks]
+        if not names or len(set(names)) != len(names):
+            problems.append(f"benchmarks: need at least one, with distinct names, got {names}")
+        if any(b.limit < 0 for b in self.benchmarks):
+            problems.append("benchmarks.limit must be >= 0")
+        groups = {b.group for b in self.benchmarks}
+        if ("id" in groups) != ("ood" in groups):
+            problems.append("the Generalization Factor needs benchmarks in both groups 'id' and 'ood' (or none)")
+        if "{problem}" not in self.template:
+            problems.append(f"template must contain '{{problem}}', got {self.template!r}")
+        if self.max_new_tokens < 1 or self.chunk_prompts < 1 or self.gf_beta <= 0:
+            problems.append("max_new_tokens and chunk_prompts must be >= 1 and gf_beta > 0")
+        return problems
+
+
+STAGE_KINDS: dict[str, type[StageConfig]] = {
+    "toy": ToyStageConfig, "sft": SFTStageConfig, "dpo": DPOStageConfig, "grpo": GRPOStageConfig,
+    "distill": DistillStageConfig, "eval": EvalStageConfig,
+}

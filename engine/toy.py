@@ -2,10 +2,11 @@
 Qwen2.5-VL, all built offline in a few seconds and byte-identical for a given seed.
 
     from engine.toy import build_toy_world
-    paths = build_toy_world("runs/toy", seed=0)   # {"train", "test", "sft", "pairs", "hf"} -> Path
+    paths = build_toy_world("runs/toy", seed=0)   # {"train", "test", "test_ood", "sft", "pairs", "hf"} -> Path
 
 Layout written under `out_dir`:
     data/train.parquet, data/test.parquet  id, task, problem, answer, choices, images (List(Image()), PNG bytes)
+    data/test_ood.parquet                   the same columns, task families held out of training (OOD_TASKS)
     data/sft.parquet                        train rows + response (a `format_share` of them <think>/<answer> tagged)
     data/pairs.parquet                      the tagged sft rows + chosen (that response), rejected (it corrupted
                                             by engine/corrupt.py), corruption: synthetic format-only pairs
@@ -37,11 +38,12 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from engine.corrupt import corrupt
 from engine.rewards import format_ok
-from engine.toy_draw import CELL_PX, TASKS, ToySample, make_response, make_sample, png_bytes
+from engine.toy_draw import CELL_PX, OOD_TASKS, TASKS, ToySample, make_response, make_sample, png_bytes
 
 logger = logging.getLogger("engine.toy")
 
-__all__ = ["FORMAT_PROMPT", "SPECIAL_TOKENS", "TAG_TOKENS", "TASKS", "ToySpec", "build_toy_world", "generate_split"]
+__all__ = ["FORMAT_PROMPT", "OOD_TASKS", "SPECIAL_TOKENS", "TAG_TOKENS", "TASKS", "ToySpec", "build_toy_world",
+           "generate_split"]
 
 FORMAT_PROMPT = (
     "Think step by step inside <think> </think> tags, then give the final answer inside <answer> </answer> tags."
@@ -163,15 +165,16 @@ def generate_split(spec: ToySpec, split: str) -> list[ToySample]:
 
     Args:
         spec: the world spec; only seed, num_train/num_test and image_size matter here.
-        split: "train" or "test".
+        split: "train", "test" or "test_ood" (the held-out `OOD_TASKS` families, num_test rows).
 
     Returns:
-        num_train or num_test samples; task families cycle in `TASKS` order.
+        num_train or num_test samples; task families cycle in `TASKS` (or `OOD_TASKS`) order.
     """
-    num = {"train": spec.num_train, "test": spec.num_test}[split]
+    num = {"train": spec.num_train, "test": spec.num_test, "test_ood": spec.num_test}[split]
+    tasks = OOD_TASKS if split == "test_ood" else TASKS
     # A str seed goes through sha512 in random.seed, so streams are stable across processes and PYTHONHASHSEED.
     rng = random.Random(f"toy/{spec.seed}/{split}")
-    return [make_sample(rng, TASKS[i % len(TASKS)], spec.image_size) for i in range(num)]
+    return [make_sample(rng, tasks[i % len(tasks)], spec.image_size) for i in range(num)]
 
 
 def _sft_responses(spec: ToySpec, samples: list[ToySample]) -> list[str]:
@@ -290,7 +293,8 @@ def build_toy_world(out_dir: str | Path, *, seed: int = 0, num_train: int = 512,
         seed, num_train, ...: the fields of `ToySpec` (same defaults, documented there).
 
     Returns:
-        {"train", "test", "sft"}: the parquet files; {"hf"}: the directory for `from_pretrained`.
+        {"train", "test", "test_ood", "sft", "pairs"}: the parquet files; {"hf"}: the directory for
+        `from_pretrained`.
 
     Raises:
         ValueError: some settings are invalid (all of them listed).
@@ -308,7 +312,7 @@ def build_toy_world(out_dir: str | Path, *, seed: int = 0, num_train: int = 512,
     hf_dir.mkdir(parents=True, exist_ok=True)
     paths = {"train": data_dir / "train.parquet", "test": data_dir / "test.parquet", "sft": data_dir / "sft.parquet",
              "pairs": data_dir / "pairs.parquet",
-             "hf": hf_dir}
+             "test_ood": data_dir / "test_ood.parquet", "hf": hf_dir}
 
     train, test = generate_split(spec, "train"), generate_split(spec, "test")
     responses = _sft_responses(spec, train)
@@ -323,6 +327,7 @@ def build_toy_world(out_dir: str | Path, *, seed: int = 0, num_train: int = 512,
     with _quiet_progress_bars():
         _write_parquet(paths["train"], "train", train)
         _write_parquet(paths["test"], "test", test)
+        _write_parquet(paths["test_ood"], "test_ood", generate_split(spec, "test_ood"))
         _write_parquet(paths["sft"], "train", train, {"response": responses})
         keep, pair_columns = _pairs(spec, responses)
         _write_parquet(paths["pairs"], "train", [train[i] for i in keep], pair_columns, ids=keep)

@@ -1,9 +1,10 @@
 """Sample generator for the toy world: PIL-drawn pictures with verifiable questions and synthetic responses.
 
-Three task families, each with an answer that follows from what was drawn:
+Three task families, each with an answer that follows from what was drawn, plus one held out for OOD evaluation:
   count_color  "How many red shapes ...?"                  -> integer string, e.g. "3"
   major_color  "Which color appears most often ...?" (A-D) -> option letter, e.g. "B"
   digit_sum    "What is the sum of the digits ...?"        -> integer string, e.g. "12"
+  count_shape  "How many triangles ...?" (test_ood only)   -> integer string, e.g. "2"
 
 The picture is a grid of cells of `CELL_PX` pixels; every object sits inside its own cell, so objects never touch
 and each shape is one connected region of one exact colour (drawing is not anti-aliased). Tests rely on that to
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw, ImageFont
 
 TASKS = ("count_color", "major_color", "digit_sum")
-"""Task family names, in the order samples cycle through them."""
+"""Task family names of the train and test splits, in the order samples cycle through them."""
+OOD_TASKS = ("count_shape",)
+"""Task families held out of training: only the test_ood split has them (out-of-distribution evaluation)."""
 
 COLORS = {
     "red": (220, 40, 40),
@@ -177,7 +180,26 @@ def _digit_sum(rng: random.Random, image_size: int) -> ToySample:
     )
 
 
-_MAKERS = {"count_color": _count_color, "major_color": _major_color, "digit_sum": _digit_sum}
+def _count_shape(rng: random.Random, image_size: int) -> ToySample:
+    """Held out of training (OOD_TASKS): counting by shape instead of colour, in words the training text lacks."""
+    target = rng.choice(SHAPES)
+    num_target = rng.randint(1, 5)
+    objects = _cells(rng, image_size, num_target + rng.randint(1, 5))
+    kinds = [target] * num_target + [rng.choice([k for k in SHAPES if k != target]) for _ in objects[num_target:]]
+    rng.shuffle(kinds)
+    objects = [ToyObject(k, rng.choice(list(COLORS)), -1, x, y) for k, (x, y) in zip(kinds, objects, strict=True)]
+    question = rng.choice([f"How many {target}s can you find in the picture?", f"Tally the {target}s in the image."])
+    total = _plural(num_target, target)
+    return ToySample(
+        task="count_shape", problem="<image>" + question, answer=str(num_target), choices=[],
+        image=_render(objects, image_size), objects=objects,
+        reasoning=f"Looking for {target}s only, I find {total}.",
+        summary=f"There {'is' if num_target == 1 else 'are'} {total}.",
+    )
+
+
+_MAKERS = {"count_color": _count_color, "major_color": _major_color, "digit_sum": _digit_sum,
+           "count_shape": _count_shape}
 
 
 def make_sample(rng: random.Random, task: str, image_size: int) -> ToySample:
@@ -185,7 +207,7 @@ def make_sample(rng: random.Random, task: str, image_size: int) -> ToySample:
 
     Args:
         rng: the only source of randomness.
-        task: one of `TASKS`.
+        task: one of `TASKS` or `OOD_TASKS`.
         image_size: side of the square RGB image in pixels; a multiple of `CELL_PX`.
 
     Returns:

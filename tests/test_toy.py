@@ -23,7 +23,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from engine.toy import SPECIAL_TOKENS, TAG_TOKENS, TASKS, ToySpec, build_toy_world, generate_split  # noqa: E402
+from engine.toy import (  # noqa: E402
+    OOD_TASKS, SPECIAL_TOKENS, TAG_TOKENS, TASKS, ToySpec, build_toy_world, generate_split,
+)
 from engine.toy_draw import BACKGROUND, CELL_PX, COLORS, DIGIT_INK  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,6 +163,21 @@ def test_answers_follow_from_pixels(toy_world, tmp_path):
             assert inked == recorded and len(recorded) == len(sample.objects)
             assert int(row["answer"]) == sum(o.digit for o in sample.objects)
             assert ", ".join(str(o.digit) for o in sample.objects[:-1]) in sample.reasoning
+
+
+def test_ood_split_holds_out_its_task_family(toy_world, tmp_path):
+    ds = _load(toy_world / "data/test_ood.parquet", tmp_path)
+    assert ds.column_names == COLUMNS and len(ds) == WORLD["num_test"] and ds["id"][0] == "test_ood-00000"
+    assert set(ds["task"]) == set(OOD_TASKS) and not set(OOD_TASKS) & set(TASKS)
+    train_words = " ".join(_load(toy_world / "data/train.parquet", tmp_path)["problem"])
+    samples = generate_split(ToySpec(**WORLD), "test_ood")
+    for row, sample in zip(ds, samples, strict=True):
+        target = re.search(r"(How many|Tally the) (\w+)s ", row["problem"]).group(2)
+        assert target + "s" not in train_words  # the question wording is new too
+        assert sum(o.kind == target for o in sample.objects) == int(row["answer"])
+        pixels = np.asarray(row["images"][0])
+        drawn = sum(_count_color(pixels, c) for c in COLORS)
+        assert drawn == len(sample.objects)  # every recorded object is on the picture, nothing else
 
 
 def test_sft_responses(toy_world, tmp_path):

@@ -37,6 +37,10 @@ def run_stage(cfg, ctx: StageContext) -> None:
         from engine.stages import dpo as module
     elif cfg.kind == "grpo":
         from engine.stages import grpo as module
+    elif cfg.kind == "distill":
+        from engine.stages import distill as module
+    elif cfg.kind == "eval":
+        from engine.stages import eval as module
     else:
         raise ValueError(f"no runner for stage kind {cfg.kind!r}")
     module.run(cfg, ctx)

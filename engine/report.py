@@ -1,0 +1,151 @@
+"""The evaluation report: scores per model and benchmark, the Generalization Factor, and plots.
+
+`summarise` turns the prediction files of an eval stage into `scores.json`; `write_report` writes `report.md`,
+`training_curves.png` (reward, format accuracy, accuracy and response length of every GRPO stage of the run) and
+`gf.png` (GF of each evaluated model).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from engine.gf import generalization_factor, group_gain
+
+CURVES = (("reward", "reward"), ("format_acc", "format accuracy"), ("accuracy", "accuracy"),
+          ("response_len", "response length (tokens)"))
+
+
+def summarise(cfg, ctx, benches) -> dict:
+    """Scores in percent from the prediction files; group means, gains over the base and GF per model."""
+    from engine.stages.eval import read_predictions
+
+    base = cfg.base or cfg.models[0]
+    groups = {g: [b.name for b, *_ in benches if b.group == g] for g in ("id", "ood")}
+    out = {"base": base, "gf_beta": cfg.gf_beta, "groups": groups, "models": {}}
+    for model in cfg.models:
+        per_bench = {}
+        for b, module, rows, left_out in benches:
+            preds = read_predictions(ctx.stage_dir / "predictions" / model / f"{b.name}.jsonl")
+            got = [preds[r.id] for r in rows if r.id in preds]
+            if len(got) != len(rows):
+                raise ValueError(f"eval: {model} on {b.name}: {len(rows) - len(got)} rows have no prediction")
+            cats = defaultdict(list)
+            for p in got:
+                cats[p["category"]].append(p["score"])
+            per_bench[b.name] = {
+                "score": 100.0 * sum(p["score"] for p in got) / max(1, len(got)), "num": len(got),
+                "errors": sum(bool(p["error"]) for p in got), "truncated": sum(p["finish_reason"] == "length"
+                                                                            for p in got),
+                "left_out_needs_judge": left_out, "rule_only": bool(module.JUDGE_NOTE), "limit": b.limit,
+                "categories": {c: 100.0 * sum(v) / len(v) for c, v in sorted(cats.items())},
+            }
+        out["models"][model] = {"benchmarks": per_bench}
+    flat = {m: {k: v["score"] for k, v in r["benchmarks"].items()} for m, r in out["models"].items()}
+    for model, r in out["models"].items():
+        for g, names in groups.items():
+            r[f"{g}_mean"] = sum(flat[model][n] for n in names) / len(names) if names else None
+        if groups["id"] and groups["ood"]:
+            r["g_id"] = group_gain(flat[model], flat[base], groups["id"])
+            r["g_ood"] = group_gain(flat[model], flat[base], groups["ood"])
+            r["gf"] = generalization_factor(r["g_id"], r["g_ood"], cfg.gf_beta)
+    return out
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def write_report(cfg, ctx, scores: dict) -> Path:
+    """report.md plus the PNG plots, in the eval stage directory; returns the markdown path."""
+    names = [b.name for b in cfg.benchmarks]
+    has_gf = bool(scores["groups"]["id"] and scores["groups"]["ood"])
+    head = ["model", *names, "ID mean", "OOD mean"] + (["G_ID", "G_OOD", "GF"] if has_gf else [])
+    lines = [f"# Evaluation report: {ctx.run.name}", "",
+             f"Scores in percent (greedy decoding, at most {cfg.max_new_tokens} new tokens). Gains are over "
+             f"`{scores['base']}`; GF = (1 + b^2) G_ID G_OOD / (b^2 G_ID + G_OOD), b = {cfg.gf_beta:g}, and "
+             f"min(G_ID, G_OOD) when a gain is <= 0 (engine/gf.py). ID: {', '.join(scores['groups']['id']) or '-'}; "
+             f"OOD: {', '.join(scores['groups']['ood']) or '-'}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, r in scores["models"].items():
+        cells = [model, *(_fmt(r["benchmarks"][n]["score"]) for n in names), _fmt(r["id_mean"]), _fmt(r["ood_mean"])]
+        if has_gf:
+            cells += [_fmt(r["g_id"]), _fmt(r["g_ood"]), _fmt(r["gf"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for b in cfg.benchmarks:
+        first = next(iter(scores["models"].values()))["benchmarks"][b.name]
+        from engine import benchmarks
+
+        note = benchmarks.get(b.kind).JUDGE_NOTE
+        if note:
+            notes.append(f"- **{b.name}** is scored by rules only: {note}")
+        if b.limit:
+            notes.append(f"- **{b.name}**: only the first {b.limit} rows; not comparable with published numbers.")
+        if first["left_out_needs_judge"]:
+            notes.append(f"- **{b.name}**: {first['left_out_needs_judge']} rows need an LLM judge and are left out.")
+    lines += ["", "## Notes", ""] + (notes or ["- Every score is rule-based end to end, on all rows."])
+    lines += ["", "## Per category", ""]
+    for b in cfg.benchmarks:
+        cats = sorted({c for r in scores["models"].values() for c in r["benchmarks"][b.name]["categories"]})
+        lines += [f"### {b.name}", "", "| model | " + " | ".join(cats) + " |", "|" + "---|" * (len(cats) + 1)]
+        for model, r in scores["models"].items():
+            c = r["benchmarks"][b.name]["categories"]
+            lines.append(f"| {model} | " + " | ".join(_fmt(c.get(k)) for k in cats) + " |")
+        lines.append("")
+    plots = _plots(ctx, scores, has_gf)
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    out = ctx.stage_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _grpo_curves(out_dir: Path) -> dict[str, list[dict]]:
+    """metrics.jsonl of every stage in the run that logged rollout rewards, in the order the stages finished."""
+    found = []
+    for metrics in out_dir.glob("*/metrics.jsonl"):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if rows and "reward" in rows[0]:
+            done = metrics.parent / "DONE"
+            when = json.loads(done.read_text()).get("finished", "") if done.exists() else "~"
+            found.append((when, metrics.parent.name, rows))
+    return {name: rows for _, name, rows in sorted(found)}
+
+
+def _plots(ctx, scores: dict, has_gf: bool) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    paths = []
+    curves = _grpo_curves(ctx.out_dir)
+    if curves:
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+        for ax, (key, label) in zip(axes.flat, CURVES, strict=True):
+            for name, rows in curves.items():
+                pts = [(r["step"], r[key]) for r in rows if key in r]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+            ax.set_title(label)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend()
+        fig.suptitle(f"{ctx.run.name}: GRPO training curves")
+        fig.tight_layout()
+        paths.append(ctx.stage_dir / "training_curves.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    if has_gf:
+        models = [m for m in scores["models"] if m != scores["base"]]
+        fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(models) + 2), 4))
+        values = [scores["models"][m]["gf"] for m in models]
+        ax.bar(models, values, color=["tab:green" if v > 0 else "tab:red" for v in values])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("GF (points)")
+        ax.set_title(f"Generalization Factor over {scores['base']}")
+        fig.tight_layout()
+        paths.append(ctx.stage_dir / "gf.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,141 @@
+"""Evaluation: every model of the stage on every benchmark, greedy, then scores, the Generalization Factor and
+the report.
+
+Output, in the stage directory:
+    predictions/<model>/<benchmark>.jsonl   one line per row: id, category, score (0..1), correct, response,
+                                            finish_reason, error. Appended after each chunk of prompts and
+                                            flushed, so a rerun resumes after the last complete line.
+    scores.json                             per model and benchmark: score (%), per category, counts; per model:
+                                            the group means, gains over the base, GF.
+    report.md, *.png                        engine/report.py.
+
+Prompts are built like training prompts (`template` around the benchmark's own prompt); decoding is greedy with
+the builtin backend. Each rank generates its share of a chunk; rank 0 scores and writes. A row whose prompt cannot
+be encoded (a bad image, too many tokens) is scored 0, as the official scripts score a missing answer, and its
+error is recorded. MEGA-Bench rows that only an LLM judge can score are left out and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+from PIL import Image
+
+from engine import benchmarks
+from engine.benchmarks import BenchRow
+from engine.config_stages import EvalStageConfig
+from engine.data import BadRow, Processor
+from engine.dist import barrier, broadcast_object
+from engine.fsdp import resolve_dtype
+from engine.log import log0
+from engine.rollout import BuiltinBackend, SamplingParams
+from engine.stages import StageContext
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """id -> prediction; a last line cut short by a crash is ignored (that row is predicted again)."""
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                p = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[p["id"]] = p
+    return out
+
+
+def _open(image) -> Image.Image:
+    return Image.open(image) if isinstance(image, (str, Path)) else image
+
+
+def _score(module, row: BenchRow, response: str) -> float:
+    """The official per-row score in [0, 1]: MEGA-Bench's partial credit, else 1.0 for a correct answer."""
+    if hasattr(module, "score"):
+        return float(module.score(row, response))
+    return float(module.is_correct(row, response))
+
+
+def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
+    """(config, module, rows to evaluate, rows left out because they need a judge) per benchmark."""
+    out = []
+    for b in cfg.benchmarks:
+        module = benchmarks.get(b.kind)
+        rows = module.load(ctx.resolve_path(b.path))
+        if b.limit:
+            rows = rows[:b.limit]
+        judged = [r for r in rows if r.meta.get("needs_judge")]
+        rows = [r for r in rows if not r.meta.get("needs_judge")]
+        ids = [r.id for r in rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"benchmark {b.name}: row ids are not unique")
+        out.append((b, module, rows, len(judged)))
+        log0(f"eval: {b.name} ({b.kind}, group {b.group}): {len(rows)} rows"
+             + (f", {len(judged)} left out (they need an LLM judge)" if judged else ""))
+    return out
+
+
+def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
+    dist_info, world, rank = ctx.dist, ctx.dist.world_size, ctx.dist.rank
+    benches = load_benchmarks(cfg, ctx)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+    dtype, _ = resolve_dtype(ctx.model.dtype, dist_info.device)
+    for model in cfg.models:
+        model_dir = ctx.model_dir(model)
+        processor, backend = None, None
+        for b, module, rows, _ in benches:
+            path = ctx.stage_dir / "predictions" / model / f"{b.name}.jsonl"
+            done = broadcast_object(set(read_predictions(path)) if rank == 0 else set())
+            todo = [r for r in rows if r.id not in done]
+            log0(f"eval: {model} on {b.name}: {len(rows) - len(todo)} rows predicted earlier, {len(todo)} to go")
+            if not todo:
+                continue
+            if backend is None:
+                processor = Processor.from_pretrained(model_dir, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+                backend = BuiltinBackend(model_dir, device=dist_info.device, dtype=dtype, processor=processor)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for start in range(0, len(todo), cfg.chunk_prompts):
+                chunk = todo[start:start + cfg.chunk_prompts]
+                local = _generate(cfg, processor, backend, chunk[rank::world], sampling)
+                gathered = [None] * world
+                if world > 1:
+                    dist.all_gather_object(gathered, local)
+                else:
+                    gathered = [local]
+                if rank == 0:
+                    by_id = {p["id"]: p for part in gathered for p in part}
+                    with path.open("a") as f:
+                        for row in chunk:
+                            p = by_id[row.id]
+                            s = _score(module, row, p["response"]) if not p["error"] else 0.0
+                            f.write(json.dumps({"id": row.id, "category": row.category, "score": s,
+                                                "correct": s == 1.0, **p}) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+        del backend
+    if rank == 0:
+        from engine.report import summarise, write_report
+
+        scores = summarise(cfg, ctx, benches)
+        (ctx.stage_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        write_report(cfg, ctx, scores)
+    barrier()
+
+
+def _generate(cfg: EvalStageConfig, processor: Processor, backend: BuiltinBackend, rows: list[BenchRow],
+              sampling: SamplingParams) -> list[dict]:
+    samples, out = [], []
+    for row in rows:
+        try:
+            samples.append((row, processor.encode(row.problem, [_open(im) for im in row.images], template=cfg.template,
+                                                  system=cfg.system or None, row_id=row.id)))
+        except (BadRow, OSError) as e:  # OSError: an unreadable image file
+            out.append({"id": row.id, "response": "", "finish_reason": "error", "error": str(e)[:300]})
+    if samples:
+        groups = backend.generate([s for _, s in samples], 1, sampling)
+        for (row, _), (c,) in zip(samples, groups, strict=True):
+            out.append({"id": row.id, "response": c.text, "finish_reason": c.finish_reason, "error": ""})
+    return out
