@@ -233,7 +233,7 @@ def parse_config(raw: dict, overrides: list[str] = (), source: str = "<recipe>")
                 problems.append(f"stages.{stage.name}.{p}")
         problems.extend(_cross_checks(cfg))
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, list(dict.fromkeys(problems)))  # once each (a bad model.path, for one)
     return cfg
 
 

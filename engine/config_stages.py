@@ -433,7 +433,7 @@ class EvalStageConfig(StageConfig):
         return {f"models[{i}]": m for i, m in enumerate(self.models)} | ({"base": self.base} if self.base else {})
 
     def path_inputs(self) -> dict[str, str]:
-        return {f"benchmarks.{b.name}.path": b.path for b in self.benchmarks}
+        return {f"benchmarks[{i}].path": b.path for i, b in enumerate(self.benchmarks)}
 
     def check(self) -> list[str]:
         problems = super().check()

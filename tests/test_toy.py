@@ -24,7 +24,13 @@ from PIL import Image  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from engine.toy import (  # noqa: E402
-    OOD_TASKS, SPECIAL_TOKENS, TAG_TOKENS, TASKS, ToySpec, build_toy_world, generate_split,
+    OOD_TASKS,
+    SPECIAL_TOKENS,
+    TAG_TOKENS,
+    TASKS,
+    ToySpec,
+    build_toy_world,
+    generate_split,
 )
 from engine.toy_draw import BACKGROUND, CELL_PX, COLORS, DIGIT_INK  # noqa: E402
 

@@ -48,6 +48,16 @@ def read_predictions(path: Path) -> dict[str, dict]:
     return out
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line left unfinished by a crash, so that the next append starts on a line of its own."""
+    if path.exists():
+        text = path.read_text()
+        if text and not text.endswith("\n"):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text[:text.rfind("\n") + 1])
+            os.replace(tmp, path)
+
+
 def _open(image) -> Image.Image:
     return Image.open(image) if isinstance(image, (str, Path)) else image
 
@@ -72,6 +82,11 @@ def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
         ids = [r.id for r in rows]
         if len(set(ids)) != len(ids):
             raise ValueError(f"benchmark {b.name}: row ids are not unique")
+        # A partial image set would give a number that silently does not compare with published ones.
+        missing = [str(im) for r in rows for im in r.images if isinstance(im, (str, Path)) and not Path(im).is_file()]
+        if missing:
+            raise ValueError(f"benchmark {b.name}: {len(missing)} image files are missing, e.g. {missing[:3]}; put the "
+                             f"release's images under {ctx.resolve_path(b.path)} (see the README, 'Evaluation data')")
         out.append((b, module, rows, len(judged)))
         log0(f"eval: {b.name} ({b.kind}, group {b.group}): {len(rows)} rows"
              + (f", {len(judged)} left out (they need an LLM judge)" if judged else ""))
@@ -88,6 +103,8 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
         processor, backend = None, None
         for b, module, rows, _ in benches:
             path = ctx.stage_dir / "predictions" / model / f"{b.name}.jsonl"
+            if rank == 0:
+                _drop_partial_line(path)
             done = broadcast_object(set(read_predictions(path)) if rank == 0 else set())
             todo = [r for r in rows if r.id not in done]
             log0(f"eval: {model} on {b.name}: {len(rows) - len(todo)} rows predicted earlier, {len(todo)} to go")

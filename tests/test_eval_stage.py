@@ -1,0 +1,142 @@
+"""The eval stage: scores and GF from scripted responses, the report and its plots, resume after a crash (a cut
+last line included), rows that cannot be encoded, and recipe validation. Generation is scripted so that every
+score is known; the real backend runs in test_tiny_recipe.py."""
+
+import json
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from engine.config import ConfigError, ModelConfig, RunConfig, parse_config
+from engine.config_stages import BenchmarkConfig, EvalStageConfig
+from engine.dist import DistInfo
+from engine.rollout import Completion
+from engine.stages import StageContext
+from engine.stages import eval as eval_stage
+
+
+class ScriptedBackend:
+    """"model" answers rows with an even index right; "second" answers every ID row and 3 of 4 OOD rows right."""
+
+    answers: dict[str, str] = {}
+    calls: list[str] = []
+    fail_after: int | None = None
+
+    def __init__(self, model_dir, *, device, dtype, processor):
+        self.strong = "second" in str(model_dir)
+
+    def generate(self, prompts, n, sampling):
+        assert n == 1 and sampling.temperature == 0
+        out = []
+        for p in prompts:
+            if self.fail_after is not None and len(self.calls) >= self.fail_after:
+                raise RuntimeError("simulated crash")
+            self.calls.append(p.row_id)
+            index = int(p.row_id.rsplit("-", 1)[1])
+            right = (index % 4 != 3 if "ood" in p.row_id else True) if self.strong else index % 2 == 0
+            gold = self.answers[p.row_id]
+            answer = gold if right else ("A" if gold != "A" else "B")
+            out.append([Completion(0, [1], f"<think>Looking.</think><answer>{answer}</answer>", [0.0], "stop")])
+        return out
+
+
+@pytest.fixture
+def scripted(monkeypatch, toy_world):
+    for split in ("test", "test_ood"):
+        ds = datasets.Dataset.from_parquet(str(toy_world / "data" / f"{split}.parquet"))
+        ScriptedBackend.answers.update(zip(ds["id"], ds["answer"], strict=True))
+    ScriptedBackend.calls, ScriptedBackend.fail_after = [], None
+    monkeypatch.setattr(eval_stage, "BuiltinBackend", ScriptedBackend)
+    return ScriptedBackend
+
+
+def _setup(tmp_path, toy_world):
+    out = tmp_path / "out"
+    (out / "second").mkdir(parents=True)
+    (out / "second" / "hf").symlink_to(toy_world / "hf")
+    # Row 0 of the ID split cannot be encoded (two placeholders, one image): it must score 0, with its error.
+    ds = datasets.Dataset.from_parquet(str(toy_world / "data" / "test.parquet"))
+    ds = ds.map(lambda r, i: {"problem": "<image><image>" + r["problem"] if i == 0 else r["problem"]},
+                with_indices=True)
+    ds.to_parquet(str(tmp_path / "id.parquet"))
+    # A GRPO-like metrics file, for the training-curves plot.
+    (out / "rl").mkdir()
+    (out / "rl" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "reward": 0.1 * s, "format_acc": 0.2, "accuracy": 0.1, "response_len": 30.0}) + "\n"
+        for s in range(1, 6)))
+    cfg = EvalStageConfig(name="eval", kind="eval", models=["model", "second"], chunk_prompts=4, benchmarks=[
+        BenchmarkConfig(name="toy_id", kind="toy", path=str(tmp_path / "id.parquet"), group="id"),
+        BenchmarkConfig(name="toy_ood", kind="toy", path=str(toy_world / "data" / "test_ood.parquet"), group="ood")])
+    stage_dir = out / "eval"
+    stage_dir.mkdir()
+    ctx = StageContext(run=RunConfig(name="t"), model=ModelConfig(path=str(toy_world / "hf"), dtype="float32"),
+                       dist=DistInfo(0, 1, 0, torch.device("cpu"), "gloo"), out_dir=out, stage_dir=stage_dir)
+    return cfg, ctx
+
+
+def test_scores_gf_and_report(tmp_path, toy_world, scripted):
+    cfg, ctx = _setup(tmp_path, toy_world)
+    eval_stage.run(cfg, ctx)
+    scores = json.loads((ctx.stage_dir / "scores.json").read_text())
+    m, s = scores["models"]["model"], scores["models"]["second"]
+    assert m["benchmarks"]["toy_id"]["score"] == 100 * 7 / 16 and m["benchmarks"]["toy_id"]["errors"] == 1
+    assert s["benchmarks"]["toy_id"]["score"] == 100 * 15 / 16
+    assert m["benchmarks"]["toy_ood"]["score"] == 50.0 and s["benchmarks"]["toy_ood"]["score"] == 75.0
+    assert (s["g_id"], s["g_ood"]) == (50.0, 25.0) and math.isclose(s["gf"], 5 * 50 * 25 / (4 * 50 + 25))
+    assert (m["g_id"], m["g_ood"], m["gf"]) == (0.0, 0.0, 0.0)
+    cats = m["benchmarks"]["toy_id"]["categories"]
+    assert set(cats) == {"count_color", "major_color", "digit_sum"}
+    preds = eval_stage.read_predictions(ctx.stage_dir / "predictions" / "model" / "toy_id.jsonl")
+    first = preds["test-00000"]
+    assert first["score"] == 0.0 and "placeholder" in first["error"] and first["finish_reason"] == "error"
+    report = (ctx.stage_dir / "report.md").read_text()
+    assert "| second | 93.75 | 75.00 | 93.75 | 75.00 | 50.00 | 25.00 | 27.78 |" in report
+    assert "### toy_id" in report and "count_shape" in report
+    for png in ("training_curves.png", "gf.png"):
+        assert (ctx.stage_dir / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_resume_after_crash(tmp_path, toy_world, scripted):
+    cfg, ctx = _setup(tmp_path, toy_world)
+    scripted.fail_after = 6  # dies in the second chunk of "model" on toy_id
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        eval_stage.run(cfg, ctx)
+    path = ctx.stage_dir / "predictions" / "model" / "toy_id.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4  # the first chunk, complete
+    with path.open("a") as f:
+        f.write('{"id": "test-00004", "score": 1.0, "resp')  # a line cut short by the crash
+    scripted.calls, scripted.fail_after = [], None
+    eval_stage.run(cfg, ctx)
+    assert "test-00000" not in scripted.calls and "test-00004" in scripted.calls  # resumed after the last line
+    assert len(scripted.calls) == 2 * 32 - 4 - 1  # everything else once (row 0 of model never reached generate)
+    scores = json.loads((ctx.stage_dir / "scores.json").read_text())
+    assert scores["models"]["second"]["benchmarks"]["toy_id"]["score"] == 100 * 15 / 16
+
+
+def test_recipe_validation(toy_world):
+    def recipe(kind):
+        return {"run": {"name": "x"}, "model": {"path": str(toy_world / "hf")}, "stages": [
+            {"name": "e", "kind": "eval", "models": ["model", "nope"], "base": "other",
+             "benchmarks": [{"name": "a", "kind": "mathvista", "path": "/nowhere", "group": "id"},
+                            {"name": "a", "kind": kind, "path": str(toy_world)}]}]}
+
+    with pytest.raises(ConfigError) as e:
+        parse_config(recipe("toy"))
+    text = str(e.value)
+    for want in ["'nope': not the base model or an earlier stage", "base = 'other' is not one of models",
+                 "distinct names", "/nowhere", "both groups 'id' and 'ood'"]:
+        assert want in text, want
+    with pytest.raises(ConfigError, match="'mathvistaa' not in .*did you mean 'mathvista'"):
+        parse_config(recipe("mathvistaa"))
+
+
+def test_missing_benchmark_images_stop_the_stage(tmp_path, toy_world):
+    cfg, ctx = _setup(tmp_path, toy_world)
+    fixture = Path(__file__).parent / "fixtures" / "benchmarks" / "mathvista"
+    cfg.benchmarks.append(BenchmarkConfig(name="MathVista", kind="mathvista", path=str(fixture), group="id"))
+    with pytest.raises(ValueError, match=r"benchmark MathVista: \d+ image files are missing"):
+        eval_stage.load_benchmarks(cfg, ctx)
