@@ -12,6 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 step() { echo; echo "=== $* ($(date +%T))"; "$@" || { echo "=== FAILED: $*"; status=1; }; }
 step python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py
+step python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k "cuda"
 step python3 bench/gpu_smoke_engine.py
 step python3 bench/bench_logprobs.py --out "$results"
 step python3 bench/bench_grpo.py --out "$results"

@@ -4,9 +4,13 @@ transformers' sdpa path turns a packed row into a dense [T, T] block-diagonal ma
 faster (ENVIRONMENT.md: 10.8 ms against 1.1 ms for true varlen attention on an H100). This function attends
 within each sample only, from the boundaries the batch carries (`cu_seq_lens_q`) or, failing that, from the
 restarts of the text position ids:
-- CUDA with `torch.nn.attention.varlen.varlen_attn`: one fused call (KV heads repeated where the torch release
-  has no `enable_gqa`);
-- otherwise (CPU): `attention_ref`, plain sdpa per sample, the reference the fast path is tested against.
+- CUDA with flash-attn installed: `flash_attn_varlen_func` (GQA native);
+- CUDA with `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10): one fused call (KV heads repeated where the
+  torch release has no `enable_gqa`);
+- CUDA with neither: FlexAttention with a causal document block mask (the mask is built once per row and reused
+  by every layer of the forward);
+- otherwise (CPU): `attention_ref`, plain sdpa per sample, the reference the fast paths are tested against.
+The choice is made once per process (`backend()`) and logged.
 Vision-tower calls (non-causal; transformers already splits them per window/image), padded batches and rows
 with no boundary information go to transformers' own sdpa (its mask, if any, is None under our name: right
 padding is harmless for causal attention).
@@ -30,6 +34,20 @@ try:
     _VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
 except ImportError:  # torch < 2.10
     varlen_attn, _VARLEN_GQA = None, False
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # the optional extra: pip install .[flash]
+    flash_attn_varlen_func = None
+
+
+def backend(device_type: str = "cuda") -> str:
+    """Which variable-length kernel packed rows use on `device_type`: flash_attn, varlen_attn, flex or sdpa."""
+    if device_type != "cuda":
+        return "sdpa"
+    if flash_attn_varlen_func is not None:
+        return "flash_attn"
+    return "varlen_attn" if varlen_attn is not None else "flex"
 
 
 def boundaries_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
@@ -65,6 +83,39 @@ def _attention_cuda(query, key, value, cu_seqlens, max_len, scaling) -> torch.Te
     return out[None]  # [1, T, Hq, D]
 
 
+def _attention_flash(query, key, value, cu_seqlens, max_len, scaling) -> torch.Tensor:
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scaling, causal=True)
+    return out[None]  # [1, T, Hq, D]
+
+
+_flex_cache: dict = {}
+
+
+def attention_flex(query, key, value, cu_seqlens, scaling) -> torch.Tensor:
+    """FlexAttention with a causal document mask from `cu_seqlens`. -> [1, T, Hq, D]. (On CPU, torch runs it
+    forward only; the tests use it there without gradients.)"""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T = query.shape[2]
+    key_ = (query.device, T, tuple(cu_seqlens.tolist()))  # sync: a handful of ints
+    if _flex_cache.get("key") != key_:  # one mask per packed row, shared by all layers of the forward
+        doc = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=query.device),
+                                      torch.diff(cu_seqlens.long()), output_size=T)
+
+        def causal_document(b, h, q_idx, kv_idx):
+            return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+        _flex_cache.update(key=key_, mask=create_block_mask(causal_document, None, None, T, T, device=query.device))
+    if query.is_cuda and "compiled" not in _flex_cache:
+        # Eager flex_attention materialises the full score matrix; compiled, it is one fused Triton kernel.
+        _flex_cache["compiled"] = torch.compile(flex_attention, dynamic=True)
+    fn = _flex_cache["compiled"] if query.is_cuda else flex_attention
+    gqa = query.shape[1] != key.shape[1]
+    out = fn(query, key, value, block_mask=_flex_cache["mask"], scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function transformers calls for every attention layer when attn_implementation = "engine_varlen"."""
     if not getattr(module, "is_causal", True) or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
@@ -81,9 +132,13 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cu is None:
         cu = boundaries_from_positions(kwargs["position_ids"][0])
     cu = cu.to(device=query.device, dtype=torch.int32)
-    if query.is_cuda and varlen_attn is not None:
+    kind = backend(query.device.type)
+    if kind in ("flash_attn", "varlen_attn"):
         max_len = kwargs.get("max_length_q") or int(torch.diff(cu).max())
-        return _attention_cuda(query, key, value, cu, max_len, scaling), None
+        fn = _attention_flash if kind == "flash_attn" else _attention_cuda
+        return fn(query, key, value, cu, max_len, scaling), None
+    if kind == "flex":
+        return attention_flex(query, key, value, cu, scaling), None
     return attention_ref(query, key, value, cu, scaling), None
 
 
@@ -91,6 +146,6 @@ def register() -> str:
     """Register the function with transformers (idempotent); returns the name to load models with."""
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, varlen_attention)
-        path = "varlen_attn (CUDA)" if varlen_attn is not None and torch.cuda.is_available() else "sdpa per sample"
+        path = backend("cuda") + " (CUDA)" if torch.cuda.is_available() else "sdpa per sample (CPU)"
         log0(f"attention: registered {NAME} -> {path}")
     return NAME

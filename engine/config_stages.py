@@ -5,6 +5,7 @@ either as plain paths or as `<stage>:relative/path` inside an earlier stage's ou
 """
 
 import dataclasses
+import importlib.util
 from typing import ClassVar, Literal
 
 from engine.corrupt import CORRUPTIONS
@@ -263,8 +264,15 @@ class DPOStageConfig(TrainingStageConfig):
 
 @dataclasses.dataclass(kw_only=True)
 class RolloutConfig:
-    backend: Literal["builtin"] = "builtin"
-    """Rollout engine: our batched decode loop over an inference copy of the policy (vLLM comes later)."""
+    backend: Literal["builtin", "vllm"] = "builtin"
+    """Rollout engine: "builtin" (our batched decode loop over an inference copy of the policy; always available)
+    or "vllm" (a colocated vLLM engine with the trainer's weights streamed in; needs `pip install .[vllm]`)."""
+    gpu_memory_utilization: float = 0.4
+    """vllm: share of the GPU's memory vLLM may take (weights + KV cache); the trainer needs the rest."""
+    max_model_len: int = 0
+    """vllm: longest prompt + response in tokens; 0 derives it from data.max_tokens."""
+    enforce_eager: bool = False
+    """vllm: skip CUDA graph capture (faster start, slower decoding; always on for CPU tests)."""
     n: int = 8
     """Completions per prompt (the GRPO group size)."""
     temperature: float = 1.0
@@ -284,6 +292,12 @@ class RolloutConfig:
             problems.append(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             problems.append(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 < self.gpu_memory_utilization <= 1 or self.max_model_len < 0:
+            problems.append(f"rollout.gpu_memory_utilization must be in (0, 1] and max_model_len >= 0, got "
+                            f"{self.gpu_memory_utilization}, {self.max_model_len}")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            problems.append("rollout.backend = 'vllm' but vLLM is not installed: pip install -e '.[vllm]' (GPU), or "
+                            "see `make test-vllm` for the CPU build; or use backend = 'builtin'")
         return problems
 
 
@@ -303,12 +317,34 @@ class GRPOConfig:
     """Reward for a well-formatted response (the paper: 0.5)."""
     accuracy_weight: float = 1.0
     """Reward for a correct answer (the paper: 1.0)."""
+    mini_batches: int = 1
+    """Optimizer steps per pass over a rollout batch (PPO mini-batches; each rank splits its prompt groups)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch. With mini_batches x ppo_epochs > 1 the policy moves between the rollout
+    and later updates, and the clipped importance ratio does its job; 1 x 1 is on-policy (ratio exactly 1)."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference model (`ref`); 0 (the paper, DAPO) loads no reference model."""
+    kl_estimator: Literal["k1", "k3", "low_var_kl"] = "k3"
+    """KL estimator per token (kernels/grpo_loss.py)."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling: weight each token by min(exp(trainer log-prob - rollout log-prob), tis_cap),
+    correcting for the rollout engine's numerics (bf16, another kernel, vLLM); 0 turns it off."""
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.mini_batches * self.ppo_epochs
 
     def check(self) -> list[str]:
         problems = []
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             problems.append(f"grpo.clip_low must be in [0, 1) and clip_high >= 0, got {self.clip_low}, "
                             f"{self.clip_high}")
+        if self.mini_batches < 1 or self.ppo_epochs < 1:
+            problems.append(f"grpo.mini_batches and grpo.ppo_epochs must be >= 1, got {self.mini_batches}, "
+                            f"{self.ppo_epochs}")
+        if self.kl_coef < 0 or (self.tis_cap and self.tis_cap < 1):
+            problems.append(f"grpo.kl_coef must be >= 0 and grpo.tis_cap 0 (off) or >= 1, got {self.kl_coef}, "
+                            f"{self.tis_cap}")
         return problems
 
 
@@ -319,11 +355,26 @@ class GRPOStageConfig(TrainingStageConfig):
 
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    ref: str = ""
+    """Reference model of the KL penalty (when grpo.kl_coef > 0); empty: the same checkpoint as `init`."""
+
+    def model_inputs(self) -> dict[str, str]:
+        return {**super().model_inputs(), **({"ref": self.ref} if self.ref else {})}
 
     def check(self) -> list[str]:
         problems = super().check()
         if not self.train.packing:
             problems.append("train.packing = false is not supported by the grpo stage")
+        k = self.grpo.steps_per_rollout
+        if k > 1 and self.train.steps % k:
+            problems.append(f"train.steps = {self.train.steps} must be a multiple of grpo.mini_batches x "
+                            f"grpo.ppo_epochs = {k} (optimizer steps per rollout batch)")
+        if k > 1 and self.checkpoint.every % k:
+            problems.append(f"checkpoint.every = {self.checkpoint.every} must be a multiple of {k}: checkpoints are "
+                            f"taken between rollout batches")
+        if self.train.batch_size % self.grpo.mini_batches:
+            problems.append(f"train.batch_size = {self.train.batch_size} prompts must divide into grpo.mini_batches "
+                            f"= {self.grpo.mini_batches}")
         return problems
 
 
@@ -428,6 +479,12 @@ class EvalStageConfig(StageConfig):
     """Largest image area after resizing, in pixels; unset keeps the model's image processor setting."""
     gf_beta: float = 2.0
     """b of the Generalization Factor (the paper: 2)."""
+    backend: Literal["builtin", "vllm"] = "builtin"
+    """Generation engine, as `rollout.backend` in training stages."""
+    gpu_memory_utilization: float = 0.9
+    """vllm: share of the GPU's memory vLLM may take (nothing else is resident during evaluation)."""
+    max_model_len: int = 16384
+    """vllm: longest prompt + response in tokens."""
 
     def model_inputs(self) -> dict[str, str]:
         return {f"models[{i}]": m for i, m in enumerate(self.models)} | ({"base": self.base} if self.base else {})
@@ -453,6 +510,8 @@ class EvalStageConfig(StageConfig):
             problems.append(f"template must contain '{{problem}}', got {self.template!r}")
         if self.max_new_tokens < 1 or self.chunk_prompts < 1 or self.gf_beta <= 0:
             problems.append("max_new_tokens and chunk_prompts must be >= 1 and gf_beta > 0")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            problems.append("backend = 'vllm' but vLLM is not installed: pip install -e '.[vllm]'; or use 'builtin'")
         return problems
 
 

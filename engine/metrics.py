@@ -50,6 +50,10 @@ class Metrics:
         parts = [f"step {step:0{width}d}/{self.total_steps} ({100 * step / self.total_steps:4.1f}%)",
                  f"loss {v['loss']:.4f}", f"gnorm {v['grad_norm']:.3f}", f"lr {v['lr']:.2e}",
                  f"{v['tokens_per_s']:,.0f} tok/s"]
+        if "reward" in v:  # RL stages: what the samples of this step earned
+            parts.insert(2, f"reward {v['reward']:.3f} (format {v['format_acc']:.2f}, acc {v['accuracy']:.2f})")
+        if "reward_accuracy" in v:  # DPO: preference accuracy and margin
+            parts.insert(2, f"pref acc {v['reward_accuracy']:.2f} margin {v['reward_margin']:.2f}")
         if torch.cuda.is_available():
             parts.append(f"mem {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB")
         else:  # peak resident memory of this process (Linux reports KiB)

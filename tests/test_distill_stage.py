@@ -42,7 +42,7 @@ class ScriptedBackend:
     calls: list[str] = []
     fail_at_call: int | None = None
 
-    def __init__(self, model_dir, *, device, dtype, processor):
+    def __init__(self, model_dir, *, device, dtype, processor, **vllm_settings):
         self.processor = processor
 
     def generate(self, prompts, n, sampling):
@@ -66,7 +66,7 @@ class ScriptedBackend:
 @pytest.fixture
 def scripted(monkeypatch):
     ScriptedBackend.calls, ScriptedBackend.fail_at_call = [], None
-    monkeypatch.setattr(distill_stage, "BuiltinBackend", ScriptedBackend)
+    monkeypatch.setattr(distill_stage, "make_backend", lambda kind, model_dir, **kw: ScriptedBackend(model_dir, **kw))
     return ScriptedBackend
 
 

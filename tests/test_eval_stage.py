@@ -25,7 +25,7 @@ class ScriptedBackend:
     calls: list[str] = []
     fail_after: int | None = None
 
-    def __init__(self, model_dir, *, device, dtype, processor):
+    def __init__(self, model_dir, *, device, dtype, processor, **vllm_settings):
         self.strong = "second" in str(model_dir)
 
     def generate(self, prompts, n, sampling):
@@ -49,7 +49,7 @@ def scripted(monkeypatch, toy_world):
         ds = datasets.Dataset.from_parquet(str(toy_world / "data" / f"{split}.parquet"))
         ScriptedBackend.answers.update(zip(ds["id"], ds["answer"], strict=True))
     ScriptedBackend.calls, ScriptedBackend.fail_after = [], None
-    monkeypatch.setattr(eval_stage, "BuiltinBackend", ScriptedBackend)
+    monkeypatch.setattr(eval_stage, "make_backend", lambda kind, model_dir, **kw: ScriptedBackend(model_dir, **kw))
     return ScriptedBackend
 
 

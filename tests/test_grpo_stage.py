@@ -104,3 +104,89 @@ def test_two_process_grpo_raises_format_reward(toy_world, tmp_path):
     for a, b in zip(rows, rerun, strict=True):
         for key in ("reward", "format_acc", "response_len", "loss", "grad_norm"):
             assert a[key] == b[key], (key, a, b)
+
+
+PPO_RECIPE = """
+[run]
+name = "ppo"
+seed = 0
+[model]
+path = "{world}/hf"
+dtype = "float32"
+[[stages]]
+name = "base"
+kind = "sft"
+init = "model"
+[stages.data]
+train = "{world}/data/sft.parquet"
+[stages.optim]
+lr = 3e-3
+[stages.train]
+steps = 60
+batch_size = 16
+micro_batch_tokens = 1024
+[[stages]]
+name = "ppo"
+kind = "grpo"
+init = "base"
+[stages.data]
+train = "{world}/data/train.parquet"
+[stages.rollout]
+n = 8
+max_new_tokens = 24
+[stages.grpo]
+mini_batches = 2
+ppo_epochs = 2
+kl_coef = 0.05
+tis_cap = 2.0
+filter_equal_groups = false
+[stages.optim]
+lr = 1e-3
+schedule = "constant"
+[stages.train]
+steps = 8
+batch_size = 8
+micro_batch_tokens = 512
+[stages.checkpoint]
+every = 4
+"""
+
+
+@pytest.mark.slow
+def test_ppo_minibatches_kl_and_tis(toy_world, tmp_path):
+    """2 mini-batches x 2 epochs per rollout batch, a KL penalty to the starting model and truncated importance
+    sampling, 2 gloo ranks: the first update of each rollout is on-policy (ratio and KL exactly 0 at the start),
+    later ones are off-policy; rollout stats are logged once per rollout."""
+    recipe = tmp_path / "ppo.toml"
+    recipe.write_text(PPO_RECIPE.format(world=toy_world))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={tmp_path / 'out'}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert ["reward" in r for r in rows] == [True, False, False, False] * 2
+    first = rows[0]
+    assert first["kl"] == 0.0 and first["ref_kl"] == 0.0 and first["clip_frac"] == 0.0  # nothing has moved yet
+    assert abs(first["tis_weight"] - 1.0) < 1e-3  # the builtin fp32 backend's log-probs match the trainer's
+    assert all(r["kl"] > 0 for r in rows[1:4]) and all(r["ref_kl"] > 0 for r in rows[1:])
+    assert rows[4]["kl"] == 0.0  # a new rollout batch from the updated policy: on-policy again
+    assert all(0 < r["tis_weight"] <= 2.0 for r in rows)
+
+
+def test_ppo_settings_are_validated(toy_world):
+    import tomllib
+
+    from engine.config import ConfigError, parse_config
+
+    raw = tomllib.loads(PPO_RECIPE.format(world=toy_world))
+    raw["stages"][1]["train"]["steps"] = 6
+    raw["stages"][1]["checkpoint"]["every"] = 3
+    raw["stages"][1]["grpo"]["tis_cap"] = 0.5
+    raw["stages"][1]["train"]["batch_size"] = 7
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    text = str(e.value)
+    for want in ("train.steps = 6 must be a multiple of", "checkpoint.every = 3 must be a multiple of 4",
+                 "tis_cap 0 (off) or >= 1", "batch_size = 7 prompts must divide into grpo.mini_batches = 2"):
+        assert want in text, want

@@ -41,7 +41,7 @@ from engine.fsdp import resolve_dtype
 from engine.judge import make_judge
 from engine.log import log0
 from engine.rewards import score
-from engine.rollout import BuiltinBackend, SamplingParams
+from engine.rollout import SamplingParams, make_backend
 from engine.stages import StageContext
 
 datasets.disable_progress_bars()  # one line per part in the log instead of five progress bars
@@ -199,7 +199,10 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     todo = [c for c in range(num_chunks) if c not in done]
     if todo:
         dtype, _ = resolve_dtype(ctx.model.dtype, dist_info.device)
-        backend = BuiltinBackend(model_dir, device=dist_info.device, dtype=dtype, processor=processor)
+        r = cfg.rollout
+        backend = make_backend(r.backend, model_dir, device=dist_info.device, dtype=dtype, processor=processor,
+                               gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
+                               max_model_len=r.max_model_len or cfg.data.max_tokens, seed=ctx.run.seed)
     for c in todo:
         t0 = time.perf_counter()
         chunk_prompts = prompts[c * chunk:(c + 1) * chunk]

@@ -31,7 +31,7 @@ from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object
 from engine.fsdp import resolve_dtype
 from engine.log import log0
-from engine.rollout import BuiltinBackend, SamplingParams
+from engine.rollout import RolloutBackend, SamplingParams, make_backend
 from engine.stages import StageContext
 
 
@@ -112,7 +112,9 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                 continue
             if backend is None:
                 processor = Processor.from_pretrained(model_dir, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-                backend = BuiltinBackend(model_dir, device=dist_info.device, dtype=dtype, processor=processor)
+                backend = make_backend(cfg.backend, model_dir, device=dist_info.device, dtype=dtype,
+                                       processor=processor, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                       max_model_len=cfg.max_model_len, seed=ctx.run.seed)
             path.parent.mkdir(parents=True, exist_ok=True)
             for start in range(0, len(todo), cfg.chunk_prompts):
                 chunk = todo[start:start + cfg.chunk_prompts]
@@ -138,11 +140,15 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
 
         scores = summarise(cfg, ctx, benches)
         (ctx.stage_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-        write_report(cfg, ctx, scores)
+        report = write_report(cfg, ctx, scores)
+        lines = report.read_text().splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("| model"))
+        table = lines[first:lines.index("", first)]
+        log0("eval: scores (%), gains over %s and GF; full report: %s\n%s", scores["base"], report, "\n".join(table))
     barrier()
 
 
-def _generate(cfg: EvalStageConfig, processor: Processor, backend: BuiltinBackend, rows: list[BenchRow],
+def _generate(cfg: EvalStageConfig, processor: Processor, backend: RolloutBackend, rows: list[BenchRow],
               sampling: SamplingParams) -> list[dict]:
     samples, out = [], []
     for row in rows:

@@ -1,13 +1,16 @@
 """GRPO: prompts -> n completions each (rollout backend) -> rule rewards -> group-normalised advantages ->
-packed micro-batches -> kernels.grpo_loss (clip-higher) -> FSDP2 update -> the new weights into the backend.
+packed micro-batches -> kernels.grpo_loss (clip-higher, optional KL) -> FSDP2 update -> new weights to the backend.
 
-One rollout batch gives one optimizer step (on-policy); the old log-probs are recomputed by the trainer with a
-no-grad forward just before the loss, so the importance ratio starts at exactly 1. Each rank samples for its own
-share of the step's prompts (seeded by step and rank, so a resumed run samples the same completions).
-Not yet here (see the issues): several PPO mini-batches/epochs per rollout batch, the KL to a reference model,
-truncated importance correction with the backend's log-probs, the vLLM backend.
+A rollout batch (`train.batch_size` prompts x `rollout.n`) feeds `grpo.mini_batches` x `grpo.ppo_epochs`
+optimizer steps (1 x 1 by default: on-policy). Right after sampling, the trainer computes the old log-probs of
+every completion with a no-grad forward (so on-policy the importance ratio starts at exactly 1), the reference
+model's when `grpo.kl_coef` > 0, and keeps the backend's own sampling log-probs for truncated importance sampling
+(`grpo.tis_cap`). Each rank samples its own share of the prompts (seeded by rollout index and rank, so a resumed
+run samples the same completions) and splits its prompt groups into mini-batches. Checkpoints fall between rollout
+batches, so a resume never needs a half-used rollout.
 """
 
+import random
 import time
 
 import torch
@@ -17,11 +20,11 @@ from engine.checkpoint import export_hf
 from engine.config_stages import GRPOStageConfig
 from engine.data import IGNORE_INDEX, Processor, Sample, encode_rows, load_rows
 from engine.dist import all_reduce
-from engine.fsdp import vision_tower
+from engine.fsdp import resolve_dtype, vision_tower
 from engine.log import log0
 from engine.packing import num_targets, pack_samples, to_device
 from engine.rewards import RewardConfig, score
-from engine.rollout import BuiltinBackend, SamplingParams
+from engine.rollout import SamplingParams, make_backend
 from engine.stages import StageContext
 from engine.stages.common import StepOrder, build_policy, check_batch_size
 from engine.trainer import Trainer
@@ -45,96 +48,155 @@ def training_sample(prompt: Sample, completion_ids: list[int]) -> Sample:
 
 def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
     dist_info, world, rank = ctx.dist, ctx.dist.world_size, ctx.dist.rank
+    g, r_cfg = cfg.grpo, cfg.rollout
     init_dir = ctx.model_dir(cfg.init)
     processor = Processor.from_pretrained(init_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     path = ctx.resolve_path(cfg.data.train)
     prompts, report = encode_rows(load_rows(str(path)), processor, template=cfg.data.template,
                                   system=cfg.data.system or None, on_bad_row=cfg.data.on_bad_row,
                                   max_tokens=cfg.data.max_tokens, source=str(path))
-    check_batch_size(cfg.train.batch_size, world, f"stages.{cfg.name}.train")
+    check_batch_size(cfg.train.batch_size, world * g.mini_batches, f"stages.{cfg.name}.train")
     order = StepOrder(len(prompts), cfg.train.batch_size, ctx.run.seed)
-    total_steps = cfg.train.steps or order.steps_for_epochs(cfg.train.epochs)
-    n = cfg.rollout.n
+    k = g.steps_per_rollout
+    total_steps = cfg.train.steps or k * order.steps_for_epochs(cfg.train.epochs)
+    n = r_cfg.n
     log0(f"grpo: {len(prompts)} prompts ({report.num_skipped} bad rows skipped) | {cfg.train.batch_size} prompts x "
-         f"{n} completions a step | {total_steps} steps | clip [{cfg.grpo.clip_low}, {cfg.grpo.clip_high}] | "
-         f"agg {cfg.grpo.agg} | rollout {cfg.rollout.backend}, max {cfg.rollout.max_new_tokens} new tokens")
+         f"{n} completions a rollout, {g.mini_batches} mini-batches x {g.ppo_epochs} epochs | {total_steps} steps | "
+         f"clip [{g.clip_low}, {g.clip_high}] | agg {g.agg} | kl {g.kl_coef} ({g.kl_estimator}) | tis cap "
+         f"{g.tis_cap or 'off'} | rollout {r_cfg.backend}, max {r_cfg.max_new_tokens} new tokens")
 
     policy, hf_model = build_policy(init_dir, ctx.model, dist_info)
+    ref_policy = None
+    if g.kl_coef > 0:
+        ref_policy, _ = build_policy(ctx.model_dir(cfg.ref or cfg.init), ctx.model, dist_info)
+        ref_policy.requires_grad_(False)
     merge_size = processor.merge_size if vision_tower(hf_model) is not None else None
     trainer = Trainer(policy, optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint, stage_dir=ctx.stage_dir,
                       dist_info=dist_info, total_steps=total_steps, log_every=ctx.run.log_every)
     trainer.resume()
-    backend = BuiltinBackend(init_dir, device=dist_info.device, processor=processor)
-    reward_cfg = RewardConfig(format_weight=cfg.grpo.format_weight, accuracy_weight=cfg.grpo.accuracy_weight)
+    # fp32 inference copy on CPU (exact tests); bf16 on GPU, like the trainer's compute dtype.
+    backend = make_backend(r_cfg.backend, init_dir, device=dist_info.device, processor=processor,
+                           dtype=resolve_dtype(ctx.model.dtype, dist_info.device)[0],
+                           gpu_memory_utilization=r_cfg.gpu_memory_utilization, enforce_eager=r_cfg.enforce_eager,
+                           max_model_len=r_cfg.max_model_len or cfg.data.max_tokens, seed=ctx.run.seed)
+    reward_cfg = RewardConfig(format_weight=g.format_weight, accuracy_weight=g.accuracy_weight)
+    batch: dict = {"index": -1}  # the current rollout batch
     step_state: dict = {}
 
     def sync_weights() -> None:
         # Every rank keeps a full inference copy: gather the full tensors (collective) and load them into it.
         sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-        backend.update_weights((k.removeprefix("hf."), v) for k, v in sd.items())
+        backend.update_weights((name.removeprefix("hf."), v) for name, v in sd.items())
 
-    def micro_batches(step: int) -> list[dict]:
+    def new_rollout(index: int) -> None:
         t0 = time.perf_counter()
-        sync_weights()  # the previous step's update (or the resumed checkpoint) reaches the sampler
-        mine = order.step_indices(step)[rank::world]
-        sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                  max_new_tokens=cfg.rollout.max_new_tokens,
-                                  seed=ctx.run.seed * 1_000_003 + step * world + rank)
+        sync_weights()  # the previous update (or the resumed checkpoint) reaches the sampler
+        mine = order.step_indices(index)[rank::world]
+        sampling = SamplingParams(temperature=r_cfg.temperature, top_p=r_cfg.top_p, max_new_tokens=r_cfg.max_new_tokens,
+                                  seed=ctx.run.seed * 1_000_003 + index * world + rank)
         groups = backend.generate([prompts[i] for i in mine], n, sampling)
         t1 = time.perf_counter()
-        rewards = [[score(c.text, prompts[i].answer, prompts[i].choices, cfg=reward_cfg) for c in g]
-                   for i, g in zip(mine, groups, strict=True)]
-        totals = torch.tensor([[r.total for r in g] for g in rewards])
-        adv = group_advantages(totals, cfg.grpo.scale_by_std)
+        rewards = [[score(c.text, prompts[i].answer, prompts[i].choices, cfg=reward_cfg) for c in grp]
+                   for i, grp in zip(mine, groups, strict=True)]
+        totals = torch.tensor([[r.total for r in grp] for grp in rewards])
+        adv = group_advantages(totals, g.scale_by_std)
         flat = (totals == totals[:, :1]).all(dim=1)  # every completion of the group got the same reward
-        keep = [g for g in range(len(mine)) if not (cfg.grpo.filter_equal_groups and bool(flat[g]))]
-        samples, advantages = [], []
-        for g in keep or [0]:  # nothing left: train on one group at zero weight so every rank still steps
-            for j, c in enumerate(groups[g]):
-                samples.append(training_sample(prompts[mine[g]], c.token_ids))
-                advantages.append(float(adv[g, j]) if keep else 0.0)
-        lens = [len(c.token_ids) for g in groups for c in g]
-        step_state.update(
-            local_tokens=sum(num_targets(s) for s in samples), local_seqs=len(samples),
-            stats={"reward": totals.sum(), "format_acc": torch.tensor(sum(r.format > 0 for g in rewards for r in g)),
-                   "accuracy": torch.tensor(sum(r.accuracy > 0 for g in rewards for r in g)),
-                   "response_len": torch.tensor(float(sum(lens))), "kept_groups": torch.tensor(float(len(keep))),
-                   "rollout_s": torch.tensor(t1 - t0)})
-        # Step-wide normalisers (all ranks): response tokens and sequences that are trained on.
-        norm = torch.tensor([step_state["local_tokens"], step_state["local_seqs"], len(mine) * n], dtype=torch.float)
-        step_state["tokens"], step_state["seqs"], step_state["completions"] = all_reduce(norm).tolist()  # sync
-        bins = plan_bins([len(s.input_ids) for s in samples], cfg.train.micro_batch_tokens)[0]
+        keep = [j for j in range(len(mine)) if not (g.filter_equal_groups and bool(flat[j]))]
+        samples, advantages, rollout_lp, group_of = [], [], [], []
+        for j in keep or [0]:  # nothing left: one group at zero weight, so that every rank still steps
+            for s, c in enumerate(groups[j]):
+                samples.append(training_sample(prompts[mine[j]], c.token_ids))
+                advantages.append(float(adv[j, s]) if keep else 0.0)
+                rollout_lp.append(torch.tensor(c.logprobs, dtype=torch.float32))
+                group_of.append(j)
+        old = per_sample_logps(policy, samples, r_cfg.temperature)
+        ref = per_sample_logps(ref_policy, samples, r_cfg.temperature) if ref_policy is not None else None
+        lens = [len(c.token_ids) for grp in groups for c in grp]
+        batch.update(index=index, samples=samples, advantages=advantages, old=old, ref=ref, rollout_lp=rollout_lp,
+                     group_of=group_of, groups=sorted(set(group_of)), zero_weight=not keep, stats={
+                         "reward": totals.sum(), "format_acc": torch.tensor(sum(r.format > 0 for grp in rewards
+                                                                                 for r in grp)),
+                         "accuracy": torch.tensor(sum(r.accuracy > 0 for grp in rewards for r in grp)),
+                         "response_len": torch.tensor(float(sum(lens))), "kept_groups": torch.tensor(float(len(keep))),
+                         "rollout_s": torch.tensor(time.perf_counter() - t0), "sample_s": torch.tensor(t1 - t0)},
+                     completions=float(all_reduce(torch.tensor([len(mine) * n], dtype=torch.float)).item()))  # sync
+
+    def per_sample_logps(model, samples: list[Sample], temperature: float) -> list[torch.Tensor]:
+        """No-grad log-probs of each sample's response tokens; every rank runs the same number of forwards."""
+        bins = [b for b in plan_bins([len(s.input_ids) for s in samples], cfg.train.micro_batch_tokens)[0] if b]
+        num = int(all_reduce(torch.tensor([len(bins)], device=dist_info.device), "max").item())  # sync
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        with torch.no_grad():
+            for i in range(num):
+                b = bins[min(i, len(bins) - 1)]  # a rank with fewer bins repeats its last one (FSDP lockstep)
+                row = to_device(pack_samples([samples[j] for j in b], merge_size=merge_size), dist_info.device)
+                logp = model(row, temperature=temperature).float().cpu()
+                for j, part in zip(b, torch.split(logp, torch.diff(row["target_cu"].long()).tolist()), strict=True):
+                    out[j] = part
+        return out
+
+    def micro_batches(step: int) -> list[dict]:
+        index, within = divmod(step, k)
+        if batch["index"] != index:
+            new_rollout(index)
+        epoch, mb = divmod(within, g.mini_batches)
+        groups = list(batch["groups"])
+        if g.mini_batches > 1:  # a fresh split of this rank's groups in every epoch
+            random.Random(f"{ctx.run.seed}/{index}/{epoch}/{rank}").shuffle(groups)
+        chosen = set(groups[mb::g.mini_batches])
+        picked = [j for j, grp in enumerate(batch["group_of"]) if grp in chosen]
+        zero = batch["zero_weight"] or not picked
+        picked = picked or [0]  # this rank has no group in this mini-batch: one sample at zero weight
+        samples = [batch["samples"][j] for j in picked]
+        local_tokens = 0 if zero else sum(num_targets(s) for s in samples)
+        norm = all_reduce(torch.tensor([local_tokens, 0 if zero else len(samples)], dtype=torch.float))  # sync
+        step_state.update(tokens=float(norm[0]), seqs=float(norm[1]), first_in_rollout=within == 0)
         rows = []
-        for b in bins:
+        for b in plan_bins([len(s.input_ids) for s in samples], cfg.train.micro_batch_tokens)[0]:
             if not b:
                 continue
-            row = pack_samples([samples[j] for j in b], merge_size=merge_size)
+            ids = [picked[j] for j in b]
+            row = pack_samples([batch["samples"][j] for j in ids], merge_size=merge_size)
             counts = torch.diff(row["target_cu"].long())
-            row["advantages"] = torch.repeat_interleave(torch.tensor([advantages[j] for j in b]), counts)
+            adv = torch.tensor([0.0 if zero else batch["advantages"][j] for j in ids])
+            row["advantages"] = torch.repeat_interleave(adv, counts)
+            row["old"] = torch.cat([batch["old"][j] for j in ids])
+            if batch["ref"] is not None:
+                row["ref"] = torch.cat([batch["ref"][j] for j in ids])
+            row["rollout_lp"] = torch.cat([batch["rollout_lp"][j] for j in ids])
             row["first"] = len(rows) == 0
             rows.append(to_device(row, dist_info.device))
         return rows
 
     def loss_fn(mb: dict):
         num_tokens, num_seqs = int(mb["target_cu"][-1]), len(mb["target_cu"]) - 1
-        share = num_tokens / max(1.0, step_state["tokens"]) if cfg.grpo.agg == "token-mean" else \
+        share = num_tokens / max(1.0, step_state["tokens"]) if g.agg == "token-mean" else \
             num_seqs / max(1.0, step_state["seqs"])
-        with torch.no_grad():
-            old = policy(mb, temperature=cfg.rollout.temperature)  # on-policy: the ratio starts at exactly 1
+        adv, stats = mb["advantages"], {}
+        if g.tis_cap:
+            # exp(trainer - rollout) log-prob gap per token, truncated; a positive per-token weight scales both
+            # clip branches alike, so it folds into the advantage.
+            w = torch.exp(mb["old"] - mb["rollout_lp"]).clamp(max=g.tis_cap)
+            adv = adv * w
+            stats["tis_weight"] = w.mean() * share
 
         def fused(hidden, weight, targets):
             mask = torch.ones_like(targets, dtype=torch.bool)
-            return grpo_loss(hidden, weight, targets, mb["advantages"], old, mask, cu_seqlens=mb["target_cu"],
-                             clip_low=cfg.grpo.clip_low, clip_high=cfg.grpo.clip_high, agg=cfg.grpo.agg,
-                             temperature=cfg.rollout.temperature, return_entropy=True,
-                             norm_len=cfg.rollout.max_new_tokens)
+            return grpo_loss(hidden, weight, targets, adv, mb["old"], mask, cu_seqlens=mb["target_cu"],
+                             ref_logprobs=mb.get("ref"), kl_coef=g.kl_coef, kl_estimator=g.kl_estimator,
+                             clip_low=g.clip_low, clip_high=g.clip_high, agg=g.agg, temperature=r_cfg.temperature,
+                             return_entropy=True, norm_len=r_cfg.max_new_tokens)
 
         loss, m = policy(mb, loss_fn=fused)
-        stats = {"loss": loss.detach() * share, "clip_frac": m["clip_frac"] * share, "kl": m["approx_kl"] * share,
-                 "entropy": m["entropy_mean"] * share, "num_tokens": torch.tensor(float(mb["input_ids"].numel()))}
-        if mb["first"]:  # rollout-level stats once per rank, scaled so that the sum over ranks is the step's value
-            c, r = max(1.0, step_state["completions"]), step_state["stats"]
-            stats.update({k: r[k].float() / c for k in ("reward", "format_acc", "accuracy", "response_len")})
+        stats.update({"loss": loss.detach() * share, "clip_frac": m["clip_frac"] * share,
+                      "kl": m["approx_kl"] * share, "entropy": m["entropy_mean"] * share,
+                      "num_tokens": torch.tensor(float(mb["input_ids"].numel()))})
+        if "kl_mean" in m:
+            stats["ref_kl"] = m["kl_mean"] * share
+        if mb["first"] and step_state["first_in_rollout"]:
+            # Rollout-level stats once per rank and rollout, scaled so that the sum over ranks is the batch's value.
+            c, r = max(1.0, batch["completions"]), batch["stats"]
+            stats.update({key: r[key].float() / c for key in ("reward", "format_acc", "accuracy", "response_len")})
             stats.update(kept_groups=r["kept_groups"], rollout_s=r["rollout_s"] / world)
         return loss * share * world, stats
 
