@@ -34,11 +34,14 @@ def summarise(cfg, ctx, benches) -> dict:
             cats = defaultdict(list)
             for p in got:
                 cats[p["category"]].append(p["score"])
+            macro = getattr(module, "MACRO_OVER_CATEGORIES", False)  # MEGA-Bench: mean of per-task means
+            total = (sum(sum(v) / len(v) for v in cats.values()) / max(1, len(cats)) if macro
+                     else sum(p["score"] for p in got) / max(1, len(got)))
             per_bench[b.name] = {
-                "score": 100.0 * sum(p["score"] for p in got) / max(1, len(got)), "num": len(got),
+                "score": 100.0 * total, "num": len(got), "macro_over_categories": macro,
                 "errors": sum(bool(p["error"]) for p in got), "truncated": sum(p["finish_reason"] == "length"
                                                                             for p in got),
-                "left_out_needs_judge": left_out, "rule_only": bool(module.JUDGE_NOTE), "limit": b.limit,
+                "left_out_unscorable": left_out, "rule_only": bool(module.JUDGE_NOTE), "limit": b.limit,
                 "categories": {c: 100.0 * sum(v) / len(v) for c, v in sorted(cats.items())},
             }
         out["models"][model] = {"benchmarks": per_bench}
@@ -83,8 +86,11 @@ def write_report(cfg, ctx, scores: dict) -> Path:
             notes.append(f"- **{b.name}** is scored by rules only: {note}")
         if b.limit:
             notes.append(f"- **{b.name}**: only the first {b.limit} rows; not comparable with published numbers.")
-        if first["left_out_needs_judge"]:
-            notes.append(f"- **{b.name}**: {first['left_out_needs_judge']} rows need an LLM judge and are left out.")
+        if first["left_out_unscorable"]:
+            notes.append(f"- **{b.name}**: {first['left_out_unscorable']} rows are left out: an LLM judge scores them, "
+                         f"their metric is not re-implemented, or they hold video.")
+        if first["macro_over_categories"]:
+            notes.append(f"- **{b.name}**: the mean of per-category (task) means, as the official number.")
     lines += ["", "## Notes", ""] + (notes or ["- Every score is rule-based end to end, on all rows."])
     lines += ["", "## Per category", ""]
     for b in cfg.benchmarks:

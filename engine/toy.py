@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import datasets
 import torch
 import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
@@ -77,14 +76,22 @@ CHAT_TEMPLATE = (
 _MAX_POSITIONS = 4096
 """Context length of the toy model; toy samples are about 100 tokens."""
 
-_FEATURES = datasets.Features({
-    "id": datasets.Value("string"),
-    "task": datasets.Value("string"),
-    "problem": datasets.Value("string"),
-    "answer": datasets.Value("string"),
-    "choices": datasets.List(datasets.Value("string")),
-    "images": datasets.List(datasets.Image()),
-})
+
+
+def _features(extra: list[str]):
+    """The parquet schema; `datasets` is imported here only, so the tokenizer and model builders work without it
+    (the GPU benchmark machine has no `datasets`)."""
+    import datasets
+
+    return datasets.Features({
+        "id": datasets.Value("string"),
+        "task": datasets.Value("string"),
+        "problem": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "choices": datasets.List(datasets.Value("string")),
+        "images": datasets.List(datasets.Image()),
+        **{k: datasets.Value("string") for k in extra},
+    })
 
 
 @dataclass(kw_only=True, slots=True)
@@ -147,6 +154,8 @@ class ToySpec:
 @contextmanager
 def _quiet_progress_bars():
     """Hide datasets' and transformers' per-file progress bars for a 1-2 s build, then restore their state."""
+    import datasets
+
     datasets_off = datasets.are_progress_bars_disabled()
     transformers_on = transformers.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -198,8 +207,9 @@ def _write_parquet(path: Path, split: str, samples: list[ToySample], extra: dict
     }
     extra = extra or {}
     columns.update(extra)
-    features = datasets.Features({**_FEATURES, **{k: datasets.Value("string") for k in extra}})
-    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
+    import datasets
+
+    datasets.Dataset.from_dict(columns, features=_features(list(extra))).to_parquet(str(path))
 
 
 def _pairs(spec: ToySpec, responses: list[str]) -> tuple[list[int], dict[str, list[str]]]:

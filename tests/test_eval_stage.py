@@ -140,3 +140,25 @@ def test_missing_benchmark_images_stop_the_stage(tmp_path, toy_world):
     cfg.benchmarks.append(BenchmarkConfig(name="MathVista", kind="mathvista", path=str(fixture), group="id"))
     with pytest.raises(ValueError, match=r"benchmark MathVista: \d+ image files are missing"):
         eval_stage.load_benchmarks(cfg, ctx)
+
+
+def test_macro_over_categories_and_left_out_rows(tmp_path, toy_world):
+    """MEGA-Bench-style scoring: the mean of per-task means, and rows the rules cannot score counted as left out."""
+    import types
+
+    from engine.benchmarks import BenchRow
+    from engine.report import summarise
+
+    cfg, ctx = _setup(tmp_path, toy_world)
+    module = types.SimpleNamespace(JUDGE_NOTE="", MACRO_OVER_CATEGORIES=True)
+    rows = [BenchRow(id=f"r{i}", problem="p", images=[], answer="a", category="big" if i < 3 else "small")
+            for i in range(4)]
+    bench = BenchmarkConfig(name="mb", kind="megabench", path="x", group="none")
+    cfg.benchmarks, cfg.models = [bench], ["model"]
+    scores = {"r0": 1.0, "r1": 1.0, "r2": 1.0, "r3": 0.0}  # task means 1.0 and 0.0: macro 50, micro 75
+    path = ctx.stage_dir / "predictions" / "model" / "mb.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps({"id": r.id, "category": r.category, "score": scores[r.id], "error": "",
+                                        "finish_reason": "stop"}) + "\n" for r in rows))
+    out = summarise(cfg, ctx, [(bench, module, rows, 7)])["models"]["model"]["benchmarks"]["mb"]
+    assert out["score"] == 50.0 and out["left_out_unscorable"] == 7 and out["macro_over_categories"]

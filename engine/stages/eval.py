@@ -12,7 +12,8 @@ Output, in the stage directory:
 Prompts are built like training prompts (`template` around the benchmark's own prompt); decoding is greedy with
 the builtin backend. Each rank generates its share of a chunk; rank 0 scores and writes. A row whose prompt cannot
 be encoded (a bad image, too many tokens) is scored 0, as the official scripts score a missing answer, and its
-error is recorded. MEGA-Bench rows that only an LLM judge can score are left out and counted.
+error is recorded. Rows our rules cannot score (MEGA-Bench's judged or unsupported fields) or whose media we cannot
+feed (video) are left out and counted. MEGA-Bench's score is the macro mean over its tasks, as officially.
 """
 
 from __future__ import annotations
@@ -70,15 +71,18 @@ def _score(module, row: BenchRow, response: str) -> float:
 
 
 def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
-    """(config, module, rows to evaluate, rows left out because they need a judge) per benchmark."""
+    """(config, module, rows to evaluate, number of rows left out as unscorable by rules) per benchmark."""
     out = []
     for b in cfg.benchmarks:
         module = benchmarks.get(b.kind)
         rows = module.load(ctx.resolve_path(b.path))
         if b.limit:
             rows = rows[:b.limit]
-        judged = [r for r in rows if r.meta.get("needs_judge")]
-        rows = [r for r in rows if not r.meta.get("needs_judge")]
+        # Rows our rules cannot score (an LLM-judged field, a metric not re-implemented) or whose media we cannot
+        # feed (videos) are left out and counted; the report says how many.
+        left = [r for r in rows if r.meta.get("needs_judge") or r.meta.get("scorable") is False or r.meta.get("videos")]
+        rows = [r for r in rows if not (r.meta.get("needs_judge") or r.meta.get("scorable") is False
+                                        or r.meta.get("videos"))]
         ids = [r.id for r in rows]
         if len(set(ids)) != len(ids):
             raise ValueError(f"benchmark {b.name}: row ids are not unique")
@@ -87,9 +91,9 @@ def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
         if missing:
             raise ValueError(f"benchmark {b.name}: {len(missing)} image files are missing, e.g. {missing[:3]}; put the "
                              f"release's images under {ctx.resolve_path(b.path)} (see the README, 'Evaluation data')")
-        out.append((b, module, rows, len(judged)))
+        out.append((b, module, rows, len(left)))
         log0(f"eval: {b.name} ({b.kind}, group {b.group}): {len(rows)} rows"
-             + (f", {len(judged)} left out (they need an LLM judge)" if judged else ""))
+             + (f", {len(left)} left out (an LLM judge, a metric we lack, or video)" if left else ""))
     return out
 
 

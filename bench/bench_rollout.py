@@ -1,0 +1,175 @@
+"""Generated tokens per second of the rollout backends against transformers' `generate`, in the same run.
+
+Providers: `builtin` (engine/rollout/builtin.py: static KV cache, our decode loop) and `hf-generate`
+(transformers' `generate`, sampling, dynamic cache: the baseline). Each prompt is a chat prompt
+with one image; sampling at temperature 1; tokens/s counts the tokens actually generated (rows stop on eos).
+
+    python bench/bench_rollout.py                 # CPU: the toy world's model, 16 prompts x 112x112, 32 new tokens
+    python bench/bench_rollout.py --preset 3b     # GPU: Qwen2.5-VL-3B-shaped random weights, bf16, 32 and 128
+                                                  # prompts with one 448x448 image each, 256 new tokens
+
+The model has random weights and the toy world's tokenizer (built here, no download; the GPU machine has no
+`datasets`, which the toy's parquet writer needs, so only the tokenizer and image processor are built). The
+vocabulary is therefore the toy's (~500 tokens padded to 512) instead of 151,936: at the 3B shape the lm_head is
+~1% of the decode FLOPs instead of ~10%, which favours no provider. Rows go to bench/results/rollout.csv.
+"""
+
+import argparse
+import csv
+import datetime
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
+
+from bench._synthetic import qwen_vl_config  # noqa: E402
+from engine.data import Processor  # noqa: E402
+from engine.rollout import BuiltinBackend, SamplingParams  # noqa: E402
+from engine.toy import FORMAT_PROMPT, SYSTEM_PROMPT, ToySpec, _train_tokenizer, generate_split  # noqa: E402
+from kernels._bench import device_name  # noqa: E402
+
+PRESETS = {
+    # text (hidden, layers, heads, kv heads, intermediate), vision (depth, hidden, heads), image side, prompts, new
+    "toy": dict(text=(64, 2, 4, 2, 128), vision=(2, 32, 2), image=112, prompts=(16,), new_tokens=32),
+    "3b": dict(text=(2048, 36, 16, 2, 11008), vision=(32, 1280, 16), image=448, prompts=(32, 128), new_tokens=256),
+}
+COLUMNS = ["date", "device", "torch", "preset", "provider", "prompts", "max_new_tokens", "tokens", "seconds",
+           "tokens_per_s", "x_generate"]
+
+
+def build_model_dir(p: dict, out: Path, dtype: torch.dtype) -> Path:
+    """A toy tokenizer + image processor and a random Qwen2.5-VL of the preset's shape, saved under `out`."""
+    spec = ToySpec(image_size=p["image"])
+    train = generate_split(ToySpec(num_train=64), "train")
+    tokenizer = _train_tokenizer(spec, [s.problem for s in train] + [s.reasoning for s in train]
+                                 + [FORMAT_PROMPT, SYSTEM_PROMPT, "system\nuser\nassistant\n"])
+    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=56 * 56, max_pixels=p["image"] ** 2)
+    hidden, layers, heads, kv, inter = p["text"]
+    depth, v_hidden, v_heads = p["vision"]
+    config = qwen_vl_config(hidden=hidden, layers=layers, heads=heads, kv_heads=kv, intermediate=inter,
+                            vocab=-(-len(tokenizer) // 64) * 64, vision_depth=depth, vision_hidden=v_hidden,
+                            vision_heads=v_heads)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
+                                                           "<|im_end|>", "<|endoftext|>")}
+    config.image_token_id, config.vision_start_token_id = ids["<|image_pad|>"], ids["<|vision_start|>"]
+    config.vision_end_token_id = ids["<|vision_end|>"]
+    config.text_config.eos_token_id = config.eos_token_id = ids["<|im_end|>"]
+    config.text_config.pad_token_id = ids["<|endoftext|>"]
+    config.text_config.bos_token_id = config.bos_token_id = ids["<|endoftext|>"]
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+def make_prompts(processor: Processor, num: int, side: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    prompts = []
+    for i in range(num):
+        pixels = torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy()
+        prompts.append(processor.encode("<image>How many red shapes are in the picture? " + FORMAT_PROMPT,
+                                        [Image.fromarray(pixels)], row_id=f"p{i}"))
+    return prompts
+
+
+def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens) -> tuple[int, float]:
+    backend = BuiltinBackend(model_dir, device=device, dtype=dtype, processor=processor, max_batch_size=len(prompts))
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
+    backend.generate(prompts[:2], 1, SamplingParams(temperature=1.0, max_new_tokens=4))  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    out = backend.generate(prompts, 1, sampling)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    del backend
+    return sum(len(c.token_ids) for g in out for c in g), seconds
+
+
+def run_generate(model_dir, device, dtype, prompts, new_tokens) -> tuple[int, float]:
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    # All prompts have the same length (one image of one size, one question), so no padding is needed.
+    inputs = dict(input_ids=torch.tensor([s.input_ids for s in prompts]),
+                  mm_token_type_ids=torch.tensor([s.mm_token_type_ids for s in prompts]),
+                  pixel_values=torch.cat([s.pixel_values for s in prompts]).to(dtype),
+                  image_grid_thw=torch.cat([s.image_grid_thw for s in prompts]))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    with torch.no_grad():
+        warm = {k: v[:2] if k not in ("pixel_values", "image_grid_thw") else v for k, v in inputs.items()}
+        warm["pixel_values"] = inputs["pixel_values"][: len(inputs["pixel_values"]) // len(prompts) * 2]
+        warm["image_grid_thw"] = inputs["image_grid_thw"][:2]
+        model.generate(**warm, do_sample=True, max_new_tokens=4)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens)
+        _sync(device)
+    seconds = time.perf_counter() - t0
+    new = out[:, inputs["input_ids"].shape[1]:]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    tokens = 0
+    for row in new.tolist():  # generated tokens up to and including the first eos (the rest is padding)
+        stop = next((i for i, t in enumerate(row) if t in eos), len(row) - 1)
+        tokens += stop + 1
+    del model
+    return tokens, seconds
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="3b" if torch.cuda.is_available() else "toy")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    p = PRESETS[args.preset]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model_dir(p, Path(tmp), dtype)
+        processor = Processor.from_pretrained(model_dir)
+        for num in p["prompts"]:
+            prompts = make_prompts(processor, num, p["image"])
+            ref_tokens, ref_s = run_generate(model_dir, device, dtype, prompts, p["new_tokens"])
+            base = ref_tokens / ref_s
+            results = {"hf-generate": (ref_tokens, ref_s),
+                       "builtin": run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"])}
+            for provider, (tokens, seconds) in results.items():
+                rows.append(dict(date=datetime.date.today().isoformat(), device=device_name(), torch=torch.__version__,
+                                 preset=args.preset, provider=provider, prompts=num, max_new_tokens=p["new_tokens"],
+                                 tokens=tokens, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1),
+                                 x_generate=round(tokens / seconds / base, 2)))
+    print(f"\nrollout on {device_name()} (torch {torch.__version__}), preset {args.preset}, {dtype}")
+    print("| provider | prompts | new tokens | tokens | seconds | tokens/s | x generate |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['provider']} | {r['prompts']} | {r['max_new_tokens']} | {r['tokens']} | {r['seconds']:.2f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['x_generate']:.2f} |")
+    path = Path(args.out) / "rollout.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    print(f"appended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
