@@ -481,6 +481,10 @@ class EvalStageConfig(StageConfig):
     """b of the Generalization Factor (the paper: 2)."""
     backend: Literal["builtin", "vllm"] = "builtin"
     """Generation engine, as `rollout.backend` in training stages."""
+    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
+    """Optional Gemini check, for benchmarks whose official pipeline asks an LLM (MathVista, MathVerse, ...): a
+    response the rules score wrong is scored right when the judge says its final answer matches the reference.
+    Off by default (needs GEMINI_API_KEY); verdicts are cached in `<stage>/judge_cache.jsonl`."""
     gpu_memory_utilization: float = 0.9
     """vllm: share of the GPU's memory vLLM may take (nothing else is resident during evaluation)."""
     max_model_len: int = 16384
@@ -512,6 +516,7 @@ class EvalStageConfig(StageConfig):
             problems.append("max_new_tokens and chunk_prompts must be >= 1 and gf_beta > 0")
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             problems.append("backend = 'vllm' but vLLM is not installed: pip install -e '.[vllm]'; or use 'builtin'")
+        problems.extend(self.judge.check())
         return problems
 
 

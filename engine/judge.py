@@ -53,6 +53,21 @@ and NO if the reasoning reaches a different result, contradicts the answer, or n
 Judge only whether the answer follows from the reasoning, not whether it is correct.
 Reply with one word first, YES or NO; you may add one short sentence after it."""
 
+MATCH_PROMPT = """You are grading a model's answer to a benchmark question against the reference answer.
+
+Question:
+{question}
+
+Reference answer:
+{gold}
+
+Model's response (its final answer is what counts):
+{response}
+
+Does the model's final answer match the reference answer? Equivalent forms count as a match (3/4 and 0.75, an
+option letter and that option's text, units written differently); a different value, a different option, several
+answers, or no answer do not. Reply with one word first, YES or NO; you may add one short sentence after it."""
+
 
 @dataclass(kw_only=True, slots=True)
 class JudgeConfig:
@@ -345,6 +360,11 @@ class Judge:
         """
         return self.ask_many([SUPPORT_PROMPT.format(question=q, reasoning=r, answer=a) for q, r, a in items])
 
+    def match_many(self, items: list[tuple[str, str, str]]) -> list[Verdict]:
+        """Does each response's final answer match the reference? Items are (question, gold, response) triples;
+        the evaluation asks this where an official benchmark pipeline asks an LLM (answer extraction, judging)."""
+        return self.ask_many([MATCH_PROMPT.format(question=q, gold=g, response=r) for q, g, r in items])
+
     def keep(self, verdict: Verdict) -> bool:
         """Keep "yes", drop "no", and keep or drop "unjudged" per `on_unjudged`."""
         if verdict.verdict == "unjudged":
@@ -357,4 +377,5 @@ def make_judge(cfg: JudgeConfig) -> Judge | None:
     return Judge(cfg) if cfg.enabled else None
 
 
-__all__ = ["Judge", "JudgeConfig", "JudgeStats", "Verdict", "make_judge", "parse_yes_no", "SUPPORT_PROMPT"]
+__all__ = ["Judge", "JudgeConfig", "JudgeStats", "Verdict", "make_judge", "parse_yes_no", "MATCH_PROMPT",
+           "SUPPORT_PROMPT"]

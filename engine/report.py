@@ -39,9 +39,11 @@ def summarise(cfg, ctx, benches) -> dict:
                      else sum(p["score"] for p in got) / max(1, len(got)))
             per_bench[b.name] = {
                 "score": 100.0 * total, "num": len(got), "macro_over_categories": macro,
-                "errors": sum(bool(p["error"]) for p in got), "truncated": sum(p["finish_reason"] == "length"
-                                                                            for p in got),
-                "left_out_unscorable": left_out, "rule_only": bool(module.JUDGE_NOTE), "limit": b.limit,
+                "errors": sum(bool(p["error"]) for p in got),
+                "truncated": sum(p["finish_reason"] == "length" for p in got),
+                "judged": sum(bool(p.get("judge")) for p in got),
+                "judged_yes": sum(p.get("judge") == "yes" for p in got),
+                "left_out_unscorable": left_out, "limit": b.limit,
                 "categories": {c: 100.0 * sum(v) / len(v) for c, v in sorted(cats.items())},
             }
         out["models"][model] = {"benchmarks": per_bench}
@@ -82,7 +84,12 @@ def write_report(cfg, ctx, scores: dict) -> Path:
         from engine import benchmarks
 
         note = benchmarks.get(b.kind).JUDGE_NOTE
-        if note:
+        judged = sum(r["benchmarks"][b.name]["judged"] for r in scores["models"].values())
+        if note and judged:
+            flipped = sum(r["benchmarks"][b.name]["judged_yes"] for r in scores["models"].values())
+            notes.append(f"- **{b.name}**: rules first, then the judge ({cfg.judge.model}) on the {judged} answers "
+                         f"the rules scored wrong; it found {flipped} of them matching. Official pipeline: {note}")
+        elif note:
             notes.append(f"- **{b.name}** is scored by rules only: {note}")
         if b.limit:
             notes.append(f"- **{b.name}**: only the first {b.limit} rows; not comparable with published numbers.")

@@ -162,3 +162,34 @@ def test_macro_over_categories_and_left_out_rows(tmp_path, toy_world):
                                         "finish_reason": "stop"}) + "\n" for r in rows))
     out = summarise(cfg, ctx, [(bench, module, rows, 7)])["models"]["model"]["benchmarks"]["mb"]
     assert out["score"] == 50.0 and out["left_out_unscorable"] == 7 and out["macro_over_categories"]
+
+
+def test_judge_rechecks_rule_wrong_answers(tmp_path, toy_world, scripted, monkeypatch):
+    """Where a benchmark's official pipeline asks an LLM, the judge (stub Gemini server) re-checks the answers the
+    rules scored wrong; a "yes" scores the row right, and the report says which benchmark was judged."""
+    from engine.benchmarks import toy as toy_bench
+    from engine.judge import JudgeConfig
+
+    from .test_judge import StubGemini
+
+    monkeypatch.setattr(toy_bench, "JUDGE_NOTE", "an LLM extracts the answer")
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key-123")
+    stub = StubGemini()  # answers YES to everything
+    try:
+        cfg, ctx = _setup(tmp_path, toy_world)
+        cfg.judge = JudgeConfig(enabled=True, base_url=stub.url, max_retries=0)
+        eval_stage.run(cfg, ctx)
+    finally:
+        stub.close()
+    scores = json.loads((ctx.stage_dir / "scores.json").read_text())
+    m = scores["models"]["model"]["benchmarks"]
+    # model: 8 wrong ID rows of 16 (one of them unencodable: never asked), 8 wrong OOD rows; all flipped by the judge
+    assert (m["toy_id"]["judged"], m["toy_id"]["judged_yes"]) == (8, 8) and m["toy_id"]["score"] == 100 * 15 / 16
+    assert m["toy_ood"]["score"] == 100.0
+    s = scores["models"]["second"]["benchmarks"]["toy_ood"]
+    assert (s["judged"], s["judged_yes"], s["score"]) == (4, 4, 100.0)
+    # Each distinct (question, gold, response) is sent once: "second"'s wrong answers repeat "model"'s (cached).
+    assert stub.num_requests <= 16
+    assert (ctx.stage_dir / "judge_cache.jsonl").exists()
+    assert "rules first, then the judge (gemini-2.5-flash)" in (ctx.stage_dir / "report.md").read_text()

@@ -18,6 +18,7 @@ feed (video) are left out and counted. MEGA-Bench's score is the macro mean over
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,7 @@ from engine.config_stages import EvalStageConfig
 from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object
 from engine.fsdp import resolve_dtype
+from engine.judge import make_judge
 from engine.log import log0
 from engine.rollout import RolloutBackend, SamplingParams, make_backend
 from engine.stages import StageContext
@@ -102,6 +104,10 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
     benches = load_benchmarks(cfg, ctx)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
     dtype, _ = resolve_dtype(ctx.model.dtype, dist_info.device)
+    judge = None
+    if rank == 0 and cfg.judge.enabled:  # one process owns the judge and its cache
+        judge = make_judge(dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
+                                               or str(ctx.stage_dir / "judge_cache.jsonl")))
     for model in cfg.models:
         model_dir = ctx.model_dir(model)
         processor, backend = None, None
@@ -130,12 +136,15 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                     gathered = [local]
                 if rank == 0:
                     by_id = {p["id"]: p for part in gathered for p in part}
+                    scored = [(row, by_id[row.id], _score(module, row, by_id[row.id]["response"])
+                               if not by_id[row.id]["error"] else 0.0) for row in chunk]
+                    verdicts = _judge_wrong(judge, module, scored)
                     with path.open("a") as f:
-                        for row in chunk:
-                            p = by_id[row.id]
-                            s = _score(module, row, p["response"]) if not p["error"] else 0.0
+                        for row, p, s in scored:
+                            verdict = verdicts.get(row.id, "")
+                            s = 1.0 if verdict == "yes" else s
                             f.write(json.dumps({"id": row.id, "category": row.category, "score": s,
-                                                "correct": s == 1.0, **p}) + "\n")
+                                                "correct": s == 1.0, "judge": verdict, **p}) + "\n")
                         f.flush()
                         os.fsync(f.fileno())
         del backend
@@ -150,6 +159,24 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
         table = lines[first:lines.index("", first)]
         log0("eval: scores (%), gains over %s and GF; full report: %s\n%s", scores["base"], report, "\n".join(table))
     barrier()
+
+
+def _judge_wrong(judge, module, scored: list[tuple]) -> dict[str, str]:
+    """Ask the judge about the rule-wrong answers of a benchmark whose official pipeline uses an LLM. -> id: verdict.
+    Partial-credit benchmarks (MEGA-Bench) and rows without a response are not asked."""
+    if judge is None or not module.JUDGE_NOTE or hasattr(module, "score"):
+        return {}
+    ask = [(row, p) for row, p, s in scored if s < 1.0 and not p["error"] and p["response"].strip()]
+    verdicts = judge.match_many([(row.problem, _gold_text(row), p["response"]) for row, p in ask]) if ask else []
+    return {row.id: v.verdict for (row, _), v in zip(ask, verdicts, strict=True)}
+
+
+def _gold_text(row: BenchRow) -> str:
+    """The reference answer as the judge sees it: with the option's text for a multiple-choice letter."""
+    letters = "ABCDEFGHIJ"
+    if row.choices and len(row.answer) == 1 and row.answer in letters[:len(row.choices)]:
+        return f"{row.answer}. {row.choices[letters.index(row.answer)]}"
+    return row.answer
 
 
 def _generate(cfg: EvalStageConfig, processor: Processor, backend: RolloutBackend, rows: list[BenchRow],
