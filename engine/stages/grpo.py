@@ -90,11 +90,13 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
 
     def new_rollout(index: int) -> None:
         t0 = time.perf_counter()
+        backend.wake()  # the sampler's weights and KV cache come back to the accelerator (no-op on CPU)
         sync_weights()  # the previous update (or the resumed checkpoint) reaches the sampler
         mine = order.step_indices(index)[rank::world]
         sampling = SamplingParams(temperature=r_cfg.temperature, top_p=r_cfg.top_p, max_new_tokens=r_cfg.max_new_tokens,
                                   seed=ctx.run.seed * 1_000_003 + index * world + rank)
         groups = backend.generate([prompts[i] for i in mine], n, sampling)
+        backend.sleep()  # give the accelerator memory back to the trainer until the next rollout
         t1 = time.perf_counter()
         rewards = [[score(c.text, prompts[i].answer, prompts[i].choices, cfg=reward_cfg) for c in grp]
                    for i, grp in zip(mine, groups, strict=True)]
