@@ -166,3 +166,32 @@ def _save_shards(sd: dict[str, torch.Tensor], out_dir: Path) -> None:
     total = sum(v.numel() * v.element_size() for v in sd.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def checkpoint_to_hf(ckpt: Path, stage_hf: Path, out_dir: Path, prefix: str = "hf.") -> Path:
+    """A Hugging Face directory of the model weights in training checkpoint `ckpt` (one process, no collectives).
+
+    `stage_hf` is the stage's exported model: it gives the architecture, the dtype to write and the tokenizer and
+    image-processor files. The optimizer state in the checkpoint is not read.
+    """
+    from engine.model import Policy, load_hf_model
+
+    hf_model = load_hf_model(stage_hf, attn_implementation="sdpa")
+    policy = Policy(hf_model)
+    state = {"model": get_model_state_dict(policy)}
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = {k.removeprefix(prefix): v for k, v in state["model"].items()}
+    if getattr(hf_model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    dtype = _export_dtype(stage_hf)
+    _save_shards({k: v.to(dtype).contiguous() for k, v in sd.items()}, tmp)
+    hf_model.config.save_pretrained(tmp)
+    for f in Path(stage_hf).iterdir():
+        if f.is_file() and _SIDE_FILES.match(f.name):
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

@@ -461,7 +461,8 @@ class EvalStageConfig(StageConfig):
 
     produces_model: ClassVar[bool] = False
     models: list[str]
-    """Models to evaluate, in report order: "model" or earlier stages."""
+    """Models to evaluate, in report order: "model", an earlier stage (its final export), "<stage>@<step>" (one
+    of its training checkpoints) or "<stage>@*" (all of them, oldest first; keep them with `checkpoint.keep`)."""
     base: str = ""
     """Model the gains are measured against (GF); empty: the first of `models`."""
     benchmarks: list[BenchmarkConfig]
@@ -491,7 +492,8 @@ class EvalStageConfig(StageConfig):
     """vllm: longest prompt + response in tokens."""
 
     def model_inputs(self) -> dict[str, str]:
-        return {f"models[{i}]": m for i, m in enumerate(self.models)} | ({"base": self.base} if self.base else {})
+        refs = {f"models[{i}]": m.partition("@")[0] for i, m in enumerate(self.models)}
+        return refs | ({"base": self.base.partition("@")[0]} if self.base else {})
 
     def path_inputs(self) -> dict[str, str]:
         return {f"benchmarks[{i}].path": b.path for i, b in enumerate(self.benchmarks)}
@@ -502,6 +504,12 @@ class EvalStageConfig(StageConfig):
             problems.append("models must name at least one model")
         if self.base and self.base not in self.models:
             problems.append(f"base = {self.base!r} is not one of models {self.models}")
+        if (self.base or (self.models[0] if self.models else "")).endswith("@*"):
+            problems.append("the base model must be one model, not '<stage>@*'")
+        for m in self.models:
+            stage, at, step = m.partition("@")
+            if at and not (step == "*" or step.isdigit()) or at and stage == "model":
+                problems.append(f"models: {m!r} is not '<stage>', '<stage>@<step>' or '<stage>@*'")
         names = [b.name for b in self.benchmarks]
         if not names or len(set(names)) != len(names):
             problems.append(f"benchmarks: need at least one, with distinct names, got {names}")

@@ -193,3 +193,34 @@ def test_judge_rechecks_rule_wrong_answers(tmp_path, toy_world, scripted, monkey
     assert stub.num_requests <= 16
     assert (ctx.stage_dir / "judge_cache.jsonl").exists()
     assert "rules first, then the judge (gemini-2.5-flash)" in (ctx.stage_dir / "report.md").read_text()
+
+
+def test_training_checkpoints_as_models(tmp_path, toy_world, scripted):
+    """"<stage>@<step>" and "<stage>@*" evaluate training checkpoints: converted once to HF directories with the
+    checkpoint's weights, and reported (with GF) like stage outputs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from engine.model import Policy, load_hf_model
+
+    cfg, ctx = _setup(tmp_path, toy_world)
+    policy = Policy(load_hf_model(toy_world / "hf"))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ckpt = ctx.out_dir / "second" / "checkpoints" / "step-000005"
+    dcp.save({"model": get_model_state_dict(policy)}, checkpoint_id=str(ckpt), no_dist=True)
+
+    cfg.models = ["model", "second@*"]
+    assert eval_stage.resolve_models(cfg, ctx) == ["model", "second@5"]
+    cfg.models = ["model", "second@7"]
+    with pytest.raises(ValueError, match=r"no checkpoint of step 7 .* \(there are \[5\]\); raise checkpoint.keep"):
+        eval_stage.resolve_models(cfg, ctx)
+
+    cfg.models = ["model", "second@*"]
+    eval_stage.run(cfg, ctx)
+    converted = load_hf_model(ctx.stage_dir / "checkpoints_hf" / "second@5")
+    for (name, a), b in zip(converted.named_parameters(), policy.hf.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    scores = json.loads((ctx.stage_dir / "scores.json").read_text())
+    assert list(scores["models"]) == ["model", "second@5"] and scores["models"]["second@5"]["gf"] > 0

@@ -32,9 +32,10 @@ def test_tiny_recipe_end_to_end(tmp_path):
     counts = json.loads((out / "distill" / "summary.json").read_text())["counts"]
     assert counts["prompts"] == 256 and counts["samples"] == 256 * 4 and counts["pairs"] > 0
     assert counts["pairs"] <= counts["candidates"] <= min(counts["correct"], counts["well_formatted"])
+    assert (out / "eval" / "checkpoints_hf" / "specs@4" / "model.safetensors").is_file()  # converted from DCP
 
     scores = json.loads((out / "eval" / "scores.json").read_text())
-    assert list(scores["models"]) == ["pretrain", "grpo_zero", "cold_start", "specs"]
+    assert list(scores["models"]) == ["pretrain", "grpo_zero", "cold_start", "specs@4"]  # specs@*: its checkpoints
     for model in scores["models"].values():
         assert {"g_id", "g_ood", "gf"} <= model.keys()
         for bench in model["benchmarks"].values():

@@ -72,6 +72,42 @@ def _score(module, row: BenchRow, response: str) -> float:
     return float(module.is_correct(row, response))
 
 
+def resolve_models(cfg: EvalStageConfig, ctx: StageContext) -> list[str]:
+    """`models` with each "<stage>@*" expanded to that stage's checkpoints; every "<stage>@<step>" checked."""
+    out = []
+    for m in cfg.models:
+        stage, at, step = m.partition("@")
+        if not at:
+            out.append(m)
+            continue
+        ckpts = ctx.out_dir / stage / "checkpoints"
+        steps = sorted(int(p.name.removeprefix("step-")) for p in ckpts.glob("step-*") if p.name[5:].isdigit())
+        if step == "*":
+            if not steps:
+                raise ValueError(f"eval: {m}: no checkpoints in {ckpts}")
+            out += [f"{stage}@{s}" for s in steps]
+        elif int(step) not in steps:
+            raise ValueError(f"eval: {m}: no checkpoint of step {step} in {ckpts} (there are {steps}); raise "
+                             f"checkpoint.keep in stage {stage!r} to keep older ones")
+        else:
+            out.append(f"{stage}@{int(step)}")
+    return out
+
+
+def _checkpoint_dir(ctx: StageContext, model: str) -> Path:
+    """The HF directory of checkpoint "<stage>@<step>", converted once (rank 0) into <eval stage>/checkpoints_hf/."""
+    from engine.checkpoint import checkpoint_to_hf
+
+    stage, _, step = model.partition("@")
+    out = ctx.stage_dir / "checkpoints_hf" / model
+    if ctx.dist.rank == 0 and not out.is_dir():
+        ckpt = ctx.out_dir / stage / "checkpoints" / f"step-{int(step):06d}"
+        log0(f"eval: converting {ckpt} to a Hugging Face directory {out}")
+        checkpoint_to_hf(ckpt, ctx.model_dir(stage), out)
+    barrier()
+    return out
+
+
 def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
     """(config, module, rows to evaluate, number of rows left out as unscorable by rules) per benchmark."""
     out = []
@@ -108,8 +144,9 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
     if rank == 0 and cfg.judge.enabled:  # one process owns the judge and its cache
         judge = make_judge(dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
                                                or str(ctx.stage_dir / "judge_cache.jsonl")))
-    for model in cfg.models:
-        model_dir = ctx.model_dir(model)
+    models = broadcast_object(resolve_models(cfg, ctx) if rank == 0 else None)
+    for model in models:
+        model_dir = _checkpoint_dir(ctx, model) if "@" in model else ctx.model_dir(model)
         processor, backend = None, None
         for b, module, rows, _ in benches:
             path = ctx.stage_dir / "predictions" / model / f"{b.name}.jsonl"
@@ -151,13 +188,13 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
     if rank == 0:
         from engine.report import summarise, write_report
 
-        scores = summarise(cfg, ctx, benches)
+        scores = summarise(dataclasses.replace(cfg, models=models), ctx, benches)
         (ctx.stage_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         report = write_report(cfg, ctx, scores)
         lines = report.read_text().splitlines()
         first = next(i for i, line in enumerate(lines) if line.startswith("| model"))
         table = lines[first:lines.index("", first)]
-        log0("eval: scores (%), gains over %s and GF; full report: %s\n%s", scores["base"], report, "\n".join(table))
+        log0("eval: scores (%%), gains over %s and GF; full report: %s\n%s", scores["base"], report, "\n".join(table))
     barrier()
 
 
