@@ -14,7 +14,7 @@ import random
 import time
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from engine.checkpoint import export_hf
 from engine.config_stages import GRPOStageConfig
@@ -75,8 +75,8 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
                       dist_info=dist_info, total_steps=total_steps, log_every=ctx.run.log_every)
     trainer.resume()
     # fp32 inference copy on CPU (exact tests); bf16 on GPU, like the trainer's compute dtype.
-    backend = make_backend(r_cfg.backend, init_dir, device=dist_info.device, processor=processor,
-                           dtype=resolve_dtype(ctx.model.dtype, dist_info.device)[0],
+    sample_dtype = resolve_dtype(ctx.model.dtype, dist_info.device)[0]
+    backend = make_backend(r_cfg.backend, init_dir, device=dist_info.device, processor=processor, dtype=sample_dtype,
                            gpu_memory_utilization=r_cfg.gpu_memory_utilization, enforce_eager=r_cfg.enforce_eager,
                            max_model_len=r_cfg.max_model_len or cfg.data.max_tokens, seed=ctx.run.seed)
     reward_cfg = RewardConfig(format_weight=g.format_weight, accuracy_weight=g.accuracy_weight)
@@ -84,9 +84,15 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
     step_state: dict = {}
 
     def sync_weights() -> None:
-        # Every rank keeps a full inference copy: gather the full tensors (collective) and load them into it.
-        sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-        backend.update_weights((name.removeprefix("hf."), v) for name, v in sd.items())
+        # Every rank keeps a full inference copy. Stream the weights into it one tensor at a time: each shard is
+        # cast to the sampler's dtype and all-gathered (a collective, in the same order on every rank), so the
+        # peak is one full tensor rather than a whole fp32 state dict (28 GB for 7B) per rank.
+        def full_tensors():
+            for name, p in policy.named_parameters():
+                t = p.detach().to(sample_dtype)
+                yield name.removeprefix("hf."), t.full_tensor() if isinstance(t, DTensor) else t
+
+        backend.update_weights(full_tensors())
 
     def new_rollout(index: int) -> None:
         t0 = time.perf_counter()
