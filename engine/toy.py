@@ -41,8 +41,8 @@ from engine.toy_draw import CELL_PX, OOD_TASKS, TASKS, ToySample, make_response,
 
 logger = logging.getLogger("engine.toy")
 
-__all__ = ["FORMAT_PROMPT", "OOD_TASKS", "SPECIAL_TOKENS", "TAG_TOKENS", "TASKS", "ToySpec", "build_toy_world",
-           "generate_split"]
+__all__ = ["FORMAT_PROMPT", "OOD_TASKS", "SPECIAL_TOKENS", "TAG_TOKENS", "TASKS", "ToySpec", "build_toy_model",
+           "build_toy_world", "generate_split"]
 
 FORMAT_PROMPT = (
     "Think step by step inside <think> </think> tags, then give the final answer inside <answer> </answer> tags."
@@ -292,6 +292,26 @@ def _build_model(spec: ToySpec, tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForCondi
     return model
 
 
+def build_toy_model(hf_dir: str | Path, spec: ToySpec) -> tuple[Qwen2Tokenizer, Qwen2_5_VLForConditionalGeneration]:
+    """Only the `hf/` part of the world (tokenizer, image processor, model), written to `hf_dir`; needs no
+    `datasets` (the GPU test machine has none). `build_toy_world` calls it, so the files are the same."""
+    train = generate_split(spec, "train")
+    corpus = ([s.problem for s in train] + _sft_responses(spec, train)
+              + [FORMAT_PROMPT, SYSTEM_PROMPT, "system\nuser\nassistant\n"])
+    tokenizer = _train_tokenizer(spec, corpus)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2,
+        # max_pixels = image_size^2 keeps a toy image at its size: 112 px -> 8x8 patches -> 16 merged tokens.
+        min_pixels=56 * 56, max_pixels=spec.image_size**2,
+    )
+    model = _build_model(spec, tokenizer)
+    Path(hf_dir).mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(hf_dir)
+    image_processor.save_pretrained(hf_dir)
+    model.save_pretrained(hf_dir)
+    return tokenizer, model
+
+
 def build_toy_world(out_dir: str | Path, *, seed: int = 0, num_train: int = 512, num_test: int = 128,
                     format_share: float = 0.4, image_size: int = 112, hidden_size: int = 64, num_layers: int = 2,
                     num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
@@ -326,14 +346,6 @@ def build_toy_world(out_dir: str | Path, *, seed: int = 0, num_train: int = 512,
 
     train, test = generate_split(spec, "train"), generate_split(spec, "test")
     responses = _sft_responses(spec, train)
-    corpus = [s.problem for s in train] + responses + [FORMAT_PROMPT, SYSTEM_PROMPT, "system\nuser\nassistant\n"]
-    tokenizer = _train_tokenizer(spec, corpus)
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=14, merge_size=2, temporal_patch_size=2,
-        # max_pixels = image_size^2 keeps a toy image at its size: 112 px -> 8x8 patches -> 16 merged tokens.
-        min_pixels=56 * 56, max_pixels=spec.image_size**2,
-    )
-    model = _build_model(spec, tokenizer)
     with _quiet_progress_bars():
         _write_parquet(paths["train"], "train", train)
         _write_parquet(paths["test"], "test", test)
@@ -341,9 +353,7 @@ def build_toy_world(out_dir: str | Path, *, seed: int = 0, num_train: int = 512,
         _write_parquet(paths["sft"], "train", train, {"response": responses})
         keep, pair_columns = _pairs(spec, responses)
         _write_parquet(paths["pairs"], "train", [train[i] for i in keep], pair_columns, ids=keep)
-        tokenizer.save_pretrained(hf_dir)
-        image_processor.save_pretrained(hf_dir)
-        model.save_pretrained(hf_dir)
+        tokenizer, model = build_toy_model(hf_dir, spec)
 
     num_params = sum(p.numel() for p in model.parameters())
     num_vision = sum(p.numel() for p in model.model.visual.parameters())

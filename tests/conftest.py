@@ -30,3 +30,14 @@ def toy_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy_world")
     build_toy_world(out, seed=0, num_train=64, num_test=16)
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_hf(tmp_path_factory) -> Path:
+    """Only the toy world's hf/ directory (no parquet, so no `datasets`): for the GPU tests, whose machine has
+    torch, triton and transformers only. Same files as toy_world's hf/."""
+    from engine.toy import ToySpec, build_toy_model
+
+    out = tmp_path_factory.mktemp("toy_hf") / "hf"
+    build_toy_model(out, ToySpec(seed=0, num_train=64, num_test=16))
+    return out

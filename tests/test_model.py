@@ -159,15 +159,19 @@ def test_text_only_batch_runs_the_vision_tower_once(toy_world):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (varlen_attn has no CPU kernel); the CPU "
                     "path of the same attention is checked in test_packed_row_matches_padded_batch")
-def test_packed_varlen_on_cuda_matches_padded(toy_world):
+def test_packed_varlen_on_cuda_matches_padded(toy_hf):
     from engine.packing import pack_samples
+    from engine.toy import ToySpec, _sft_responses, generate_split
 
-    processor = Processor.from_pretrained(toy_world / "hf")
-    samples, _ = encode_rows(toy_world / "data" / "sft.parquet", processor, response_column="response")
-    chosen = [samples[i] for i in (3, 0, 7, 5)]
+    processor = Processor.from_pretrained(toy_hf)
+    spec = ToySpec(seed=0, num_train=64, num_test=16)
+    train = generate_split(spec, "train")
+    responses = _sft_responses(spec, train)
+    chosen = [processor.encode(train[i].problem, [train[i].image], response=responses[i], row_id=str(i))
+              for i in (3, 0, 7, 5)]
     to_cuda = lambda b: {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}  # noqa: E731
-    padded = Policy(load_hf_model(toy_world / "hf", attn_implementation="sdpa").cuda())
-    packed = Policy(load_hf_model(toy_world / "hf", attn_implementation="varlen").cuda())
+    padded = Policy(load_hf_model(toy_hf, attn_implementation="sdpa").cuda())
+    packed = Policy(load_hf_model(toy_hf, attn_implementation="varlen").cuda())
     with torch.no_grad():
         ref = padded(to_cuda(collate(chosen, processor.pad_id)))
         got = packed(to_cuda(pack_samples(chosen, merge_size=processor.merge_size)))

@@ -290,3 +290,8 @@ def test_model_forward(toy_world, tmp_path):
         blank = model(**{**inputs, "pixel_values": torch.zeros_like(inputs["pixel_values"])}).logits
     assert logits.shape == (1, inputs["input_ids"].shape[1], vocab) and torch.isfinite(logits).all()
     assert not torch.allclose(logits[0, -1], blank[0, -1])  # the picture reaches the text
+
+
+def test_model_only_build_matches_the_world(toy_world, toy_hf):
+    """build_toy_model (no datasets) writes the same hf/ files as build_toy_world."""
+    assert _files(toy_hf) == {k.removeprefix("hf/"): v for k, v in _files(toy_world).items() if k.startswith("hf/")}
