@@ -106,6 +106,10 @@ DEFAULT_TEMPLATE = (
 class DataConfig:
     train: str
     """Training rows: a parquet/jsonl/arrow file or a directory of them, or `<stage>:relative/path`."""
+
+    @property
+    def max_pixel_bytes(self) -> int:
+        return int(self.max_cached_pixel_gib * 2**30)
     template: str = DEFAULT_TEMPLATE
     """User prompt template; `{problem}` is replaced by the row's problem text."""
     system: str = ""
@@ -118,6 +122,9 @@ class DataConfig:
     """Largest image area after resizing, in pixels; unset keeps the model's image processor setting."""
     max_tokens: int = 4096
     """Longest sample (prompt + response) in tokens; longer rows are bad rows."""
+    max_cached_pixel_gib: float = 8.0
+    """Keep up to this many GiB of encoded image patches in host memory per process; images past it are
+    re-encoded from the files each time they are used (slower, same numbers). 448x448 is ~4.8 MB an image."""
     on_bad_row: Literal["skip", "error"] = "skip"
     """A row with a missing/corrupt image, a placeholder/image count mismatch or empty text: skip it (counted
     and logged with its id) or stop with an error naming it."""
@@ -128,6 +135,8 @@ class DataConfig:
             problems.append(f"data.template must contain '{{problem}}', got {self.template!r}")
         if self.max_tokens < 2:
             problems.append(f"data.max_tokens must be >= 2, got {self.max_tokens}")
+        if self.max_cached_pixel_gib < 0:
+            problems.append(f"data.max_cached_pixel_gib must be >= 0, got {self.max_cached_pixel_gib}")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             problems.append(f"data.min_pixels ({self.min_pixels}) > data.max_pixels ({self.max_pixels})")
         return problems

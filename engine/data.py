@@ -85,6 +85,37 @@ class Sample:
     row_id: str
     answer: str = ""
     choices: list[str] | None = None
+    pixel_loader: PixelLoader | None = None  # re-encodes pixel_values on demand when they are not kept in memory
+
+    def pixels(self) -> torch.Tensor | None:
+        """pixel_values [P, D], from memory or re-encoded from the row's images; None for a text-only sample."""
+        if self.pixel_values is not None or self.pixel_loader is None:
+            return self.pixel_values
+        return self.pixel_loader()
+
+
+class PixelLoader:
+    """Re-encodes one row's images: samples of a large data set drop their pixel_values after the first pass
+    (a 448x448 image is ~4.8 MB of float32 patches; 40K of them would not fit in host memory on every rank).
+    Deterministic: the same decode and image processor as the first pass, so training does not change."""
+
+    _cache: dict = {}  # (id(rows), row index) -> pixel_values, the most recently used few, shared by all loaders
+    CACHE_SIZE = 512
+
+    def __init__(self, rows, index: int, base_dir: Path, image_processor):
+        self.rows, self.index, self.base_dir, self.image_processor = rows, index, base_dir, image_processor
+
+    def __call__(self) -> torch.Tensor:
+        key = (id(self.rows), self.index)
+        hit = PixelLoader._cache.pop(key, None)
+        if hit is None:
+            entries = self.rows.with_format("arrow")[self.index:self.index + 1].to_pylist()[0].get("images") or []
+            images = [_open_image(e, self.base_dir) for e in entries]
+            hit = self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+        PixelLoader._cache[key] = hit  # most recent last
+        while len(PixelLoader._cache) > PixelLoader.CACHE_SIZE:
+            PixelLoader._cache.pop(next(iter(PixelLoader._cache)))
+        return hit
 
 
 @dataclass(slots=True)
@@ -305,7 +336,7 @@ def _pick_chat_template(tokenizer, model_dir: Path) -> str:
 def encode_rows(
     data: datasets.Dataset | str | os.PathLike, processor: Processor, *, template: str = "{problem}",
     response_column: str | None = None, system: str | None = None, on_bad_row: str = "skip",
-    max_tokens: int | None = None, source: str | None = None,
+    max_tokens: int | None = None, source: str | None = None, max_pixel_bytes: int | None = None,
 ) -> tuple[list[Sample], BadRowReport]:  # fmt: skip
     """Encode every row; skip (and count, and log) or raise on bad rows. Never drops a row silently.
 
@@ -316,6 +347,8 @@ def encode_rows(
         max_tokens: rows with more tokens (prompt + response) are bad ("too long").
         source: file the Dataset came from: relative image paths resolve against its directory and messages
             name it. Defaults to `data` when it is a path, else the current directory.
+        max_pixel_bytes: keep the samples' pixel_values in memory while they total at most this; past it, every
+            sample gets a `PixelLoader` instead and `Sample.pixels()` re-encodes its images on demand. None: keep.
 
     Returns:
         (samples in row order, report).
@@ -331,6 +364,7 @@ def encode_rows(
         raise ValueError(f"{source}: response column {response_column!r} not in {data.column_names}")
     report, reasons = BadRowReport(num_rows=len(data)), Counter()
     samples: list[Sample] = []
+    pixel_bytes, lazy, dropped = 0, False, 0
     # Arrow format hands the images column over undecoded ({"bytes", "path"} structs or strings): datasets'
     # own decode would raise on the first corrupt image and take the whole read down with it.
     rows = (r for batch in data.with_format("arrow").iter(batch_size=256) for r in batch.to_pylist())
@@ -355,6 +389,17 @@ def encode_rows(
             report.row_ids.append(row_id)
             continue
         sample.answer, sample.choices = str(row["answer"]), row.get("choices")
+        if sample.pixel_values is not None:
+            pixel_bytes += sample.pixel_values.numel() * 4
+            sample.pixel_loader = PixelLoader(data, i, base_dir, processor.image_processor)
+        if max_pixel_bytes is not None and pixel_bytes > max_pixel_bytes and not lazy:
+            lazy = True
+            logger.info("%s: images past %.1f GiB of pixels are re-encoded when used instead of kept in memory",
+                        source, max_pixel_bytes / 2**30)
+        if lazy:
+            for s in samples[dropped:] + [sample]:
+                s.pixel_values = None
+            dropped = len(samples) + 1
         samples.append(sample)
     report.num_skipped, report.by_reason = len(report.row_ids), dict(reasons)
     if report.num_skipped:
@@ -399,9 +444,9 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         batch["mm_token_type_ids"][i, :n] = torch.tensor(s.mm_token_type_ids)
         if s.labels is not None:
             batch["labels"][i, :n] = torch.tensor(s.labels)
-    with_images = [s for s in samples if s.pixel_values is not None]
+    with_images = [s for s in samples if s.image_grid_thw is not None]
     if with_images:
-        batch["pixel_values"] = torch.cat([s.pixel_values for s in with_images])
+        batch["pixel_values"] = torch.cat([s.pixels() for s in with_images])
         batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images])
     return batch
 

@@ -39,8 +39,8 @@ def pack_samples(samples: list[Sample], *, merge_size: int | None) -> dict[str, 
         item["labels"] = labels
         if merge_size is not None:
             item["mm_token_type_ids"] = torch.tensor(s.mm_token_type_ids, dtype=torch.int32)
-        if s.pixel_values is not None:
-            item["pixel_values"], item["image_grid_thw"] = s.pixel_values, s.image_grid_thw
+        if s.image_grid_thw is not None:
+            item["pixel_values"], item["image_grid_thw"] = s.pixels(), s.image_grid_thw
         items.append(item)
     packed = pack(items)
     cu = packed.cu_seqlens

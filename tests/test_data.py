@@ -286,6 +286,33 @@ def test_encode_rows_from_path_default_ids(proc, tmp_path):
     assert samples[0].choices == ["1", "2"] and samples[0].labels is None
 
 
+def test_pixels_past_the_budget_are_reencoded_on_demand(proc, tmp_path):
+    """With a pixel budget, samples keep no pixel_values in memory; `pixels()` re-encodes the same patches from the
+    files (relative to the data file), and collate/pack give the same batch as with everything kept."""
+    from engine.packing import pack_samples
+
+    sub = tmp_path / "imgs"
+    sub.mkdir()
+    rows = []
+    for i in range(5):
+        img(h=56 + 28 * i, w=84, seed=10 + i).save(sub / f"{i}.png")
+        rows.append({"id": f"r{i}", "problem": "<image>Count?", "answer": str(i), "images": [f"imgs/{i}.png"],
+                     "response": f"There are {i}."})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    eager, _ = encode_rows(tmp_path / "d.jsonl", proc, template=TEMPLATE, response_column="response")
+    lazy, _ = encode_rows(tmp_path / "d.jsonl", proc, template=TEMPLATE, response_column="response", max_pixel_bytes=0)
+    assert all(s.pixel_values is not None for s in eager) and all(s.pixel_values is None for s in lazy)
+    for a, b in zip(eager, lazy, strict=True):
+        assert torch.equal(a.pixels(), b.pixels()) and torch.equal(a.image_grid_thw, b.image_grid_thw)
+    for build in (lambda x: collate(x, proc.pad_id), lambda x: pack_samples(x, merge_size=proc.merge_size)):
+        want, got = build(eager), build(lazy)
+        assert want.keys() == got.keys()
+        assert all(torch.equal(want[k], got[k]) for k in want if isinstance(want[k], torch.Tensor))
+    some, _ = encode_rows(tmp_path / "d.jsonl", proc, template=TEMPLATE,
+                          max_pixel_bytes=eager[0].pixel_values.numel() * 4 + 1)  # room for one image, not two
+    assert [s.pixel_values is None for s in some] == [True] * 5  # past the budget, earlier samples drop theirs too
+
+
 # --------------------------------------------------------------------------------------------------- batching
 
 

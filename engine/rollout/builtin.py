@@ -129,11 +129,11 @@ class BuiltinBackend:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         # TODO: with n > 1 each image goes through the vision tower n times; encode once per prompt and pass
         # the embeddings (`mm_encoder_outputs`) when the vision tower shows up in rollout profiles.
-        with_images = [s for s in samples if s.pixel_values is not None]
+        with_images = [s for s in samples if s.image_grid_thw is not None]
         if with_images:
             if not self.is_vlm:
                 raise ValueError(f"{type(self.model).__name__} is a text model but some prompts have images")
-            inputs["pixel_values"] = torch.cat([s.pixel_values for s in with_images]).to(self.dtype)
+            inputs["pixel_values"] = torch.cat([s.pixels() for s in with_images]).to(self.dtype)
             inputs["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images])
         if self.is_vlm:
             inputs["mm_token_type_ids"] = mm_token_type_ids

@@ -181,12 +181,12 @@ class VLLMBackend:
 
     def _prompt(self, sample: Sample) -> dict:
         """vLLM prompt: token ids, plus the images rebuilt from pixel_values with their pad runs collapsed."""
-        if sample.pixel_values is None:
+        if sample.image_grid_thw is None:
             return {"prompt_token_ids": list(sample.input_ids)}
         if not self.is_vlm:
             raise ValueError(f"{self.model_dir} is a text model but some prompts have images")
         ids = collapse_image_pads(sample.input_ids, self.processor.image_token_id)
-        images = images_from_pixel_values(sample.pixel_values, sample.image_grid_thw, self.processor.image_processor)
+        images = images_from_pixel_values(sample.pixels(), sample.image_grid_thw, self.processor.image_processor)
         return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
 
     def _completions(self, index: int, sample: Sample, out, stop: list[str]) -> list[Completion]:

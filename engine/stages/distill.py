@@ -162,7 +162,8 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     path = ctx.resolve_path(cfg.data.train)
     rows = load_rows(str(path))
     prompts, report = encode_rows(rows, processor, template=cfg.data.template, system=cfg.data.system or None,
-                                  on_bad_row=cfg.data.on_bad_row, max_tokens=cfg.data.max_tokens, source=str(path))
+                                  on_bad_row=cfg.data.on_bad_row, max_tokens=cfg.data.max_tokens, source=str(path),
+                                  max_pixel_bytes=cfg.data.max_pixel_bytes)
     if cfg.distill.num_prompts:
         prompts = prompts[:cfg.distill.num_prompts]
     ids = [str(x) for x in rows["id"]] if "id" in rows.column_names else [f"row-{i}" for i in range(len(rows))]

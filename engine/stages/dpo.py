@@ -34,7 +34,8 @@ def encode_pairs(cfg: DPOStageConfig, processor: Processor, path: Path) -> list[
     """(chosen, rejected) samples of every row where both encode; a row bad on either side is dropped, counted."""
     rows = load_rows(str(path))
     common = dict(template=cfg.data.template, system=cfg.data.system or None, on_bad_row=cfg.data.on_bad_row,
-                  max_tokens=cfg.data.max_tokens, source=str(path))
+                  max_tokens=cfg.data.max_tokens, source=str(path),
+                  max_pixel_bytes=cfg.data.max_pixel_bytes // 2)  # chosen and rejected each keep their own
     chosen, _ = encode_rows(rows, processor, response_column=cfg.dpo.chosen_column, **common)
     rejected, _ = encode_rows(rows, processor, response_column=cfg.dpo.rejected_column, **common)
     by_id = {s.row_id: s for s in rejected}

@@ -43,7 +43,7 @@ def training_sample(prompt: Sample, completion_ids: list[int]) -> Sample:
     labels = [IGNORE_INDEX] * len(prompt.input_ids) + list(completion_ids)
     mm = list(prompt.mm_token_type_ids) + [0] * len(completion_ids)
     return Sample(ids, labels, mm, prompt.pixel_values, prompt.image_grid_thw, len(prompt.input_ids), prompt.row_id,
-                  answer=prompt.answer, choices=prompt.choices)
+                  answer=prompt.answer, choices=prompt.choices, pixel_loader=prompt.pixel_loader)
 
 
 def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
@@ -54,7 +54,8 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
     path = ctx.resolve_path(cfg.data.train)
     prompts, report = encode_rows(load_rows(str(path)), processor, template=cfg.data.template,
                                   system=cfg.data.system or None, on_bad_row=cfg.data.on_bad_row,
-                                  max_tokens=cfg.data.max_tokens, source=str(path))
+                                  max_tokens=cfg.data.max_tokens, source=str(path),
+                                  max_pixel_bytes=cfg.data.max_pixel_bytes)
     check_batch_size(cfg.train.batch_size, world * g.mini_batches, f"stages.{cfg.name}.train")
     order = StepOrder(len(prompts), cfg.train.batch_size, ctx.run.seed)
     k = g.steps_per_rollout

@@ -24,7 +24,8 @@ def run(cfg: SFTStageConfig, ctx: StageContext) -> None:
     data_path = ctx.resolve_path(cfg.data.train)
     samples, report = encode_rows(load_rows(str(data_path)), processor, template=cfg.data.template,
                                   system=cfg.data.system or None, response_column=cfg.data.response_column,
-                                  on_bad_row=cfg.data.on_bad_row, max_tokens=cfg.data.max_tokens)
+                                  on_bad_row=cfg.data.on_bad_row, max_tokens=cfg.data.max_tokens,
+                                  source=str(data_path), max_pixel_bytes=cfg.data.max_pixel_bytes)
     if not samples:
         raise ValueError(f"{data_path}: no usable rows ({report.num_skipped} of {report.num_rows} skipped: "
                          f"{report.by_reason})")
