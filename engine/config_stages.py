@@ -290,6 +290,9 @@ class RolloutConfig:
     """Nucleus sampling threshold."""
     max_new_tokens: int = 256
     """Longest completion, in tokens."""
+    max_batch_rows: int = 64
+    """builtin: most sequences (prompts x n) decoded together; its static KV cache holds this many rows of
+    prompt + max_new_tokens (7B: ~57 KB a token, so 64 rows x 11K tokens is ~40 GB). Lower it for long responses."""
 
     def check(self) -> list[str]:
         problems = []
@@ -301,6 +304,8 @@ class RolloutConfig:
             problems.append(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             problems.append(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_batch_rows < 1:
+            problems.append(f"rollout.max_batch_rows must be >= 1, got {self.max_batch_rows}")
         if not 0 < self.gpu_memory_utilization <= 1 or self.max_model_len < 0:
             problems.append(f"rollout.gpu_memory_utilization must be in (0, 1] and max_model_len >= 0, got "
                             f"{self.gpu_memory_utilization}, {self.max_model_len}")
