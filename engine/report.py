@@ -41,6 +41,7 @@ def summarise(cfg, ctx, benches) -> dict:
                 "score": 100.0 * total, "num": len(got), "macro_over_categories": macro,
                 "errors": sum(bool(p["error"]) for p in got),
                 "truncated": sum(p["finish_reason"] == "length" for p in got),
+                "format": 100.0 * sum(bool(p.get("format")) for p in got) / max(1, len(got)),
                 "judged": sum(bool(p.get("judge")) for p in got),
                 "judged_yes": sum(p.get("judge") == "yes" for p in got),
                 "left_out_unscorable": left_out, "limit": b.limit,
@@ -98,6 +99,11 @@ def write_report(cfg, ctx, scores: dict) -> Path:
                          f"their metric is not re-implemented, or they hold video.")
         if first["macro_over_categories"]:
             notes.append(f"- **{b.name}**: the mean of per-category (task) means, as the official number.")
+    lines += ["", "## Format", "", "Share of responses (%) in the `<think>...</think><answer>...</answer>` format (the "
+              "training reward's rule), the cold start's target:", "",
+              "| model | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for model, r in scores["models"].items():
+        lines.append(f"| {model} | " + " | ".join(_fmt(r["benchmarks"][n]["format"]) for n in names) + " |")
     lines += ["", "## Notes", ""] + (notes or ["- Every score is rule-based end to end, on all rows."])
     lines += ["", "## Per category", ""]
     for b in cfg.benchmarks:

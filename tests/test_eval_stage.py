@@ -95,6 +95,8 @@ def test_scores_gf_and_report(tmp_path, toy_world, scripted):
     report = (ctx.stage_dir / "report.md").read_text()
     assert "| second | 93.75 | 75.00 | 93.75 | 75.00 | 50.00 | 25.00 | 27.78 |" in report
     assert "### toy_id" in report and "count_shape" in report
+    assert m["benchmarks"]["toy_id"]["format"] == 100 * 15 / 16  # every scripted answer is formatted; row 0 errored
+    assert "| model | toy_id | toy_ood |\n|---|---|---|\n| model | 93.75 | 100.00 |" in report
     for png in ("training_curves.png", "gf.png"):
         assert (ctx.stage_dir / png).read_bytes().startswith(b"\x89PNG")
 

@@ -34,6 +34,7 @@ from engine.dist import barrier, broadcast_object
 from engine.fsdp import resolve_dtype
 from engine.judge import make_judge
 from engine.log import log0
+from engine.rewards import format_ok
 from engine.rollout import RolloutBackend, SamplingParams, make_backend
 from engine.stages import StageContext
 
@@ -181,7 +182,8 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                             verdict = verdicts.get(row.id, "")
                             s = 1.0 if verdict == "yes" else s
                             f.write(json.dumps({"id": row.id, "category": row.category, "score": s,
-                                                "correct": s == 1.0, "judge": verdict, **p}) + "\n")
+                                                "correct": s == 1.0, "judge": verdict,
+                                                "format": format_ok(p["response"]), **p}) + "\n")
                         f.flush()
                         os.fsync(f.fileno())
         del backend
