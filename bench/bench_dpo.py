@@ -3,11 +3,12 @@
     python bench/bench_dpo.py [--out bench/results] [--reps 10]
 
 One step = the reference log-probs (a second lm_head weight, forward only, no grad) + the policy loss forward +
-backward. Providers: `ours` = kernels.fused_logprobs.logprobs_fwd for the reference, kernels.dpo_loss for the
-policy (no [N, V] logits); `eager` = full logits [N, V] in the input dtype with fp32 log_softmax for both (the
-reference under no_grad), the same loss, autograd. Shapes: CUDA = Qwen2.5-VL-7B head (H=3584, V=152064, bf16),
-4 pairs = 8 sequences x 1024 tokens; CPU = a reduced shape. FLOPs (useful): 8*N*V*H (reference 2NVH +
-policy 6NVH); ours executes 10NVH (the policy backward recomputes the logits).
+backward. Providers: `ours` = kernels.fused_logprobs.logprobs_fwd for the reference, kernels.dpo_loss for the policy
+(no [N, V] logits); `eager` = full logits [N, V] in the input dtype with fp32 log_softmax for both (the reference
+under no_grad), the same loss, autograd; `liger` = Liger-Kernel's LigerFusedLinearDPOLoss with its NLL term and its
+own reference pass (only when importable; timing only, its loss is not compared). Shapes: CUDA = Qwen2.5-VL-7B head
+(H=3584, V=152064, bf16), 4 pairs = 8 sequences x 1024 tokens; CPU = a reduced shape. FLOPs (useful): 8*N*V*H
+(reference 2NVH + policy 6NVH); ours executes 10NVH (the policy backward recomputes the logits).
 """
 
 import argparse
@@ -54,6 +55,24 @@ def ours_dpo(hidden, weight, ref_weight, targets, mask, cu, is_chosen):
                     beta=BETA, sft_weight=SFT_WEIGHT, sft_norm="token-mean")[0]
 
 
+def liger_dpo(num_seqs, t):
+    """Liger-Kernel's fused DPO + NLL on the same tensors ([chosen..., rejected...] x T); None when not installed."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    except ImportError:
+        return None
+    loss = LigerFusedLinearDPOLoss(beta=BETA, alpha=SFT_WEIGHT, compute_nll_loss=True, use_ref_model=True,
+                                   compiled=torch.cuda.is_available())
+
+    def fn(hidden, weight, ref_weight, targets, mask, cu, is_chosen):
+        order = torch.cat([torch.nonzero(is_chosen).flatten(), torch.nonzero(~is_chosen).flatten()])
+        x = hidden.view(num_seqs, t, -1)[order]
+        y = targets.masked_fill(~mask, -100).view(num_seqs, t)[order]
+        out = loss(weight, x, y, ref_input=x.detach(), ref_weight=ref_weight)
+        return out[0] if isinstance(out, tuple) else out
+    return fn
+
+
 def make_inputs(num_seqs, t, h, v, dtype, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     n = num_seqs * t
@@ -86,7 +105,10 @@ def main():
     shape = f"P={num_seqs // 2} T={t} H={h} V={v}"
     hidden, weight = inputs[:2]
     eager_ms = None
-    for name, fn in (("eager", eager_dpo), ("ours", ours_dpo)):
+    providers = [("eager", eager_dpo), ("ours", ours_dpo)]
+    if (liger := liger_dpo(num_seqs, t)) is not None:
+        providers.append(("liger", liger))
+    for name, fn in providers:
         def step(fn=fn):
             return torch.autograd.grad(fn(*inputs), (hidden, weight))
         ms = time_ms(step, warmup=2, reps=args.reps)

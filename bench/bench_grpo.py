@@ -3,10 +3,11 @@
     python bench/bench_grpo.py [--out bench/results] [--reps 10]
 
 Providers: `ours` = kernels.grpo_loss (no [N, V] logits); `eager` = full logits [N, V] in the input dtype, fp32
-log_softmax, the same loss, autograd. Shapes: CUDA = Qwen2.5-VL-7B head (H=3584, V=152064, bf16), 8 sequences
-x 1024 tokens; CPU = a reduced shape that finishes in seconds. TFLOP/s use the useful count for both providers,
-6*N*V*H (logits 2NVH, grad_hidden 2NVH, grad_weight 2NVH); ours executes 8NVH (its backward recomputes the
-logits). The [N]-sized loss math is ignored.
+log_softmax, the same loss, autograd; `liger` = Liger-Kernel's LigerFusedLinearGRPOLoss (only when importable;
+timing only: it takes one advantage per sequence and normalises its own way, so its loss is not compared). Shapes:
+CUDA = Qwen2.5-VL-7B head (H=3584, V=152064, bf16), 8 sequences x 1024 tokens; CPU = a reduced shape that finishes
+in seconds. TFLOP/s use the useful count for both providers, 6*N*V*H (logits 2NVH, grad_hidden 2NVH, grad_weight
+2NVH); ours executes 8NVH (its backward recomputes the logits). The [N]-sized loss math is ignored.
 """
 
 import argparse
@@ -37,6 +38,22 @@ def eager_grpo(hidden, weight, targets, adv, old, ref, mask):
 def ours_grpo(hidden, weight, targets, adv, old, ref, mask):
     return grpo_loss(hidden, weight, targets, adv, old, mask, ref_logprobs=ref, clip_low=CLIP_LOW,
                      clip_high=CLIP_HIGH, kl_coef=KL_COEF, kl_estimator="k3")[0]
+
+
+def liger_grpo(b, t):
+    """Liger-Kernel's fused GRPO loss on the same tensors viewed as [B, T]; None when it is not installed."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        return None
+    loss = LigerFusedLinearGRPOLoss(beta=KL_COEF, epsilon_low=CLIP_LOW, epsilon_high=CLIP_HIGH, loss_type="dapo",
+                                    compiled=torch.cuda.is_available(), use_ref_model=True)
+
+    def fn(hidden, weight, targets, adv, old, ref, mask):
+        out = loss(hidden.view(b, t, -1), weight, targets.view(b, t), mask.view(b, t).long(), adv.view(b, t)[:, 0],
+                   ref_per_token_logps=ref.view(b, t), old_per_token_logps=old.view(b, t))
+        return out[0] if isinstance(out, tuple) else out
+    return fn
 
 
 def make_inputs(n, h, v, dtype, device, seed=0):
@@ -73,7 +90,10 @@ def main():
     shape = f"B={b} T={t} H={h} V={v}"
     hidden, weight = inputs[:2]
     eager_ms = None
-    for name, fn in (("eager", eager_grpo), ("ours", ours_grpo)):
+    providers = [("eager", eager_grpo), ("ours", ours_grpo)]
+    if (liger := liger_grpo(b, t)) is not None:
+        providers.append(("liger", liger))
+    for name, fn in providers:
         def step(fn=fn):
             return torch.autograd.grad(fn(*inputs), (hidden, weight))
         ms = time_ms(step, warmup=2, reps=args.reps)
