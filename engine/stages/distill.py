@@ -62,10 +62,10 @@ def _write_json(path: Path, obj) -> None:
     _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
-def _settings(cfg: DistillStageConfig, source: str) -> dict:
+def _settings(cfg: DistillStageConfig, source: str, seed: int) -> dict:
     """What determines the parts' contents; parts made with other settings are not mixed in."""
     r, d = cfg.rollout, cfg.distill
-    return {"source_model": source, "data": cfg.data.train, "template": cfg.data.template, "n": r.n,
+    return {"source_model": source, "data": cfg.data.train, "template": cfg.data.template, "n": r.n, "seed": seed,
             "temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens,
             "max_chosen_per_prompt": d.max_chosen_per_prompt, "rejected": d.rejected, "corruptions": d.corruptions,
             "chunk_prompts": d.chunk_prompts, "judge": cfg.judge.model if cfg.judge.enabled else ""}
@@ -171,8 +171,8 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     problems = rows["problem"]
 
     parts_dir = ctx.stage_dir / "parts"
-    settings = _settings(cfg, source)
-    done: set[int] = set()
+    settings = _settings(cfg, source, ctx.run.seed)
+    done, error = set(), ""
     if rank == 0:
         parts_dir.mkdir(parents=True, exist_ok=True)
         pinned = parts_dir / "settings.json"
@@ -180,12 +180,14 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
             old = json.loads(pinned.read_text())
             if old != settings:
                 diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-                raise ValueError(f"{parts_dir} holds parts made with other settings {diff} (old, new); restore them "
-                                 f"to resume, or move that directory away to start over")
+                error = (f"{parts_dir} holds parts made with other settings {diff} (old, new); restore them to "
+                         f"resume, or move that directory away to start over")
         else:
             _write_json(pinned, settings)
         done = {int(p.name[5:10]) for p in parts_dir.glob("part-*.json")}
-    done = broadcast_object(done)
+    done, error = broadcast_object((done, error))
+    if error:  # every rank stops with the same message
+        raise ValueError(error)
     chunk = cfg.distill.chunk_prompts
     num_chunks = (len(prompts) + chunk - 1) // chunk
     judge = None
