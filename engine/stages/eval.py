@@ -145,7 +145,15 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
     if rank == 0 and cfg.judge.enabled:  # one process owns the judge and its cache
         judge = make_judge(dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
                                                or str(ctx.stage_dir / "judge_cache.jsonl")))
-    models = broadcast_object(resolve_models(cfg, ctx) if rank == 0 else None)
+    models, error = [], ""
+    if rank == 0:
+        try:
+            models = resolve_models(cfg, ctx)
+        except ValueError as e:
+            error = str(e)
+    models, error = broadcast_object((models, error))
+    if error:  # every rank stops with the same message
+        raise ValueError(error)
     for model in models:
         model_dir = _checkpoint_dir(ctx, model) if "@" in model else ctx.model_dir(model)
         processor, backend = None, None
