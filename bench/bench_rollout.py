@@ -1,7 +1,8 @@
 """Generated tokens per second of the rollout backends against transformers' `generate`, in the same run.
 
-Providers: `builtin` (engine/rollout/builtin.py: static KV cache, our decode loop) and `hf-generate`
-(transformers' `generate`, sampling, dynamic cache: the baseline). Each prompt is a chat prompt
+Providers: `builtin` (engine/rollout/builtin.py: static KV cache, our decode loop), `builtin-compiled` (the same
+with `compile_decode=True`: torch.compile of the decode step, CUDA graphs on a GPU; compile time excluded) and
+`hf-generate` (transformers' `generate`, sampling, dynamic cache: the baseline). Each prompt is a chat prompt
 with one image; sampling at temperature 1; tokens/s counts the tokens actually generated (rows stop on eos).
 
     python bench/bench_rollout.py                 # CPU: the toy world's model, 16 prompts x 112x112, 32 new tokens
@@ -17,6 +18,7 @@ vocabulary is therefore the toy's (~500 tokens padded to 512) instead of 151,936
 import argparse
 import csv
 import datetime
+import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +42,8 @@ PRESETS = {
     "toy": dict(text=(64, 2, 4, 2, 128), vision=(2, 32, 2), image=112, prompts=(16,), new_tokens=32),
     "3b": dict(text=(2048, 36, 16, 2, 11008), vision=(32, 1280, 16), image=448, prompts=(32, 128), new_tokens=256),
 }
+REPS = 3
+"""Timed repetitions per provider; the table reports the median."""
 COLUMNS = ["date", "device", "torch", "preset", "provider", "prompts", "max_new_tokens", "tokens", "seconds",
            "tokens_per_s", "x_generate"]
 
@@ -82,17 +86,21 @@ def make_prompts(processor: Processor, num: int, side: int) -> list:
     return prompts
 
 
-def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens) -> tuple[int, float]:
-    backend = BuiltinBackend(model_dir, device=device, dtype=dtype, processor=processor, max_batch_size=len(prompts))
+def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens, compile_decode=False) -> tuple[int, float]:
+    backend = BuiltinBackend(model_dir, device=device, dtype=dtype, processor=processor, max_batch_size=len(prompts),
+                             compile_decode=compile_decode)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
-    backend.generate(prompts[:2], 1, SamplingParams(temperature=1.0, max_new_tokens=4))  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    out = backend.generate(prompts, 1, sampling)
-    _sync(device)
-    seconds = time.perf_counter() - t0
+    # Warm-up with the measured shapes (the compiled step compiles once per rows x cache-length shape).
+    backend.generate(prompts, 1, SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=1))
+    times = []
+    for _ in range(REPS):  # the same seed each time: the same tokens, so the median time is comparable
+        _sync(device)
+        t0 = time.perf_counter()
+        out = backend.generate(prompts, 1, sampling)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
     del backend
-    return sum(len(c.token_ids) for g in out for c in g), seconds
+    return sum(len(c.token_ids) for g in out for c in g), statistics.median(times)
 
 
 def run_generate(model_dir, device, dtype, prompts, new_tokens) -> tuple[int, float]:
@@ -110,11 +118,16 @@ def run_generate(model_dir, device, dtype, prompts, new_tokens) -> tuple[int, fl
         warm["pixel_values"] = inputs["pixel_values"][: len(inputs["pixel_values"]) // len(prompts) * 2]
         warm["image_grid_thw"] = inputs["image_grid_thw"][:2]
         model.generate(**warm, do_sample=True, max_new_tokens=4)
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens)
-        _sync(device)
-    seconds = time.perf_counter() - t0
+        times = []
+        for i in range(REPS):
+            torch.manual_seed(i)
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                 max_new_tokens=new_tokens)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
     new = out[:, inputs["input_ids"].shape[1]:]
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -148,7 +161,9 @@ def main() -> None:
             ref_tokens, ref_s = run_generate(model_dir, device, dtype, prompts, p["new_tokens"])
             base = ref_tokens / ref_s
             results = {"hf-generate": (ref_tokens, ref_s),
-                       "builtin": run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"])}
+                       "builtin": run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"]),
+                       "builtin-compiled": run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"],
+                                                       compile_decode=True)}
             for provider, (tokens, seconds) in results.items():
                 rows.append(dict(date=datetime.date.today().isoformat(), device=device_name(), torch=torch.__version__,
                                  preset=args.preset, provider=provider, prompts=num, max_new_tokens=p["new_tokens"],

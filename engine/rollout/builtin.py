@@ -13,8 +13,9 @@ uses a DynamicCache, checks it), then one single-token forward per step. Positio
 `_prefill_positions`). Vision special tokens are banned from the output; rows stop on eos or a stop string and
 then keep feeding padding until every row is done.
 
-TODO: CUDA graphs (or torch.compile mode="reduce-overhead") for the decode step; the static cache keeps the
-tensor addresses fixed, which that needs. Not written yet because it cannot be tested on CPU.
+`compile_decode=True` compiles the decode step (static shapes: the whole mask and the cache slot as a tensor);
+on CUDA in "reduce-overhead" mode, which replays it as CUDA graphs. Checked on CPU (same greedy tokens as the
+eager step); not yet measured on a GPU.
 
 Letters in shapes: B batch rows (prompts x n), T prompt length (padded), L cache length, V vocabulary.
 """
@@ -48,10 +49,15 @@ class BuiltinBackend:
         processor: an `engine.data.Processor` (its tokenizer decodes and names the stop tokens); None loads one
             from `model_dir`.
         max_batch_size: most rows (prompts x n) per prefill/decode batch; larger requests run in chunks.
+        compile_decode: compile the one-token decode step with torch.compile (on CUDA in "reduce-overhead" mode,
+            i.e. replayed as CUDA graphs). Shapes are static per (rows, cache length) and the cache length is
+            rounded up to a multiple of `CACHE_BUCKET`, so a run compiles a handful of variants, each once.
     """
 
+    CACHE_BUCKET = 256
+
     def __init__(self, model_dir: str | Path, *, device: str | torch.device, dtype: torch.dtype = torch.float32,
-                 processor=None, max_batch_size: int = 64):
+                 processor=None, max_batch_size: int = 64, compile_decode: bool = False):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if processor is None:
@@ -70,9 +76,19 @@ class BuiltinBackend:
         self.banned_ids = sorted(i for i in banned if isinstance(i, int) and 0 <= i < vocab
                                  and i != self.tokenizer.unk_token_id)
         self._refresh_params()
-        log0("rollout: builtin backend, %s %s on %s, static KV cache, max_batch_size %d, eos %s, banned %s",
+        self.compile_decode = compile_decode
+        self._decode = self._decode_step
+        if compile_decode:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._decode = torch.compile(self._decode_step, mode=mode, dynamic=False)
+        log0("rollout: builtin backend, %s %s on %s, static KV cache, max_batch_size %d, decode %s, eos %s, banned %s",
              type(self.model).__name__, str(dtype).removeprefix("torch."), self.device, max_batch_size,
-             self.eos_ids, self.banned_ids)
+             "compiled" if compile_decode else "eager", self.eos_ids, self.banned_ids)
+
+    def _decode_step(self, tokens, mask, cache_pos, pos, cache) -> torch.Tensor:
+        """tokens [B, 1], mask [B, L], cache_pos [1] -> next-token logits [B, V]; static shapes, compilable."""
+        return self.model(input_ids=tokens, attention_mask=mask, cache_position=cache_pos, position_ids=pos,
+                          past_key_values=cache, use_cache=True).logits[:, -1]
 
     def _eos_ids(self) -> set[int]:
         """<|im_end|> plus every eos id of the generation config and the (text) model config."""
@@ -168,9 +184,13 @@ class BuiltinBackend:
         b, t = inputs["input_ids"].shape
         max_new = sampling.max_new_tokens
         pos, next_pos_B = self._prefill_positions(inputs, prompt_lens_B)
-        # Preallocated K/V for prompt + max_new tokens; the mask grows over the same length.
-        cache = StaticCache(config=self.model.config, max_cache_len=t + max_new)
-        mask_BL = torch.ones(b, t + max_new, dtype=torch.long, device=self.device)
+        # Preallocated K/V for prompt + max_new tokens (rounded up when the decode step is compiled, so that few
+        # shapes occur); the mask covers the same length.
+        length = t + max_new
+        if self.compile_decode:
+            length = -(-length // self.CACHE_BUCKET) * self.CACHE_BUCKET
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        mask_BL = torch.ones(b, length, dtype=torch.long, device=self.device)
         mask_BL[:, :t] = inputs["attention_mask"]
         logits_BV = self.model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True,
                                logits_to_keep=1).logits[:, -1]
@@ -180,6 +200,7 @@ class BuiltinBackend:
         lengths_B = torch.zeros(b, dtype=torch.long, device=self.device)
         finished_B = torch.zeros(b, dtype=torch.bool, device=self.device)
         stopped_text: dict[int, str] = {}  # row -> text cut before its first stop string
+        cache_pos_1 = torch.zeros(1, dtype=torch.long, device=self.device)
         for step in range(max_new):
             tok_B, lp_B = _sample(logits_BV, sampling, gen, self.banned_ids)
             tok_B = tok_B.masked_fill(finished_B, self.processor.pad_id)  # finished rows keep padding
@@ -190,9 +211,11 @@ class BuiltinBackend:
                 self._check_stop(tokens_BN, lengths_B, finished_B, sampling.stop, stopped_text)
             if step == max_new - 1 or bool(finished_B.all()):  # host sync once a step: lets the batch end early
                 break
-            logits_BV = self.model(input_ids=tok_B[:, None], attention_mask=mask_BL[:, :t + step + 1],
-                                   position_ids=self._step_positions(next_pos_B + step), past_key_values=cache,
-                                   use_cache=True).logits[:, -1]
+            # Static shapes at every step (the whole mask, the cache slot as a tensor): what CUDA graph capture
+            # of the decode step needs; slots past the current one are excluded by the causal mask.
+            cache_pos_1.fill_(t + step)
+            logits_BV = self._decode(tok_B[:, None], mask_BL, cache_pos_1, self._step_positions(next_pos_B + step),
+                                     cache)
         results = []
         rows = zip(tokens_BN.tolist(), logprobs_BN.tolist(), lengths_B.tolist(), strict=True)
         for i, (ids, lps, k) in enumerate(rows):

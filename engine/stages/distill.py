@@ -206,7 +206,7 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
         backend = make_backend(r.backend, model_dir, device=dist_info.device, dtype=dtype, processor=processor,
                                gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
                                max_model_len=r.max_model_len or cfg.data.max_tokens, seed=ctx.run.seed,
-                               max_batch_rows=r.max_batch_rows)
+                               max_batch_rows=r.max_batch_rows, compile_decode=r.compile_decode)
     for c in todo:
         t0 = time.perf_counter()
         chunk_prompts = prompts[c * chunk:(c + 1) * chunk]

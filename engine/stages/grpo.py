@@ -80,7 +80,7 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
     backend = make_backend(r_cfg.backend, init_dir, device=dist_info.device, processor=processor, dtype=sample_dtype,
                            gpu_memory_utilization=r_cfg.gpu_memory_utilization, enforce_eager=r_cfg.enforce_eager,
                            max_model_len=r_cfg.max_model_len or cfg.data.max_tokens, seed=ctx.run.seed,
-                           max_batch_rows=r_cfg.max_batch_rows)
+                           max_batch_rows=r_cfg.max_batch_rows, compile_decode=r_cfg.compile_decode)
     reward_cfg = RewardConfig(format_weight=g.format_weight, accuracy_weight=g.accuracy_weight)
     batch: dict = {"index": -1}  # the current rollout batch
     step_state: dict = {}
