@@ -86,14 +86,15 @@ def make_prompts(processor: Processor, num: int, side: int) -> list:
     return prompts
 
 
-def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens, compile_decode=False) -> tuple[int, float]:
+def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens, reps, compile_decode=False):
+    """(generated tokens, median seconds) of the builtin backend."""
     backend = BuiltinBackend(model_dir, device=device, dtype=dtype, processor=processor, max_batch_size=len(prompts),
                              compile_decode=compile_decode)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
     # Warm-up with the measured shapes (the compiled step compiles once per rows x cache-length shape).
     backend.generate(prompts, 1, SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=1))
     times = []
-    for _ in range(REPS):  # the same seed each time: the same tokens, so the median time is comparable
+    for _ in range(reps):  # the same seed each time: the same tokens, so the median time is comparable
         _sync(device)
         t0 = time.perf_counter()
         out = backend.generate(prompts, 1, sampling)
@@ -103,7 +104,7 @@ def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens, compil
     return sum(len(c.token_ids) for g in out for c in g), statistics.median(times)
 
 
-def run_generate(model_dir, device, dtype, prompts, new_tokens) -> tuple[int, float]:
+def run_generate(model_dir, device, dtype, prompts, new_tokens, reps) -> tuple[int, float]:
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
     # All prompts have the same length (one image of one size, one question), so no padding is needed.
@@ -119,7 +120,7 @@ def run_generate(model_dir, device, dtype, prompts, new_tokens) -> tuple[int, fl
         warm["image_grid_thw"] = inputs["image_grid_thw"][:2]
         model.generate(**warm, do_sample=True, max_new_tokens=4)
         times = []
-        for i in range(REPS):
+        for i in range(reps):
             torch.manual_seed(i)
             _sync(device)
             t0 = time.perf_counter()
@@ -148,6 +149,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="3b" if torch.cuda.is_available() else "toy")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--reps", type=int, default=REPS, help="timed repetitions (median reported)")
     args = ap.parse_args()
     p = PRESETS[args.preset]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,12 +160,13 @@ def main() -> None:
         processor = Processor.from_pretrained(model_dir)
         for num in p["prompts"]:
             prompts = make_prompts(processor, num, p["image"])
-            ref_tokens, ref_s = run_generate(model_dir, device, dtype, prompts, p["new_tokens"])
+            ref_tokens, ref_s = run_generate(model_dir, device, dtype, prompts, p["new_tokens"], args.reps)
             base = ref_tokens / ref_s
             results = {"hf-generate": (ref_tokens, ref_s),
-                       "builtin": run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"]),
+                       "builtin": run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"],
+                                              args.reps),
                        "builtin-compiled": run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"],
-                                                       compile_decode=True)}
+                                                       args.reps, compile_decode=True)}
             for provider, (tokens, seconds) in results.items():
                 rows.append(dict(date=datetime.date.today().isoformat(), device=device_name(), torch=torch.__version__,
                                  preset=args.preset, provider=provider, prompts=num, max_new_tokens=p["new_tokens"],

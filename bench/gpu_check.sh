@@ -19,6 +19,6 @@ step python3 bench/bench_grpo.py --out "$results"
 step python3 bench/bench_dpo.py --out "$results"
 step python3 bench/bench_packing.py --out "$results"
 step python3 bench/bench_train.py --out "$results"
-step python3 bench/bench_rollout.py --out "$results"
+step python3 bench/bench_rollout.py --out "$results" --reps 1
 echo; echo "gpu_check: $([ $status = 0 ] && echo ok || echo FAILED) ($(date +%T))"
 exit $status
