@@ -7,7 +7,7 @@ duplicated tags fail). The think block may be empty; the answer block must be no
 Accuracy is independent of format (unless `require_format_for_accuracy`). The answer text is the content of the
 `<answer>` block when the response has exactly one well-formed one (even inside think), else the response with
 its think blocks and stray tags removed. Then, by gold type:
-  choice  (choices given, or gold is one letter A-Z): `_choice` tiers, see there. Several letters -> wrong.
+  choice  (choices given, or gold is one letter A-Z): `choice_letter` tiers, see there. Several letters -> wrong.
   number  (gold is a plain number): last `\\boxed{}`, else the text after the last "answer is"/"answer:", else
           all of it; "$1,234.5 cm", "50%", "x = 3", "7." are numbers; LaTeX goes to math-verify; in prose the
           last number counts. A "%" on either side also accepts the value / 100 ("50%" == "50" == "0.5").
@@ -127,7 +127,7 @@ def _last_boxed(text: str) -> str | None:
 _MARKER = re.compile(r"answer\s*(?:is|:|=)\s*:?", re.IGNORECASE)
 
 
-def _narrow(text: str) -> str:
+def narrow_answer(text: str) -> str:
     """The last \\boxed{} content, else the sentence after the last "answer is"/"answer:", else the text."""
     boxed = _last_boxed(text)
     if boxed is not None:
@@ -158,12 +158,13 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().rstrip(".").strip().lower()
 
 
-def _strip_markup(text: str) -> str:
+def strip_markup(text: str) -> str:
+    """Drop \\text{}-style wrappers, bold and math delimiters (used by the benchmark scorers too)."""
     text = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}", r"\1", text)
     return text.replace("**", "").replace("$", "").replace("\\(", "").replace("\\)", "").strip()
 
 
-def _choice(text: str, letters: str, choices: Sequence[str] | None) -> str | None:
+def choice_letter(text: str, letters: str, choices: Sequence[str] | None) -> str | None:
     """The option letter the answer names, or None when it names none or several.
 
     Tiers, first hit wins: (1) the whole answer is a letter form: "B", "(b)", "B.", "B)"; (2) it is an option's
@@ -171,8 +172,8 @@ def _choice(text: str, letters: str, choices: Sequence[str] | None) -> str | Non
     "option X" agrees; (5) every "(X)" agrees; (6) the only bare capital letter among the valid ones, where a
     capital A/I followed by a lowercase word is an article/pronoun ("A total of 3"), not an option.
     """
-    boxed = _last_boxed(text)  # not _narrow: tier 3 needs the "answer is" marker itself
-    text = _strip_markup(boxed if boxed is not None else text)
+    boxed = _last_boxed(text)  # not narrow_answer: tier 3 needs the "answer is" marker itself
+    text = strip_markup(boxed if boxed is not None else text)
     m = _SINGLE.fullmatch(text)
     if m:
         return m.group(1).upper() if m.group(1).upper() in letters else None
@@ -224,7 +225,7 @@ _MATHY = re.compile(r"\\[a-zA-Z]+|[\d)}]\s*/\s*[\d({]|\^|\u03c0|\u221a")
 
 
 def _clean_number_text(text: str) -> str:
-    text = _LATEX_NOISE.sub(lambda m: "%" if m.group(0) == "\\%" else "", _strip_markup(text))
+    text = _LATEX_NOISE.sub(lambda m: "%" if m.group(0) == "\\%" else "", strip_markup(text))
     text = text.replace("\\[", "").replace("\\]", "").strip().rstrip(".,;!").strip()
     if "=" in text and "==" not in text:
         text = text.rsplit("=", 1)[1].strip()  # "x = 3" -> "3"
@@ -292,12 +293,12 @@ def _accuracy(pred: str, gold: str, choices, cfg: RewardConfig, judge: Judge | N
         letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(opts)]
         gold_letter = _gold_letter(gold, letters, opts)
         if gold_letter is not None:
-            return _choice(pred, letters, opts) == gold_letter, pred, "choice"
+            return choice_letter(pred, letters, opts) == gold_letter, pred, "choice"
     elif _LETTER_GOLD.fullmatch(gold):
         gold_letter = _LETTER_GOLD.fullmatch(gold).group(1)
         letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: max(5, ord(gold_letter) - 64)]
-        return _choice(pred, letters, None) == gold_letter, pred, "choice"
-    narrowed = _narrow(pred)
+        return choice_letter(pred, letters, None) == gold_letter, pred, "choice"
+    narrowed = narrow_answer(pred)
     gold_num = _parse_number(gold)
     if gold_num is not None:
         pred_num = _parse_number(narrowed)
@@ -314,7 +315,7 @@ def _accuracy(pred: str, gold: str, choices, cfg: RewardConfig, judge: Judge | N
         pred_parsed = _math_parse(narrowed, cfg)
         ok = bool(pred_parsed) and _math_verify().verify(gold_parsed, pred_parsed, timeout_seconds=_timeout_s(cfg))
         return ok or _norm(narrowed) == _norm(gold), narrowed, "math"
-    if _norm(_strip_markup(narrowed)) == _norm(_strip_markup(gold)):
+    if _norm(strip_markup(narrowed)) == _norm(strip_markup(gold)):
         return True, narrowed, "string"
     if judge is not None:
         verdict = judge(narrowed, gold)

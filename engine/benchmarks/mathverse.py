@@ -37,7 +37,7 @@ from typing import Any
 
 from engine.benchmarks import BenchRow, answer_text
 from engine.log import warn_once
-from engine.rewards import RewardConfig, _choice, _narrow, _strip_markup
+from engine.rewards import RewardConfig, choice_letter, narrow_answer, strip_markup
 from engine.rewards import extract_answer as _strip_think
 from engine.rewards import score as _reward
 
@@ -196,7 +196,7 @@ def _choice_correct(text: str, gold: frozenset[str], choices: list[str] | None) 
     valid = _LETTERS[: max(len(choices), last + 1)] if choices else _LETTERS[: max(5, last + 1)]
     if len(gold) > 1:
         return _letters_named(text, valid) == gold
-    named = _choice(text, valid, choices)  # the letter reading of the training reward (engine.rewards)
+    named = choice_letter(text, valid, choices)  # the letter reading of the training reward (engine.rewards)
     if named is not None or not choices or last >= len(choices):
         return named in gold
     # No letter named: the official judge also accepts the correct option's content (its fifth demonstration).
@@ -205,7 +205,7 @@ def _choice_correct(text: str, gold: frozenset[str], choices: list[str] | None) 
 
 def _letters_named(text: str, valid: str) -> frozenset[str] | None:
     """The set of letters an answer lists ("C and D", "C, D", "(C)(D)", "CD"), None for anything else."""
-    s = _strip_markup(_narrow(text))
+    s = strip_markup(narrow_answer(text))
     s = re.sub(r"\b(?:and|or|options?|choices?|answers?)\b", " ", s, flags=re.IGNORECASE)
     if not re.fullmatch(r"[\s,;&/.():]*(?:[A-Z][\s,;&/.():]*)+", s):
         return None
@@ -214,7 +214,7 @@ def _letters_named(text: str, valid: str) -> frozenset[str] | None:
 
 
 def _free_form_correct(text: str, gold: str) -> bool:
-    pred, g = clean_free_form(_narrow(text)), clean_free_form(gold)
+    pred, g = clean_free_form(narrow_answer(text)), clean_free_form(gold)
     if not g or not pred:
         return False
     if _squash(pred) == _squash(g):
@@ -247,7 +247,7 @@ def clean_free_form(text: str) -> str:
 
 
 def _squash(text: str) -> str:
-    return re.sub(r"\s+", "", _strip_markup(text)).rstrip(".").casefold()
+    return re.sub(r"\s+", "", strip_markup(text)).rstrip(".").casefold()
 
 
 __all__ = [

@@ -35,7 +35,7 @@ from typing import Any
 
 from engine.benchmarks import BenchRow, answer_text
 from engine.log import warn_once
-from engine.rewards import _choice, _narrow, _strip_markup
+from engine.rewards import choice_letter, narrow_answer, strip_markup
 from engine.rewards import extract_answer as _strip_think
 
 NAME = "mathvista"
@@ -232,19 +232,19 @@ _LIST = re.compile(r"\[([^\[\]]*)\]")
 
 
 def _clean(text: str) -> str:
-    return _strip_markup(text).strip().rstrip(".").strip().strip("\"'").strip()
+    return strip_markup(text).strip().rstrip(".").strip().strip("\"'").strip()
 
 
 def _rule_extract(text: str, row: BenchRow) -> str:
     """What the GPT-4 extractor is asked to return: an option letter, a number or a list (or the answer text)."""
-    narrowed = _clean(_narrow(text))
+    narrowed = _clean(narrow_answer(text))
     from_marker = narrowed != _clean(text)  # a \boxed{} or an "answer is" sentence was found
     at = row.meta["answer_type"]
     if row.meta["question_type"] == "multi_choice":
         choices = row.choices or []
         return (
             _option_named(narrowed, choices)
-            or _choice(text, _LETTERS[: len(choices)], choices)
+            or choice_letter(text, _LETTERS[: len(choices)], choices)
             or _last_option_mentioned(narrowed, choices)
             or narrowed
         )
