@@ -118,23 +118,30 @@ def export_hf(model: nn.Module, hf_model: nn.Module, src_dir: Path, out_dir: Pat
     out_dir = Path(out_dir)
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist_info.is_main:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        sd = {k.removeprefix(prefix): v for k, v in full_sd.items()}
-        if getattr(hf_model.config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)  # tied to the input embeddings; safetensors rejects shared storage
-        dtype = _export_dtype(src_dir)
-        sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
-        _save_shards(sd, tmp)
-        hf_model.config.save_pretrained(tmp)
-        for f in Path(src_dir).iterdir():
-            if f.is_file() and _SIDE_FILES.match(f.name):
-                shutil.copy2(f, tmp / f.name)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-        log0(f"export: {len(sd)} tensors ({dtype}) to {out_dir}")
+        n, dtype = _write_hf_dir(full_sd, hf_model, src_dir, out_dir, prefix)
+        log0(f"export: {n} tensors ({dtype}) to {out_dir}")
     barrier()
+
+
+def _write_hf_dir(full_sd: dict, hf_model: nn.Module, src_dir: Path, out_dir: Path,
+                  prefix: str) -> tuple[int, torch.dtype]:
+    """Write `full_sd` (names with `prefix`) as a Hugging Face directory, atomically (a .tmp sibling, then rename):
+    safetensors shards in `src_dir`'s dtype, `hf_model`'s config, and `src_dir`'s tokenizer/processor files."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = {k.removeprefix(prefix): v for k, v in full_sd.items()}
+    if getattr(hf_model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # tied to the input embeddings; safetensors rejects shared storage
+    dtype = _export_dtype(src_dir)
+    _save_shards({k: v.to(dtype).contiguous() for k, v in sd.items()}, tmp)
+    hf_model.config.save_pretrained(tmp)
+    for f in Path(src_dir).iterdir():
+        if f.is_file() and _SIDE_FILES.match(f.name):
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return len(sd), dtype
 
 
 def _export_dtype(src_dir: Path) -> torch.dtype:
@@ -180,18 +187,5 @@ def checkpoint_to_hf(ckpt: Path, stage_hf: Path, out_dir: Path, prefix: str = "h
     policy = Policy(hf_model)
     state = {"model": get_model_state_dict(policy)}
     dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    sd = {k.removeprefix(prefix): v for k, v in state["model"].items()}
-    if getattr(hf_model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    dtype = _export_dtype(stage_hf)
-    _save_shards({k: v.to(dtype).contiguous() for k, v in sd.items()}, tmp)
-    hf_model.config.save_pretrained(tmp)
-    for f in Path(stage_hf).iterdir():
-        if f.is_file() and _SIDE_FILES.match(f.name):
-            shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    _write_hf_dir(state["model"], hf_model, stage_hf, out_dir, prefix)
     return out_dir

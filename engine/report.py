@@ -11,6 +11,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from engine import benchmarks
 from engine.gf import generalization_factor, group_gain
 
 CURVES = (("reward", "reward"), ("format_acc", "format accuracy"), ("accuracy", "accuracy"),
@@ -82,8 +83,6 @@ def write_report(cfg, ctx, scores: dict) -> Path:
     notes = []
     for b in cfg.benchmarks:
         first = next(iter(scores["models"].values()))["benchmarks"][b.name]
-        from engine import benchmarks
-
         note = benchmarks.get(b.kind).JUDGE_NOTE
         judged = sum(r["benchmarks"][b.name]["judged"] for r in scores["models"].values())
         if note and judged:

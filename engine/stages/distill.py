@@ -31,12 +31,11 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
-import torch.distributed as dist
 
 from engine.config_stages import DistillStageConfig
 from engine.corrupt import corrupt, split_response
 from engine.data import Processor, encode_rows, load_rows
-from engine.dist import barrier, broadcast_object
+from engine.dist import barrier, broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
 from engine.judge import make_judge
 from engine.log import log0
@@ -219,11 +218,7 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
                 for s in chunk_prompts]
         local = {i: [{"text": x.text, **score_dict(x.text, meta[i])} for x in g]
                  for i, g in zip(mine, out, strict=True)}
-        gathered = [None] * world
-        if world > 1:
-            dist.all_gather_object(gathered, local)
-        else:
-            gathered = [local]
+        gathered = gather_object(local)
         if rank == 0:
             scored = {k: v for part in gathered for k, v in part.items()}
             groups = [scored[i] for i in range(len(chunk_prompts))]

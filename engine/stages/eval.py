@@ -23,14 +23,13 @@ import json
 import os
 from pathlib import Path
 
-import torch.distributed as dist
 from PIL import Image
 
 from engine import benchmarks
 from engine.benchmarks import BenchRow
 from engine.config_stages import EvalStageConfig
 from engine.data import BadRow, Processor
-from engine.dist import barrier, broadcast_object
+from engine.dist import barrier, broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
 from engine.judge import make_judge
 from engine.log import log0
@@ -119,9 +118,11 @@ def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
             rows = rows[:b.limit]
         # Rows our rules cannot score (an LLM-judged field, a metric not re-implemented) or whose media we cannot
         # feed (videos) are left out and counted; the report says how many.
-        left = [r for r in rows if r.meta.get("needs_judge") or r.meta.get("scorable") is False or r.meta.get("videos")]
-        rows = [r for r in rows if not (r.meta.get("needs_judge") or r.meta.get("scorable") is False
-                                        or r.meta.get("videos"))]
+        def unscorable(r: BenchRow) -> bool:
+            return bool(r.meta.get("needs_judge") or r.meta.get("scorable") is False or r.meta.get("videos"))
+
+        left = [r for r in rows if unscorable(r)]
+        rows = [r for r in rows if not unscorable(r)]
         ids = [r.id for r in rows]
         if len(set(ids)) != len(ids):
             raise ValueError(f"benchmark {b.name}: row ids are not unique")
@@ -175,11 +176,7 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
             for start in range(0, len(todo), cfg.chunk_prompts):
                 chunk = todo[start:start + cfg.chunk_prompts]
                 local = _generate(cfg, processor, backend, chunk[rank::world], sampling)
-                gathered = [None] * world
-                if world > 1:
-                    dist.all_gather_object(gathered, local)
-                else:
-                    gathered = [local]
+                gathered = gather_object(local)
                 if rank == 0:
                     by_id = {p["id"]: p for part in gathered for p in part}
                     scored = [(row, by_id[row.id], _score(module, row, by_id[row.id]["response"])
