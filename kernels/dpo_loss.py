@@ -7,7 +7,9 @@
     loss   = dpo + sft_weight * sft                                  (the SPECS hybrid; the paper uses weight 1)
 
 The fused path computes the gradient in the forward, as in `kernels/grpo_loss.py`: logprobs_fwd, the closed-form
-dLoss/dlogp per token ([N] vectors), logprobs_bwd, all in forward; backward scales the saved gradients.
+dLoss/dlogp per token ([N] vectors), logprobs_bwd, all in forward; backward scales the saved gradients. With
+impl="onepass", chunks hold whole pairs (a token's gradient needs its pair's two sequence log-probs), so each
+chunk's logits are computed once (kernels/_onepass.py, 6NVH instead of 8NVH).
 
 Refs: DPO arXiv:2305.18290; TRL `DPOTrainer.dpo_loss` (loss_type="sigmoid", label_smoothing from cDPO) and its
 RPO NLL term (token-mean over chosen tokens); Liger-Kernel `LigerFusedLinearDPOLoss` (same hybrid, chunked).
@@ -18,13 +20,16 @@ Shapes: N tokens (all sequences concatenated), H hidden size, V vocabulary size,
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_logprobs import fused_logprobs_ref, logprobs_fwd
+from kernels._onepass import chunk_tokens
+from kernels.fused_logprobs import _LOGGED, fused_logprobs_ref, logger, logprobs_fwd
 from kernels.grpo_loss import (
+    IMPLS,
     acc_dtype,
     check_common,
     check_cu_seqlens,
     check_vector,
     grads_in_forward,
+    onepass_forward,
     scale_saved_grads,
     segment_ids,
     sequence_logps,
@@ -98,46 +103,96 @@ def dpo_loss_ref(hidden, weight, targets, mask, cu_seqlens, is_chosen, ref_chose
     return loss, _metrics(pi_c, pi_r, ref_c, ref_r, beta, dpo, sft)
 
 
+def _dpo_terms(logp, m, cu_seqlens, chosen_idx, rejected_idx, ref_c, ref_r, beta, label_smoothing):
+    """(pi_c, pi_r, dpo loss, dLoss_dpo/dseq_logp [B]) from token log-probs, closed form."""
+    seq_logp = sequence_sums(logp * m, cu_seqlens)
+    pi_c, pi_r = seq_logp[chosen_idx], seq_logp[rejected_idx]
+    z = beta * ((pi_c - ref_c) - (pi_r - ref_r))
+    num_pairs = z.numel()
+    dpo = (-(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)).mean()
+    # d dpo / d pi_c = -d dpo / d pi_r = beta/P * (-(1-ls) * sigmoid(-z) + ls * sigmoid(z))
+    g_pair = beta / num_pairs * (-(1 - label_smoothing) * torch.sigmoid(-z) + label_smoothing * torch.sigmoid(z))
+    g_seq = torch.zeros_like(seq_logp).index_copy(0, chosen_idx, g_pair).index_copy(0, rejected_idx, -g_pair)
+    return seq_logp, pi_c, pi_r, dpo, g_seq
+
+
+def _sft_seq_weights(m, cu_seqlens, chosen_idx, sft_norm):
+    """[B] w with SFT = -sum_s w_s * seq_logp_s: weights on the chosen sequences, zero on the rejected ones."""
+    seq_cnt = sequence_sums(m, cu_seqlens)
+    w_seq = torch.zeros_like(seq_cnt)
+    cnt_c = seq_cnt[chosen_idx]
+    if sft_norm == "token-mean":
+        w_seq[chosen_idx] = 1.0 / cnt_c.sum().clamp(min=1.0)
+    else:
+        nonempty = cnt_c > 0
+        w_seq[chosen_idx] = nonempty.to(cnt_c.dtype) / (cnt_c.clamp(min=1e-8) * nonempty.sum().clamp(min=1))
+    return w_seq
+
+
+def pair_groups(cu_seqlens, chosen_idx, rejected_idx, max_tokens: int) -> list[torch.Tensor] | None:
+    """Token rows of consecutive pairs (chosen rows, then rejected rows), packed greedily into chunks of at most
+    `max_tokens`; None if one pair alone is longer (the one-pass path then cannot hold it). One host sync."""
+    cu = cu_seqlens.tolist()
+    spans = [(cu[c], cu[c + 1], cu[r], cu[r + 1]) for c, r in zip(chosen_idx.tolist(), rejected_idx.tolist(),
+                                                                     strict=True)]
+    if any((c1 - c0) + (r1 - r0) > max_tokens for c0, c1, r0, r1 in spans):
+        return None
+    groups, cur, size = [], [], 0
+    for c0, c1, r0, r1 in spans:
+        if size + (c1 - c0) + (r1 - r0) > max_tokens:
+            groups.append(cur)
+            cur, size = [], 0
+        cur += [range(c0, c1), range(r0, r1)]
+        size += (c1 - c0) + (r1 - r0)
+    groups.append(cur)
+    dev = cu_seqlens.device
+    return [torch.tensor([i for r in g for i in r], dtype=torch.int64, device=dev) for g in groups]
+
+
 class DPOLossFunction(torch.autograd.Function):
     """Gradient in the forward: saves grad_hidden / grad_weight for dLoss, backward scales them by grad_output."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, m, cu_seqlens, chosen_idx, rejected_idx, ref_c, ref_r, beta,
-                sft_weight, sft_norm, label_smoothing, temperature, metrics_out):
-        logp, lse, _ = logprobs_fwd(hidden, weight, targets, temperature=temperature)
-        seg = segment_ids(cu_seqlens, logp.shape[0])
-        seq_logp = sequence_sums(logp * m, cu_seqlens)
-        pi_c, pi_r = seq_logp[chosen_idx], seq_logp[rejected_idx]
-        z = beta * ((pi_c - ref_c) - (pi_r - ref_r))
-        num_pairs = z.numel()
-        dpo = (-(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)).mean()
-        # d dpo / d pi_c = -d dpo / d pi_r = beta/P * (-(1-ls) * sigmoid(-z) + ls * sigmoid(z))
-        g_pair = beta / num_pairs * (-(1 - label_smoothing) * torch.sigmoid(-z) + label_smoothing * torch.sigmoid(z))
-        g_seq = torch.zeros_like(seq_logp).index_copy(0, chosen_idx, g_pair).index_copy(0, rejected_idx, -g_pair)
-        # SFT = -sum(w_sft * logp): per-sequence weights on the chosen sequences, zero on the rejected ones
-        seq_cnt = sequence_sums(m, cu_seqlens)
-        w_seq = torch.zeros_like(seq_logp)
-        cnt_c = seq_cnt[chosen_idx]
-        if sft_norm == "token-mean":
-            w_seq[chosen_idx] = 1.0 / cnt_c.sum().clamp(min=1.0)
+                sft_weight, sft_norm, label_smoothing, temperature, impl, metrics_out):
+        seg = segment_ids(cu_seqlens, hidden.shape[0])
+        w_seq = _sft_seq_weights(m, cu_seqlens, chosen_idx, sft_norm)
+
+        def grad_fn(idx, logp_N):  # exact for the pairs whose tokens are all filled in, i.e. those of idx
+            g_seq = _dpo_terms(logp_N, m, cu_seqlens, chosen_idx, rejected_idx, ref_c, ref_r, beta,
+                               label_smoothing)[-1]
+            return ((g_seq - sft_weight * w_seq)[seg] * m)[idx]
+
+        groups = None
+        if impl == "onepass":
+            groups = pair_groups(cu_seqlens, chosen_idx, rejected_idx,
+                                 chunk_tokens(weight.shape[0], hidden.element_size()))
+            if groups is None and "dpo-onepass-fallback" not in _LOGGED:
+                _LOGGED.add("dpo-onepass-fallback")
+                logger.warning("dpo_loss(impl='onepass'): a pair is longer than the one-pass buffer holds "
+                               "(kernels._onepass.DEFAULT_BUFFER_BYTES); using impl='recompute'")
+        if groups is not None:
+            logp, _, ctx.grads = onepass_forward(ctx, hidden, weight, targets, groups, grad_fn, temperature, False)
         else:
-            nonempty = cnt_c > 0
-            w_seq[chosen_idx] = nonempty.to(cnt_c.dtype) / (cnt_c.clamp(min=1e-8) * nonempty.sum().clamp(min=1))
+            logp, lse, _ = logprobs_fwd(hidden, weight, targets, temperature=temperature)
+        seq_logp, pi_c, pi_r, dpo, _ = _dpo_terms(logp, m, cu_seqlens, chosen_idx, rejected_idx, ref_c, ref_r, beta,
+                                                  label_smoothing)
         sft = -(w_seq * seq_logp).sum()
         loss = dpo + sft_weight * sft
         metrics_out.update(_metrics(pi_c, pi_r, ref_c, ref_r, beta, dpo, sft))
-        grad_logp = (g_seq - sft_weight * w_seq)[seg] * m
-        ctx.grads = grads_in_forward(ctx, hidden, weight, targets, lse, grad_logp, temperature)
+        if groups is None:
+            ctx.grads = grads_in_forward(ctx, hidden, weight, targets, lse, grad_fn(slice(None), logp), temperature)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (*scale_saved_grads(ctx, grad_output), *([None] * 13))
+        return (*scale_saved_grads(ctx, grad_output), *([None] * 14))
 
 
 def dpo_loss(hidden, weight, targets, mask, cu_seqlens, is_chosen, ref_chosen_logps, ref_rejected_logps, *,
-             beta=0.1, sft_weight=1.0, sft_norm="token-mean", label_smoothing=0.0, temperature=1.0):
-    """DPO + SFT hybrid loss from hidden states, fused: never holds [N, V] logits (8NVH FLOPs).
+             beta=0.1, sft_weight=1.0, sft_norm="token-mean", label_smoothing=0.0, temperature=1.0,
+             impl="recompute"):
+    """DPO + SFT hybrid loss from hidden states, fused: never holds [N, V] logits.
 
     Args:
         hidden: [N, H] fp32/bf16/fp16 last hidden states of all 2P sequences, concatenated.
@@ -153,6 +208,9 @@ def dpo_loss(hidden, weight, targets, mask, cu_seqlens, is_chosen, ref_chosen_lo
             seq-mean = mean over chosen sequences with at least one masked token of that sequence's token mean.
         label_smoothing: ls in [0, 0.5], the probability that a preference label is flipped (cDPO, TRL).
         temperature: logits are divided by it before the softmax.
+        impl: "recompute" (8NVH, O(N + tile) memory) or "onepass" (6NVH: whole pairs per chunk, each chunk's
+            logits computed once into a [C, V] buffer; see kernels/grpo_loss.py `grpo_loss`). A pair longer than
+            the buffer holds falls back to "recompute", with a warning.
     Returns:
         (loss, metrics): loss is a 0-d fp32 tensor; metrics are detached 0-d fp32 tensors: dpo_loss, sft_loss,
         rewards_chosen / rewards_rejected (means of beta * (pi - ref)), reward_margin (mean chosen - rejected),
@@ -166,9 +224,12 @@ def dpo_loss(hidden, weight, targets, mask, cu_seqlens, is_chosen, ref_chosen_lo
                                           temperature)
     if not torch.is_grad_enabled():  # needs_input_grad ignores no_grad mode: detach so no backward work is done
         hidden, weight = hidden.detach(), weight.detach()
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     metrics: dict = {}
     acc = acc_dtype(hidden)
     loss = DPOLossFunction.apply(hidden, weight, targets, mask.to(acc), cu_seqlens, chosen_idx, rejected_idx,
                                  ref_chosen_logps.detach().to(acc), ref_rejected_logps.detach().to(acc), float(beta),
-                                 float(sft_weight), sft_norm, float(label_smoothing), float(temperature), metrics)
+                                 float(sft_weight), sft_norm, float(label_smoothing), float(temperature), impl,
+                                 metrics)
     return loss, metrics

@@ -8,12 +8,13 @@ Per token n (response tokens selected by `mask`):
 then aggregated over tokens (`agg`, see `AGGS`).
 
 The fused path computes the gradient in the forward ("gradient in the forward", as Liger-Kernel's FLCE does):
-`logprobs_fwd` gives logp, the per-token loss and dLoss/dlogp are closed-form [N] vectors, and `logprobs_bwd`
-turns them into grad_hidden / grad_weight right away; backward only scales the saved gradients by grad_output.
-V-sized work: logprobs_fwd 2NVH + logprobs_bwd 6NVH (it recomputes the logits from lse, then dH and dW) = 8NVH,
-against 6NVH useful. Nothing [N, V]-sized is kept between forward and backward, and the loss tail needs no graph.
-TODO: dLoss/dlogp_n depends on logp_n alone here (token weights come from the mask), so a one-pass kernel with
-this elementwise epilogue could do 6NVH; it would need a hook in kernels/_logprobs_triton.py.
+the per-token loss and dLoss/dlogp are closed-form [N] vectors, turned into grad_hidden / grad_weight right away;
+backward only scales the saved gradients by grad_output. Nothing [N, V]-sized is kept between forward and
+backward, and the loss tail needs no graph. Two implementations (`impl`):
+- "recompute": `logprobs_fwd` (2NVH), then `logprobs_bwd` (recomputes the logits from lse, then dH and dW: 6NVH)
+  = 8NVH, O(N + tile) memory.
+- "onepass": dLoss/dlogp_n depends on logp_n alone (token weights come from the mask), so kernels/_onepass.py
+  computes each chunk's logits once and goes straight from them to the gradients: 6NVH, a [C, V] buffer.
 
 Refs: verl `core_algos.py` (compute_policy_loss, kl_penalty, agg_loss); DAPO arXiv:2503.14476 (clip-higher);
 Dr. GRPO arXiv:2503.20783 (constant normaliser); Dual-clip PPO arXiv:1912.09729; k1/k2/k3 estimators:
@@ -24,8 +25,10 @@ Shapes: N tokens (all sequences concatenated), H hidden size, V vocabulary size,
 
 import torch
 
-from kernels.fused_logprobs import fused_logprobs_ref, logprobs_bwd, logprobs_fwd
+from kernels._onepass import chunk_tokens, onepass, token_chunks
+from kernels.fused_logprobs import _backend, _check, fused_logprobs_ref, logprobs_bwd, logprobs_fwd
 
+IMPLS = ("recompute", "onepass")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 _LOG_RATIO_CLAMP = 20.0  # verl clamps log-ratios before exp so one stale token cannot overflow the loss
@@ -278,11 +281,23 @@ class GRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, advantages, old_logprobs, ref_logprobs, m, w, temperature, clip_low,
-                clip_high, dual_clip, kl_coef, kl_estimator, return_entropy, metrics_out):
-        logp, lse, entropy = logprobs_fwd(hidden, weight, targets, temperature=temperature,
-                                          return_entropy=return_entropy)
-        old, adv = old_logprobs.to(logp.dtype), advantages.to(logp.dtype)
-        ref = ref_logprobs.to(logp.dtype) if ref_logprobs is not None else None
+                clip_high, dual_clip, kl_coef, kl_estimator, return_entropy, impl, metrics_out):
+        acc = acc_dtype(hidden)
+        old, adv = old_logprobs.to(acc), advantages.to(acc)
+        ref = ref_logprobs.to(acc) if ref_logprobs is not None else None
+        if impl == "onepass":
+
+            def grad_fn(idx, logp_N):  # dLoss/dlogp of a token needs that token's logp only
+                _, dpg, _, dkl, _, _ = _grpo_terms_closed_form(
+                    logp_N[idx], old[idx], adv[idx], None if ref is None else ref[idx], clip_low, clip_high,
+                    dual_clip, kl_estimator)
+                return w[idx] * (dpg + kl_coef * dkl if kl_coef > 0 else dpg)
+
+            logp, entropy, ctx.grads = onepass_forward(ctx, hidden, weight, targets, None, grad_fn, temperature,
+                                                       return_entropy)
+        else:
+            logp, lse, entropy = logprobs_fwd(hidden, weight, targets, temperature=temperature,
+                                              return_entropy=return_entropy)
         pg, dpg, kl, dkl, clipped, dual_active = _grpo_terms_closed_form(logp, old, adv, ref, clip_low, clip_high,
                                                                          dual_clip, kl_estimator)
         loss_N, dloss_N = pg, dpg
@@ -293,12 +308,13 @@ class GRPOLossFunction(torch.autograd.Function):
         metrics_out["pg_loss"] = (w * pg).sum()
         if kl is not None:
             metrics_out["kl_loss"] = (w * kl).sum()
-        ctx.grads = grads_in_forward(ctx, hidden, weight, targets, lse, w * dloss_N, temperature)
+        if impl != "onepass":
+            ctx.grads = grads_in_forward(ctx, hidden, weight, targets, lse, w * dloss_N, temperature)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (*scale_saved_grads(ctx, grad_output), *([None] * 14))
+        return (*scale_saved_grads(ctx, grad_output), *([None] * 15))
 
 
 def grads_in_forward(ctx, hidden, weight, targets, lse, grad_logp, temperature):
@@ -310,6 +326,20 @@ def grads_in_forward(ctx, hidden, weight, targets, lse, grad_logp, temperature):
                                need_weight_grad=need_w)
     # Autograd would cast to weight.dtype anyway; doing it now halves what is held until backward (bf16 weights).
     return (gh if need_h else None), (gw.to(weight.dtype) if need_w else None)
+
+
+def onepass_forward(ctx, hidden, weight, targets, groups, grad_fn, temperature, return_entropy):
+    """`kernels._onepass.onepass` for a loss's forward: (logp, entropy, (grad_hidden, grad_weight)) with only the
+    gradients autograd asked for. groups None: consecutive chunks of tokens sized by the buffer budget."""
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    backend = _backend(hidden.device, None)
+    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend)
+    if groups is None:
+        groups = token_chunks(hidden.shape[0], chunk_tokens(weight.shape[0], hidden.element_size()))
+    logp, entropy, gh, gw = onepass(hidden, weight, targets, groups, grad_fn, temperature=temperature,
+                                    return_entropy=return_entropy, need_hidden_grad=need_h, need_weight_grad=need_w,
+                                    backend=backend)
+    return logp, entropy, (gh, gw)
 
 
 def scale_saved_grads(ctx, grad_output):
@@ -329,8 +359,8 @@ def scale_saved_grads(ctx, grad_output):
 
 def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, cu_seqlens=None, ref_logprobs=None,
               clip_low=0.2, clip_high=0.28, dual_clip=None, kl_coef=0.0, kl_estimator="k3", temperature=1.0,
-              agg="token-mean", return_entropy=False, norm_len=None):
-    """GRPO/DAPO policy loss from hidden states, fused: never holds [N, V] logits (8NVH FLOPs).
+              agg="token-mean", return_entropy=False, norm_len=None, impl="recompute"):
+    """GRPO/DAPO policy loss from hidden states, fused: never holds [N, V] logits.
 
     Args:
         hidden: [N, H] fp32/bf16/fp16 last hidden states of all sequences, concatenated.
@@ -355,6 +385,10 @@ def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, cu_seq
             norm_len=max_response_tokens to keep the normaliser fixed across batches.
         return_entropy: also report the masked mean entropy (a metric; no gradient flows through it).
         norm_len: the constant L of seq-mean-token-sum-norm; ignored by the other aggregations.
+        impl: "recompute" (8NVH: Triton log-probs, then the logits recomputed tile by tile for the gradients;
+            O(N + tile) memory; measured on an H200) or "onepass" (6NVH: each chunk's logits computed once by
+            cuBLAS into a [C, V] buffer of kernels._onepass.DEFAULT_BUFFER_BYTES; bf16 weights get their
+            gradient accumulated in bf16). Both give the same loss and gradients to rounding.
     Returns:
         (loss, metrics): loss is a 0-d fp32 tensor; metrics maps names to detached 0-d fp32 tensors: pg_loss,
         kl_loss (if ref_logprobs), clip_frac (share of masked tokens where the clipped branch won, verl's
@@ -365,6 +399,8 @@ def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, cu_seq
     """
     _check_grpo(hidden, weight, targets, advantages, old_logprobs, mask, cu_seqlens, ref_logprobs, clip_low,
                 clip_high, dual_clip, kl_coef, kl_estimator, temperature, agg, norm_len)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not torch.is_grad_enabled():  # needs_input_grad ignores no_grad mode: detach so no backward work is done
         hidden, weight = hidden.detach(), weight.detach()
     m = mask.to(acc_dtype(hidden))
@@ -373,5 +409,5 @@ def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, cu_seq
     loss = GRPOLossFunction.apply(hidden, weight, targets, advantages.detach(), old_logprobs.detach(),
                                   None if ref_logprobs is None else ref_logprobs.detach(), m, w, float(temperature),
                                   float(clip_low), float(clip_high), dual_clip, float(kl_coef), kl_estimator,
-                                  bool(return_entropy), metrics)
+                                  bool(return_entropy), impl, metrics)
     return loss, metrics

@@ -4,6 +4,7 @@ The direct formulas use full logits -> log_softmax in fp64 and Python loops over
 share no code with kernels/dpo_loss.py.
 """
 
+import functools
 import importlib
 import math
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import _onepass
 from kernels._testing import assert_close
 from kernels.dpo_loss import dpo_loss, dpo_loss_ref
 
@@ -70,12 +72,21 @@ def _run(fn, x, **kw):
     return (loss, metrics, *torch.autograd.grad(loss, (x["hidden"], x["weight"])))
 
 
+# impl="onepass" with room for 20 tokens a chunk: the pairs of CASES go one or two to a chunk.
+ONEPASS = functools.partial(dpo_loss, impl="onepass")
+
+
+@pytest.fixture(autouse=True)
+def small_onepass_chunks(monkeypatch):
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 20 * V * 12)
+
+
 # (lens, is_chosen, sequence with no response tokens): one pair, interleaved pairs, chosen-first blocks, N = 2
 CASES = [([4, 6], [True, False], None), ([5, 3, 7, 2, 4, 6], [False, True, True, False, True, False], 2),
          ([1, 1], [False, True], None), ([3, 8, 2, 5], [True, True, False, False], 1)]
 
 
-@pytest.mark.parametrize("fn", [dpo_loss, dpo_loss_ref], ids=["fused", "ref"])
+@pytest.mark.parametrize("fn", [dpo_loss, ONEPASS, dpo_loss_ref], ids=["fused", "onepass", "ref"])
 @pytest.mark.parametrize("lens,is_chosen,empty", CASES)
 @pytest.mark.parametrize("sft_norm", ["token-mean", "seq-mean"])
 @pytest.mark.parametrize("label_smoothing,sft_weight", [(0.0, 1.0), (0.2, 0.5), (0.1, 0.0)])

@@ -4,6 +4,7 @@ The direct formulas use full logits -> log_softmax in fp64 and Python loops over
 share no code with kernels/grpo_loss.py.
 """
 
+import functools
 import importlib
 import math
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels import _onepass
 from kernels._testing import assert_close
 from kernels.grpo_loss import AGGS, KL_ESTIMATORS, grpo_loss, grpo_loss_ref
 
@@ -97,12 +99,21 @@ def _direct_run(x, lens, **kw):
     return (loss, *torch.autograd.grad(loss, (x["hidden"], x["weight"]), allow_unused=True))
 
 
+# impl="onepass" in chunks of 3 tokens (fp64: 12 bytes per logit across its two buffers), so chunks cut sequences.
+ONEPASS = functools.partial(grpo_loss, impl="onepass")
+
+
+@pytest.fixture(autouse=True)
+def small_onepass_chunks(monkeypatch):
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 3 * V * 12)
+
+
 SHAPES = [([1], None), ([5], None), ([4, 7, 3], 1), ([6, 1, 9], None)]
 
 
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("lens,all_masked", SHAPES)
-@pytest.mark.parametrize("fn", [grpo_loss, grpo_loss_ref], ids=["fused", "ref"])
+@pytest.mark.parametrize("fn", [grpo_loss, ONEPASS, grpo_loss_ref], ids=["fused", "onepass", "ref"])
 def test_aggregations_match_direct_formula(fn, agg, lens, all_masked):
     x = _make(lens, all_masked_seq=all_masked)
     loss, _, gh, gw = _run(fn, x, agg=agg)
@@ -114,7 +125,7 @@ def test_aggregations_match_direct_formula(fn, agg, lens, all_masked):
 
 
 @pytest.mark.parametrize("kl_estimator", KL_ESTIMATORS)
-@pytest.mark.parametrize("fn", [grpo_loss, grpo_loss_ref], ids=["fused", "ref"])
+@pytest.mark.parametrize("fn", [grpo_loss, ONEPASS, grpo_loss_ref], ids=["fused", "onepass", "ref"])
 def test_kl_estimators_match_direct_formula(fn, kl_estimator):
     lens = [5, 8]
     x = _make(lens)
@@ -127,7 +138,7 @@ def test_kl_estimators_match_direct_formula(fn, kl_estimator):
     assert "kl_mean" in metrics and "kl_loss" in metrics
 
 
-@pytest.mark.parametrize("fn", [grpo_loss, grpo_loss_ref], ids=["fused", "ref"])
+@pytest.mark.parametrize("fn", [grpo_loss, ONEPASS, grpo_loss_ref], ids=["fused", "onepass", "ref"])
 @pytest.mark.parametrize("clip_low,clip_high,dual_clip", [(0.2, 0.28, 3.0), (0.1, 0.5, None), (0.3, 0.0, 1.5)])
 def test_clip_higher_and_dual_clip_match_direct_formula(fn, clip_low, clip_high, dual_clip):
     lens = [9, 5]
@@ -237,6 +248,7 @@ _INTERP_SCRIPT = """
 import torch
 from tests.test_grpo_loss import _make, _run
 from kernels.grpo_loss import grpo_loss, grpo_loss_ref
+from kernels import _onepass
 from kernels._testing import assert_close
 x = _make([5, 9, 3], dtype=torch.float32, seed=3)
 kw = dict(agg="seq-mean-token-mean", kl_coef=0.1, dual_clip=3.0, return_entropy=True)

@@ -1,0 +1,131 @@
+"""kernels/_onepass.py: the one-pass (6NVH) path of grpo_loss / dpo_loss.
+
+The direct-formula tests of tests/test_grpo_loss.py and tests/test_dpo_loss.py also run impl="onepass" (fp64, in
+chunks that cut sequences). Here: the chunking rules, the DPO fallback, partial and no gradients, bad input, and
+the Triton row kernels in the interpreter (tests/_interp_onepass.py, a subprocess).
+"""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import _onepass
+from kernels._testing import assert_close
+from kernels.dpo_loss import dpo_loss, dpo_loss_ref, pair_groups
+from kernels.grpo_loss import grpo_loss, grpo_loss_ref
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_chunk_tokens_fits_the_buffer():
+    # Qwen2.5-VL's vocabulary in bf16: 512 MiB holds 576 rows of fp32 logits + bf16 dlogits, rounded down to 64s
+    assert _onepass.chunk_tokens(152_064, 2) == 576
+    assert 576 * 152_064 * 6 <= 512 << 20
+    assert _onepass.chunk_tokens(152_064, 2, 1 << 20) == 1  # never zero
+    assert _onepass.chunk_tokens(100, 4, 100 * 8 * 50) == 50  # below 64: not rounded
+    assert _onepass.token_chunks(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+
+
+def test_pair_groups_keep_pairs_whole_and_cover_every_token_once():
+    lens = [5, 3, 7, 2, 4, 6, 1, 1]
+    is_chosen = torch.tensor([False, True, True, False, True, False, False, True])
+    cu = torch.tensor([0, *lens]).cumsum(0)
+    chosen, rejected = is_chosen.nonzero().squeeze(1), (~is_chosen).nonzero().squeeze(1)
+    groups = pair_groups(cu, chosen, rejected, 18)
+    assert sorted(torch.cat(groups).tolist()) == list(range(sum(lens)))
+    assert [g.numel() for g in groups] == [17, 12]  # pairs of 8, 9, 10 and 2 tokens, packed greedily
+    for g in groups:  # a pair's two sequences land in the same chunk
+        in_g = set(torch.searchsorted(cu[1:], g, right=True).tolist())
+        for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True):
+            assert (c in in_g) == (r in in_g)
+    assert pair_groups(cu, chosen, rejected, 9) is None  # the pair of 4 + 6 tokens does not fit
+
+
+def _dpo_inputs():
+    g = torch.Generator().manual_seed(0)
+    lens, is_chosen = [9, 4, 3, 8], [True, True, False, False]
+    n, v, h = sum(lens), 31, 16
+    return dict(hidden=torch.randn(n, h, dtype=torch.float64, generator=g).requires_grad_(),
+                weight=torch.randn(v, h, dtype=torch.float64, generator=g).requires_grad_(),
+                targets=torch.randint(0, v, (n,), generator=g), mask=torch.rand(n, generator=g) > 0.3,
+                cu_seqlens=torch.tensor([0, *lens]).cumsum(0), is_chosen=torch.tensor(is_chosen),
+                ref_chosen_logps=-30 + torch.randn(2, dtype=torch.float64, generator=g),
+                ref_rejected_logps=-30 + torch.randn(2, dtype=torch.float64, generator=g))
+
+
+def _dpo(fn, x, **kw):
+    loss, _ = fn(x["hidden"], x["weight"], x["targets"], x["mask"], x["cu_seqlens"], x["is_chosen"],
+                 x["ref_chosen_logps"], x["ref_rejected_logps"], **kw)
+    return (loss, *torch.autograd.grad(loss, (x["hidden"], x["weight"])))
+
+
+def test_dpo_pair_longer_than_the_buffer_falls_back_with_a_warning(monkeypatch, caplog):
+    x = _dpo_inputs()  # pairs of 9 + 3 and 4 + 8 tokens
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 10 * 31 * 12)  # 10 tokens: no pair fits
+    calls = []
+    monkeypatch.setattr(_onepass, "onepass", lambda *a, **k: calls.append(1))
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+        got = _dpo(dpo_loss, x, impl="onepass")
+    assert not calls and "using impl='recompute'" in caplog.text
+    for a, b in zip(got, _dpo(dpo_loss_ref, x), strict=True):
+        assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def _grpo_inputs():
+    g = torch.Generator().manual_seed(1)
+    n, v, h = 23, 19, 8
+    hidden = torch.randn(n, h, dtype=torch.float64, generator=g)
+    weight = torch.randn(v, h, dtype=torch.float64, generator=g)
+    return dict(hidden=hidden, weight=weight, targets=torch.randint(0, v, (n,), generator=g),
+                advantages=torch.randn(n, generator=g), old_logprobs=-3 + 0.2 * torch.randn(n, generator=g),
+                mask=torch.rand(n, generator=g) > 0.2)
+
+
+def _grpo(fn, x, hidden, weight, **kw):
+    return fn(hidden, weight, x["targets"], x["advantages"], x["old_logprobs"], x["mask"], return_entropy=True, **kw)
+
+
+def test_grpo_partial_and_no_gradients(monkeypatch):
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 5 * 19 * 12)  # 5 tokens a chunk
+    x = _grpo_inputs()
+    h, w = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
+    r_loss, r_m = _grpo(grpo_loss_ref, x, h, w)
+    r_gh, r_gw = torch.autograd.grad(r_loss, (h, w))
+    # hidden only (a frozen lm_head), weight only (frozen trunk)
+    loss, _ = _grpo(grpo_loss, x, h, w.detach(), impl="onepass")
+    assert_close(torch.autograd.grad(loss, h)[0], r_gh, atol=1e-12, rtol=1e-10, name="grad_hidden only")
+    loss, _ = _grpo(grpo_loss, x, h.detach(), w, impl="onepass")
+    assert_close(torch.autograd.grad(loss, w)[0], r_gw, atol=1e-12, rtol=1e-10, name="grad_weight only")
+    # no_grad: the log-probs and metrics only; no dlogits or gradient matmul is run
+
+    def no_grad_work(*args, **kwargs):
+        raise AssertionError("gradient work under no_grad")
+
+    monkeypatch.setattr(_onepass, "dlogits_ref", no_grad_work)
+    with torch.no_grad():
+        loss, m = _grpo(grpo_loss, x, h, w, impl="onepass")
+    assert_close(loss, r_loss.detach(), atol=1e-12, name="no_grad loss")
+    assert_close(m["entropy_mean"], r_m["entropy_mean"], atol=1e-12, name="no_grad entropy")
+
+
+def test_bad_impl_is_named():
+    x = _grpo_inputs()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        _grpo(grpo_loss, x, x["hidden"], x["weight"], impl="fast")
+    d = _dpo_inputs()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        _dpo(dpo_loss, d, impl="tiled")
+
+
+def test_triton_row_kernels_and_losses_in_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/_interp_onepass.py"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-8000:]}\n{r.stderr[-2000:]}"
+    assert " passed" in r.stdout and " skipped" not in r.stdout.splitlines()[-1]
