@@ -8,7 +8,8 @@ backward. Providers: `ours` = kernels.fused_logprobs.logprobs_fwd for the refere
 under no_grad), the same loss, autograd; `liger` = Liger-Kernel's LigerFusedLinearDPOLoss with its NLL term and its
 own reference pass (only when importable; timing only, its loss is not compared). Shapes: CUDA = Qwen2.5-VL-7B head
 (H=3584, V=152064, bf16), 4 pairs = 8 sequences x 1024 tokens; CPU = a reduced shape. FLOPs (useful): 8*N*V*H
-(reference 2NVH + policy 6NVH); ours executes 10NVH (the policy backward recomputes the logits).
+(reference 2NVH + policy 6NVH); ours executes 10NVH (the policy backward recomputes the logits); `onepass` =
+ours with impl="onepass" (whole pairs per chunk, each chunk's logits computed once: 8NVH).
 """
 
 import argparse
@@ -48,11 +49,15 @@ def eager_dpo(hidden, weight, ref_weight, targets, mask, cu, is_chosen):
     return dpo + SFT_WEIGHT * sft
 
 
-def ours_dpo(hidden, weight, ref_weight, targets, mask, cu, is_chosen):
+def ours_dpo(hidden, weight, ref_weight, targets, mask, cu, is_chosen, impl="recompute"):
     ref_lp, _, _ = logprobs_fwd(hidden, ref_weight, targets)  # no autograd, no [N, V] logits
     ref_seq = sequence_logps(ref_lp, mask, cu)
     return dpo_loss(hidden, weight, targets, mask, cu, is_chosen, ref_seq[is_chosen], ref_seq[~is_chosen],
-                    beta=BETA, sft_weight=SFT_WEIGHT, sft_norm="token-mean")[0]
+                    beta=BETA, sft_weight=SFT_WEIGHT, sft_norm="token-mean", impl=impl)[0]
+
+
+def onepass_dpo(*inputs):
+    return ours_dpo(*inputs, impl="onepass")
 
 
 def liger_dpo(num_seqs, t):
@@ -98,14 +103,16 @@ def main():
     num_seqs, t, h, v = (8, 1024, 3584, 152064) if cuda else (8, 64, 256, 4096)
     n = num_seqs * t
     inputs = make_inputs(num_seqs, t, h, v, dtype, device)
-    check_against_eager(ours_dpo, eager_dpo, inputs)
+    for fn in (ours_dpo, onepass_dpo):
+        check_against_eager(fn, eager_dpo, inputs)
     flops = 8 * n * v * h
-    print(f"FLOPs (useful) = 8*N*V*H = 8*{n}*{v}*{h} = {flops:.3e} (ref fwd 2NVH + policy 6NVH); ours executes 10NVH")
+    print(f"FLOPs (useful) = 8*N*V*H = 8*{n}*{v}*{h} = {flops:.3e} (ref fwd 2NVH + policy 6NVH); ours executes "
+          "10NVH, onepass 8NVH")
     res = Results("dpo_loss", Path(args.out))
     shape = f"P={num_seqs // 2} T={t} H={h} V={v}"
     hidden, weight = inputs[:2]
     eager_ms = None
-    providers = [("eager", eager_dpo), ("ours", ours_dpo)]
+    providers = [("eager", eager_dpo), ("ours", ours_dpo), ("onepass", onepass_dpo)]
     if (liger := liger_dpo(num_seqs, t)) is not None:
         providers.append(("liger", liger))
     for name, fn in providers:

@@ -2,12 +2,14 @@
 
     python bench/bench_grpo.py [--out bench/results] [--reps 10]
 
-Providers: `ours` = kernels.grpo_loss (no [N, V] logits); `eager` = full logits [N, V] in the input dtype, fp32
-log_softmax, the same loss, autograd; `liger` = Liger-Kernel's LigerFusedLinearGRPOLoss (only when importable;
-timing only: it takes one advantage per sequence and normalises its own way, so its loss is not compared). Shapes:
-CUDA = Qwen2.5-VL-7B head (H=3584, V=152064, bf16), 8 sequences x 1024 tokens; CPU = a reduced shape that finishes
-in seconds. TFLOP/s use the useful count for both providers, 6*N*V*H (logits 2NVH, grad_hidden 2NVH, grad_weight
-2NVH); ours executes 8NVH (its backward recomputes the logits). The [N]-sized loss math is ignored.
+Providers: `ours` = kernels.grpo_loss (no [N, V] logits; impl="recompute"); `onepass` = the same with
+impl="onepass" (each chunk's logits computed once by cuBLAS into a [C, V] buffer: 6NVH); `eager` = full logits
+[N, V] in the input dtype, fp32 log_softmax, the same loss, autograd; `liger` = Liger-Kernel's
+LigerFusedLinearGRPOLoss (only when importable; timing only: it takes one advantage per sequence and normalises its
+own way, so its loss is not compared). Shapes: CUDA = Qwen2.5-VL-7B head (H=3584, V=152064, bf16), 8 sequences x
+1024 tokens; CPU = a reduced shape that finishes in seconds. TFLOP/s use the useful count for every provider,
+6*N*V*H (logits 2NVH, grad_hidden 2NVH, grad_weight 2NVH); ours executes 8NVH (its backward recomputes the
+logits), onepass 6NVH. The [N]-sized loss math is ignored.
 """
 
 import argparse
@@ -35,9 +37,13 @@ def eager_grpo(hidden, weight, targets, adv, old, ref, mask):
     return ((pg + KL_COEF * kl) * m).sum() / m.sum()
 
 
-def ours_grpo(hidden, weight, targets, adv, old, ref, mask):
+def ours_grpo(hidden, weight, targets, adv, old, ref, mask, impl="recompute"):
     return grpo_loss(hidden, weight, targets, adv, old, mask, ref_logprobs=ref, clip_low=CLIP_LOW,
-                     clip_high=CLIP_HIGH, kl_coef=KL_COEF, kl_estimator="k3")[0]
+                     clip_high=CLIP_HIGH, kl_coef=KL_COEF, kl_estimator="k3", impl=impl)[0]
+
+
+def onepass_grpo(*inputs):
+    return ours_grpo(*inputs, impl="onepass")
 
 
 def liger_grpo(b, t):
@@ -83,14 +89,16 @@ def main():
     b, t, h, v = (8, 1024, 3584, 152064) if cuda else (4, 128, 256, 4096)
     n = b * t
     inputs = make_inputs(n, h, v, dtype, device)
-    check_against_eager(ours_grpo, eager_grpo, inputs)
+    for fn in (ours_grpo, onepass_grpo):
+        check_against_eager(fn, eager_grpo, inputs)
     flops = 6 * n * v * h
-    print(f"FLOPs (useful) = 6*N*V*H = 6*{n}*{v}*{h} = {flops:.3e}; ours executes 8NVH (logits recompute)")
+    print(f"FLOPs (useful) = 6*N*V*H = 6*{n}*{v}*{h} = {flops:.3e}; ours executes 8NVH (logits recompute), "
+          "onepass 6NVH")
     res = Results("grpo_loss", Path(args.out))
     shape = f"B={b} T={t} H={h} V={v}"
     hidden, weight = inputs[:2]
     eager_ms = None
-    providers = [("eager", eager_grpo), ("ours", ours_grpo)]
+    providers = [("eager", eager_grpo), ("ours", ours_grpo), ("onepass", onepass_grpo)]
     if (liger := liger_grpo(b, t)) is not None:
         providers.append(("liger", liger))
     for name, fn in providers:

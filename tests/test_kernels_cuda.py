@@ -5,7 +5,7 @@ test_fused_logprobs*.py, test_grpo_loss.py and test_dpo_loss.py. Run by bench/gp
 import pytest
 import torch
 
-from kernels import dpo_loss, fused_logprobs, fused_logprobs_ref, grpo_loss
+from kernels import _onepass, dpo_loss, fused_logprobs, fused_logprobs_ref, grpo_loss
 from kernels._testing import assert_close, tolerance
 from kernels.dpo_loss import dpo_loss_ref
 from kernels.grpo_loss import grpo_loss_ref
@@ -66,12 +66,14 @@ def _grpo_args(n, seqs, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("impl", ["recompute", "onepass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_grpo_loss_matches_reference(dtype, agg):
+def test_grpo_loss_matches_reference(dtype, agg, impl, monkeypatch):
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 300 * 3000 * 6)  # onepass: 256-token chunks
     hidden, weight, targets, adv, old, mask, cu, ref = _grpo_args(1031, 5, dtype)
     kw = dict(cu_seqlens=cu, ref_logprobs=ref, kl_coef=0.05, agg=agg)
-    _compare(lambda h, w: grpo_loss(h, w, targets, adv, old, mask, **kw)[0],
+    _compare(lambda h, w: grpo_loss(h, w, targets, adv, old, mask, impl=impl, **kw)[0],
              lambda h, w: grpo_loss_ref(h, w, targets, adv, old, mask, **kw)[0], hidden, weight)
 
 
@@ -89,8 +91,10 @@ def _compare(ours, ref, hidden, weight, floor=1e-4):
 
 
 @needs_cuda
+@pytest.mark.parametrize("impl", ["recompute", "onepass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dpo_loss_matches_reference(dtype):
+def test_dpo_loss_matches_reference(dtype, impl, monkeypatch):
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 600 * 3000 * 6)  # onepass: pairs of <= 576 tokens
     hidden, weight, targets = _inputs(1100, 3000, 256, dtype, seed=4)
     targets = targets.clamp(min=0)
     mask = torch.ones(1100, dtype=torch.bool, device="cuda")
@@ -99,5 +103,6 @@ def test_dpo_loss_matches_reference(dtype):
     is_chosen = torch.tensor([True, True, True, False, False, False], device="cuda")
     ref_c, ref_r = -torch.rand(3, device="cuda") * 200, -torch.rand(3, device="cuda") * 200
     args = (targets, mask, cu, is_chosen, ref_c, ref_r)
-    _compare(lambda h, w: dpo_loss(h, w, *args, beta=0.1)[0], lambda h, w: dpo_loss_ref(h, w, *args, beta=0.1)[0],
+    _compare(lambda h, w: dpo_loss(h, w, *args, beta=0.1, impl=impl)[0],
+             lambda h, w: dpo_loss_ref(h, w, *args, beta=0.1)[0],
              hidden, weight)
