@@ -241,6 +241,8 @@ class DPOConfig:
     """Column of the preferred response."""
     rejected_column: str = "rejected"
     """Column of the dispreferred response."""
+    loss_impl: Literal["recompute", "onepass"] = "recompute"
+    """kernels.dpo_loss implementation: recompute (8NVH, O(N) memory) or onepass (6NVH, a [C, V] buffer)."""
 
     def check(self) -> list[str]:
         problems = []
@@ -346,6 +348,8 @@ class GRPOConfig:
     tis_cap: float = 0.0
     """Truncated importance sampling: weight each token by min(exp(trainer log-prob - rollout log-prob), tis_cap),
     correcting for the rollout engine's numerics (bf16, another kernel, vLLM); 0 turns it off."""
+    loss_impl: Literal["recompute", "onepass"] = "recompute"
+    """kernels.grpo_loss implementation: recompute (8NVH, O(N) memory) or onepass (6NVH, a [C, V] buffer)."""
 
     @property
     def steps_per_rollout(self) -> int:

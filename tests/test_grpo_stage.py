@@ -140,6 +140,7 @@ ppo_epochs = 2
 kl_coef = 0.05
 tis_cap = 2.0
 filter_equal_groups = false
+loss_impl = "onepass"
 [stages.optim]
 lr = 1e-3
 schedule = "constant"
@@ -156,7 +157,8 @@ every = 4
 def test_ppo_minibatches_kl_and_tis(toy_world, tmp_path):
     """2 mini-batches x 2 epochs per rollout batch, a KL penalty to the starting model and truncated importance
     sampling, 2 gloo ranks: the first update of each rollout is on-policy (ratio and KL exactly 0 at the start),
-    later ones are off-policy; rollout stats are logged once per rollout."""
+    later ones are off-policy; rollout stats are logged once per rollout. With the one-pass loss (the other GRPO
+    tests and the tiny recipe use the default)."""
     recipe = tmp_path / "ppo.toml"
     recipe.write_text(PPO_RECIPE.format(world=toy_world))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

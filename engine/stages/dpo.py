@@ -139,7 +139,7 @@ def run(cfg: DPOStageConfig, ctx: StageContext) -> None:
             mask = torch.ones_like(targets, dtype=torch.bool)
             return dpo_loss(hidden, weight, targets, mask, mb["target_cu"], mb["is_chosen"], refs[:, 0], refs[:, 1],
                             beta=cfg.dpo.beta, sft_weight=sft_weight, sft_norm=cfg.dpo.sft_norm,
-                            label_smoothing=cfg.dpo.label_smoothing)
+                            label_smoothing=cfg.dpo.label_smoothing, impl=cfg.dpo.loss_impl)
 
         loss, m = policy(mb, loss_fn=fused)
         stats = {name: m[name] * share for name in ("dpo_loss", "reward_margin", "reward_accuracy",

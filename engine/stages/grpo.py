@@ -195,7 +195,7 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
             return grpo_loss(hidden, weight, targets, adv, mb["old"], mask, cu_seqlens=mb["target_cu"],
                              ref_logprobs=mb.get("ref"), kl_coef=g.kl_coef, kl_estimator=g.kl_estimator,
                              clip_low=g.clip_low, clip_high=g.clip_high, agg=g.agg, temperature=r_cfg.temperature,
-                             return_entropy=True, norm_len=r_cfg.max_new_tokens)
+                             return_entropy=True, norm_len=r_cfg.max_new_tokens, impl=g.loss_impl)
 
         loss, m = policy(mb, loss_fn=fused)
         stats.update({"loss": loss.detach() * share, "clip_frac": m["clip_frac"] * share,
