@@ -3,7 +3,8 @@
     python bench/bench_logprobs.py                      # CUDA: H=3584 V=152064 N=4096,16384 bf16; CPU: reduced
     python bench/bench_logprobs.py --tokens 4096 --compile --modes fwd+bwd
 
-Providers: ours, eager ((hidden @ weight.T).float().log_softmax(-1).gather), compile (torch.compile of eager, GPU
+Providers: ours, onepass (ours with impl="onepass": cuBLAS logits per chunk + Triton row kernels), eager
+((hidden @ weight.T).float().log_softmax(-1).gather), compile (torch.compile of eager, GPU
 and --compile only), liger / cce (Liger-Kernel FLCE, Cut Cross-Entropy; only when importable, reduction "none").
 Modes: fwd, and fwd+bwd with a random per-token upstream gradient (what RL losses send).
 FLOPs: TFLOP/s use the useful count, fwd 2NVH and fwd+bwd 6NVH for every provider. Ours executes 2NVH forward
@@ -32,7 +33,8 @@ def eager(hidden, weight, targets):
 
 def providers(args) -> dict:
     """name -> fn(hidden, weight, targets) returning [N] fp32 log-probs, differentiable."""
-    out = {"eager": eager, "ours": lambda h, w, t: fused_logprobs(h, w, t)}  # eager first: the x-eager base
+    out = {"eager": eager, "ours": lambda h, w, t: fused_logprobs(h, w, t),  # eager first: the x-eager base
+           "onepass": lambda h, w, t: fused_logprobs(h, w, t, impl="onepass")}
     if args.compile and torch.cuda.is_available():
         out["compile"] = torch.compile(eager)
     try:
@@ -61,14 +63,14 @@ def make_call(fn, mode: str, hidden, weight, targets, g):
     return call
 
 
-def check_once(device, dtype, h: int, v: int) -> None:
+def check_once(device, dtype, h: int, v: int, impl: str = "recompute") -> None:
     """Ours vs an fp32 full-logits reference at a small N: log-probs and both gradients."""
     n = 256
     hidden = torch.randn(n, h, device=device).to(dtype).requires_grad_()
     weight = (torch.randn(v, h, device=device) / h**0.5).to(dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), device=device)
     g = torch.randn(n, device=device)
-    out = fused_logprobs(hidden, weight, targets)
+    out = fused_logprobs(hidden, weight, targets, impl=impl)
     gh, gw = torch.autograd.grad((out * g).sum(), [hidden, weight])
     h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
     ref = eager(h32, w32, targets)
@@ -76,7 +78,8 @@ def check_once(device, dtype, h: int, v: int) -> None:
     errs = {"logp": (out - ref).abs().max().item(),
             "grad_hidden rel": ((gh.float() - rh).abs().max() / rh.abs().max()).item(),
             "grad_weight rel": ((gw.float() - rw).abs().max() / rw.abs().max()).item()}
-    print(f"check vs fp32 eager (N={n}, H={h}, V={v}, {dtype}): " + ", ".join(f"{k} {e:.2e}" for k, e in errs.items()))
+    shown = ", ".join(f"{k} {e:.2e}" for k, e in errs.items())
+    print(f"check {impl} vs fp32 eager (N={n}, H={h}, V={v}, {dtype}): {shown}")
     bound = 1e-3 if dtype == torch.float32 else 3e-2  # bf16 inputs: dlogits enter the grad matmuls in bf16
     if max(errs.values()) > bound:
         raise SystemExit(f"ours disagrees with eager beyond {bound}: {errs}")
@@ -90,7 +93,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=152064 if cuda else 4096, help="V")
     p.add_argument("--dtype", choices=DTYPES, default="bf16" if cuda else "fp32")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    p.add_argument("--providers", nargs="+", default=["all"], help="subset of: ours eager compile liger cce")
+    p.add_argument("--providers", nargs="+", default=["all"], help="subset of: ours onepass eager compile liger cce")
     p.add_argument("--compile", action="store_true", help="add torch.compile of eager (GPU only; ~1 min compile)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -99,7 +102,8 @@ def main() -> None:
     device, dtype = ("cuda" if cuda else "cpu"), DTYPES[args.dtype]
     h, v = args.hidden, args.vocab
     torch.manual_seed(0)
-    check_once(device, dtype, h, v)
+    for impl in ("recompute", "onepass"):
+        check_once(device, dtype, h, v, impl)
     weight = (torch.randn(v, h, device=device) / h**0.5).to(dtype).requires_grad_()
     res, provs = Results("logprobs", args.out), providers(args)
     print("FLOPs: fwd 2NVH; fwd+bwd useful 6NVH (ours executes 8NVH: fwd 2 + recompute 2 + dH 2 + dW 2)")

@@ -195,8 +195,8 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
             rows of all earlier chunks) are filled in. Not called when no gradient is needed.
         backend: "ref" (torch row kernels) or "triton" (CUDA, or the interpreter under TRITON_INTERPRET=1).
     Returns:
-        (logp [N], entropy [N] or None, grad_hidden [N, H] in hidden.dtype or None, grad_weight [V, H] in
-        weight.dtype or None); ignored targets give logp 0, entropy 0 and no gradient.
+        (logp [N], lse [N], entropy [N] or None, grad_hidden [N, H] in hidden.dtype or None, grad_weight [V, H]
+        in weight.dtype or None); ignored targets give logp 0, entropy 0 and no gradient.
     """
     n = hidden.shape[0]
     v = weight.shape[0]
@@ -214,6 +214,7 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)
     logp = torch.zeros(n, dtype=acc, device=hidden.device)
+    lse = torch.zeros(n, dtype=acc, device=hidden.device)
     entropy = torch.zeros(n, dtype=acc, device=hidden.device) if return_entropy else None
     dx = torch.zeros_like(hidden) if need_hidden_grad else None
     dw = torch.zeros(weight.shape, dtype=weight.dtype if backend == "triton" else acc,
@@ -231,6 +232,7 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
         else:
             lse_C, zt_C, ent_C = row_stats_ref(z_CV, t_C, inv_temp, return_entropy)
         logp[idx] = torch.where(ok_C, zt_C - lse_C, 0.0)
+        lse[idx] = lse_C
         if return_entropy:
             entropy[idx] = torch.where(ok_C, ent_C, 0.0)
         if not need_grad:
@@ -248,4 +250,4 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
             dw.addmm_(d_CV.T, x_mm)
     if dw is not None:
         dw = dw.to(weight.dtype)
-    return logp, entropy, dx, dw
+    return logp, lse, entropy, dx, dw

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from kernels import _onepass
+
 logger = logging.getLogger("kernels")
 _LOGGED: set[str] = set()
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -188,32 +190,58 @@ def logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 
 
 class FusedLogprobsFunction(torch.autograd.Function):
-    """forward = logprobs_fwd, backward = logprobs_bwd; saves only lse (and entropy), O(N)."""
+    """forward = logprobs_fwd, backward = logprobs_bwd; saves only lse (and entropy), O(N).
+
+    impl="onepass": both directions through kernels/_onepass.py instead (cuBLAS logits per chunk + Triton row
+    kernels; 8NVH in all, every matmul in cuBLAS); a gradient through the entropy still takes logprobs_bwd."""
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, ignore_index, return_entropy, chunk_tokens,
-                backend):
-        logp_N, lse_N, ent_N = logprobs_fwd(hidden_NH, weight_VH, targets_N, temperature=temperature,
-                                            ignore_index=ignore_index, return_entropy=return_entropy,
-                                            chunk_tokens=chunk_tokens, _backend_override=backend)
+                backend, impl):
+        if impl == "onepass":
+            logp_N, lse_N, ent_N, _, _ = _onepass_call(hidden_NH, weight_VH, targets_N, None, temperature,
+                                                       ignore_index, return_entropy, backend, False, False)
+        else:
+            logp_N, lse_N, ent_N = logprobs_fwd(hidden_NH, weight_VH, targets_N, temperature=temperature,
+                                                ignore_index=ignore_index, return_entropy=return_entropy,
+                                                chunk_tokens=chunk_tokens, _backend_override=backend)
         ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse_N, ent_N)
-        ctx.args = (temperature, ignore_index, chunk_tokens, backend)
+        ctx.args = (temperature, ignore_index, chunk_tokens, backend, impl)
         ctx.set_materialize_grads(False)  # an unused output (e.g. entropy) sends None: skip its term
         return (logp_N, ent_N) if return_entropy else logp_N
 
     @staticmethod
     def backward(ctx, grad_logp_N, grad_ent_N=None):
         hidden_NH, weight_VH, targets_N, lse_N, ent_N = ctx.saved_tensors
-        temperature, ignore_index, chunk_tokens, backend = ctx.args
+        temperature, ignore_index, chunk_tokens, backend, impl = ctx.args
         if grad_logp_N is None:
             grad_logp_N = torch.zeros_like(lse_N)
-        grad_hidden, grad_weight = logprobs_bwd(
-            hidden_NH, weight_VH, targets_N, lse_N, grad_logp_N, grad_entropy=grad_ent_N,
-            entropy=ent_N if grad_ent_N is not None else None, temperature=temperature, ignore_index=ignore_index,
-            need_weight_grad=ctx.needs_input_grad[1], chunk_tokens=chunk_tokens, _backend_override=backend)
+        if impl == "onepass" and grad_ent_N is None:
+            g_N = _check_vec("grad_logp", grad_logp_N, lse_N.shape[0], hidden_NH.device)
+            _, _, _, grad_hidden, grad_weight = _onepass_call(
+                hidden_NH, weight_VH, targets_N, lambda idx, _: g_N[idx], temperature, ignore_index, False, backend,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        else:
+            grad_hidden, grad_weight = logprobs_bwd(
+                hidden_NH, weight_VH, targets_N, lse_N, grad_logp_N, grad_entropy=grad_ent_N,
+                entropy=ent_N if grad_ent_N is not None else None, temperature=temperature,
+                ignore_index=ignore_index, need_weight_grad=ctx.needs_input_grad[1], chunk_tokens=chunk_tokens,
+                _backend_override=backend)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_VH.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def _onepass_call(hidden, weight, targets, grad_fn, temperature, ignore_index, return_entropy, backend, need_h,
+                  need_w):
+    """kernels._onepass.onepass in consecutive chunks sized by its buffer budget, after the usual checks."""
+    backend = _backend(hidden.device, backend)
+    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend)
+    with torch.no_grad():
+        chunks = _onepass.token_chunks(hidden.shape[0], _onepass.chunk_tokens(weight.shape[0], hidden.element_size()))
+        return _onepass.onepass(hidden, weight, targets, chunks, grad_fn, temperature=temperature,
+                                ignore_index=ignore_index, return_entropy=return_entropy, need_hidden_grad=need_h,
+                                need_weight_grad=need_w, backend=backend)
 
 
 def fused_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -221,11 +249,12 @@ def fused_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
     """The torch reference of `fused_logprobs` on any device (also fp64, for gradcheck); same arguments."""
     return FusedLogprobsFunction.apply(hidden, weight, targets, float(temperature), ignore_index,
-                                       bool(return_entropy), int(chunk_tokens), "ref")
+                                       bool(return_entropy), int(chunk_tokens), "ref", "recompute")
 
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                   ignore_index: int = -100, return_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                   ignore_index: int = -100, return_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                   impl: str = "recompute"):
     """Log-probs of `targets` under softmax(hidden @ weight.T / temperature), without [N, V] logits.
 
     Args:
@@ -235,8 +264,13 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         temperature: divides the logits before the softmax; > 0.
         return_entropy: also return the entropy of the full distribution per token.
         chunk_tokens: tokens per chunk on the torch path (CPU); the Triton path tiles by itself.
+        impl: "recompute" (Triton logits tiles in the forward and again in the backward; O(N + tile) memory) or
+            "onepass" (cuBLAS logits per chunk into a [C, V] buffer plus Triton row kernels, kernels/_onepass.py;
+            faster where cuBLAS beats the Triton tiles, not yet timed on a GPU).
     Returns:
         logp [N] fp32, or (logp, entropy) [N] fp32 each; differentiable w.r.t. hidden and weight.
     """
+    if impl not in ("recompute", "onepass"):
+        raise ValueError(f"impl must be 'recompute' or 'onepass', got {impl!r}")
     return FusedLogprobsFunction.apply(hidden, weight, targets, float(temperature), ignore_index,
-                                       bool(return_entropy), int(chunk_tokens), None)
+                                       bool(return_entropy), int(chunk_tokens), None, impl)

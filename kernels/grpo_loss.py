@@ -336,7 +336,7 @@ def onepass_forward(ctx, hidden, weight, targets, groups, grad_fn, temperature, 
     hidden, weight, targets = _check(hidden, weight, targets, temperature, backend)
     if groups is None:
         groups = token_chunks(hidden.shape[0], chunk_tokens(weight.shape[0], hidden.element_size()))
-    logp, entropy, gh, gw = onepass(hidden, weight, targets, groups, grad_fn, temperature=temperature,
+    logp, _, entropy, gh, gw = onepass(hidden, weight, targets, groups, grad_fn, temperature=temperature,
                                     return_entropy=return_entropy, need_hidden_grad=need_h, need_weight_grad=need_w,
                                     backend=backend)
     return logp, entropy, (gh, gw)

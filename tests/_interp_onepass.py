@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from kernels import _onepass
+from kernels import _onepass, fused_logprobs, fused_logprobs_ref
 from kernels._testing import assert_close, tolerance
 from kernels.dpo_loss import dpo_loss, dpo_loss_ref
 from kernels.grpo_loss import grpo_loss, grpo_loss_ref
@@ -115,3 +115,23 @@ def test_dpo_onepass_fp32(monkeypatch):
     got, want = _dpo(dpo_loss, x, impl="onepass"), _dpo(dpo_loss_ref, x)
     for name, a, b in zip(("loss", "reward_margin", "grad_hidden", "grad_weight"), got, want, strict=True):
         assert_close(a, b, atol=1e-5, rtol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_logprobs_onepass(monkeypatch, dtype):
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 9 * 257 * 8)  # several chunks
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(40, 24, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(257, 24, generator=g) * 0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, 257, (40,), generator=g)
+    targets[7] = -100
+    up = torch.randn(40, generator=g)
+    outs = []
+    for fn, kw in ((fused_logprobs, dict(impl="onepass")), (fused_logprobs_ref, {})):
+        h, w = (hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()) if not kw else \
+            (hidden, weight)
+        logp = fn(h, w, targets, temperature=0.9, **kw)
+        outs.append((logp, *torch.autograd.grad((logp * up).sum(), (h, w))))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: dlogits rounded to fp16 before the matmuls
+    for name, a, b in zip(("logp", "grad_hidden", "grad_weight"), *outs, strict=True):
+        assert_close(a.float(), b, atol=tol, rtol=tol, name=f"{name} {dtype}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _onepass
+from kernels import _onepass, fused_logprobs
 from kernels._testing import assert_close
 from kernels.dpo_loss import dpo_loss, dpo_loss_ref, pair_groups
 from kernels.grpo_loss import grpo_loss, grpo_loss_ref
@@ -113,6 +113,32 @@ def test_grpo_partial_and_no_gradients(monkeypatch):
     assert_close(m["entropy_mean"], r_m["entropy_mean"], atol=1e-12, name="no_grad entropy")
 
 
+@pytest.mark.parametrize("n,v,h,chunk", [(1, 13, 16, 1), (33, 1000, 96, 5), (130, 257, 16, 64)])
+@pytest.mark.parametrize("with_entropy_grad", [False, True])
+def test_fused_logprobs_onepass_matches_full_logits(monkeypatch, n, v, h, chunk, with_entropy_grad):
+    """fused_logprobs(impl="onepass") in fp64 against log_softmax of the full logits; a gradient through the
+    entropy takes the recompute backward."""
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", chunk * v * 12)
+    g = torch.Generator().manual_seed(n)
+    hidden = torch.randn(n, h, dtype=torch.float64, generator=g).requires_grad_()
+    weight = torch.randn(v, h, dtype=torch.float64, generator=g).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::3] = -100
+    up, up_e = torch.randn(n, dtype=torch.float64, generator=g), torch.randn(n, dtype=torch.float64, generator=g)
+    logp, ent = fused_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True, impl="onepass")
+    loss = (logp * up + ent * up_e).sum() if with_entropy_grad else (logp * up).sum()
+    got = (logp, ent, *torch.autograd.grad(loss, (hidden, weight)))
+    logits = hidden @ weight.T / 0.7
+    full_logp = torch.log_softmax(logits, -1)
+    ok = targets != -100
+    r_logp = torch.where(ok, full_logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    r_ent = torch.where(ok, -(full_logp.exp() * full_logp).sum(-1), 0.0)
+    r_loss = (r_logp * up + r_ent * up_e).sum() if with_entropy_grad else (r_logp * up).sum()
+    want = (r_logp, r_ent, *torch.autograd.grad(r_loss, (hidden, weight)))
+    for name, a, b in zip(("logp", "entropy", "grad_hidden", "grad_weight"), got, want, strict=True):
+        assert_close(a, b, atol=1e-10, rtol=1e-9, name=name)
+
+
 def test_bad_impl_is_named():
     x = _grpo_inputs()
     with pytest.raises(ValueError, match="impl must be one of"):
@@ -120,6 +146,8 @@ def test_bad_impl_is_named():
     d = _dpo_inputs()
     with pytest.raises(ValueError, match="impl must be one of"):
         _dpo(dpo_loss, d, impl="tiled")
+    with pytest.raises(ValueError, match="impl must be"):
+        fused_logprobs(x["hidden"], x["weight"], x["targets"], impl="cublas")
 
 
 def test_triton_row_kernels_and_losses_in_interpreter():
