@@ -1,24 +1,44 @@
 #!/usr/bin/env bash
-# Device check for one GPU: the CUDA kernel tests, the engine smoke run (FSDP2 + bf16 + checkpoint + export),
-# the three kernel benchmarks (about 5 minutes together), then packing and the packed-vs-padded train step. Results are appended to $OUT (or bench/results).
-#   bash bench/gpu_check.sh
+# Device check for one GPU, in parts that each fit one 10-minute device call (a session has 15 device minutes):
+#   bash bench/gpu_check.sh kernels   # build the extension, CUDA kernel tests, logprobs/grpo/dpo benches (~4 min)
+#   bash bench/gpu_check.sh engine    # attention paths with grads, engine smoke, packing, packed train step (~4 min)
+#   bash bench/gpu_check.sh rollout   # bench_rollout, 3B preset: generate vs builtin vs compiled (~3 min)
+#   bash bench/gpu_check.sh           # all three, in that order of priority
+# Results are appended to $OUT (or bench/results); every step runs under its own timeout, so one hung step
+# cannot eat the rest of the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 results=${OUT:-bench/results}
+parts=${*:-kernels engine rollout}
 mkdir -p "$results"
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-step() { echo; echo "=== $* ($(date +%T))"; "$@" || { echo "=== FAILED: $*"; status=1; }; }
-step python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py
-step python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k "cuda"
-step python3 bench/gpu_smoke_engine.py
-step python3 bench/bench_logprobs.py --out "$results"
-step python3 bench/bench_grpo.py --out "$results"
-step python3 bench/bench_dpo.py --out "$results"
-step python3 bench/bench_packing.py --out "$results"
-step python3 bench/bench_train.py --out "$results"
-step python3 bench/bench_rollout.py --out "$results" --reps 1
-echo; echo "gpu_check: $([ $status = 0 ] && echo ok || echo FAILED) ($(date +%T))"
+step() {
+  local limit=$1; shift
+  echo; echo "=== $* ($(date +%T), limit ${limit}s)"
+  timeout "$limit" "$@" || { echo "=== FAILED ($?): $*"; status=1; }
+}
+# The packing extension: built here for this machine's Python (the lent machine runs 3.12; ours is 3.11) and
+# CUDA (nvcc is there); .so files are git-ignored and never carried.
+step 300 python3 setup.py -q build_ext --inplace
+for part in $parts; do
+  case $part in
+    kernels)
+      step 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py
+      step 120 python3 bench/bench_logprobs.py --out "$results"
+      step 90 python3 bench/bench_grpo.py --out "$results"
+      step 90 python3 bench/bench_dpo.py --out "$results" ;;
+    engine)
+      step 180 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k "cuda"
+      step 90 python3 bench/gpu_smoke_engine.py
+      step 60 python3 bench/bench_packing.py --out "$results"
+      step 180 python3 bench/bench_train.py --out "$results" ;;
+    rollout)
+      step 420 python3 bench/bench_rollout.py --out "$results" --reps 1 ;;
+    *) echo "unknown part '$part' (kernels, engine, rollout)"; status=1 ;;
+  esac
+done
+echo; echo "gpu_check $parts: $([ $status = 0 ] && echo ok || echo FAILED) ($(date +%T))"
 exit $status
