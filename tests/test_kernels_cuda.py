@@ -7,7 +7,7 @@ import torch
 
 from kernels import _onepass, dpo_loss, fused_logprobs, fused_logprobs_ref, grpo_loss
 from kernels._testing import assert_close, tolerance
-from kernels.dpo_loss import dpo_loss_ref
+from kernels.dpo_loss import dpo_loss_ref, pair_groups
 from kernels.grpo_loss import grpo_loss_ref
 
 pytestmark = pytest.mark.requires_cuda
@@ -94,7 +94,7 @@ def _compare(ours, ref, hidden, weight, floor=1e-4):
 @pytest.mark.parametrize("impl", ["recompute", "onepass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dpo_loss_matches_reference(dtype, impl, monkeypatch):
-    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 600 * 3000 * 6)  # onepass: pairs of <= 576 tokens
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 700 * 3000 * 6)  # onepass: chunks of 512 (fp32) or 640
     hidden, weight, targets = _inputs(1100, 3000, 256, dtype, seed=4)
     targets = targets.clamp(min=0)
     mask = torch.ones(1100, dtype=torch.bool, device="cuda")
@@ -103,6 +103,8 @@ def test_dpo_loss_matches_reference(dtype, impl, monkeypatch):
     is_chosen = torch.tensor([True, True, True, False, False, False], device="cuda")
     ref_c, ref_r = -torch.rand(3, device="cuda") * 200, -torch.rand(3, device="cuda") * 200
     args = (targets, mask, cu, is_chosen, ref_c, ref_r)
+    max_pair = _onepass.chunk_tokens(3000, hidden.element_size())
+    assert pair_groups(cu, is_chosen.nonzero()[:, 0], (~is_chosen).nonzero()[:, 0], max_pair) is not None  # no fallback
     _compare(lambda h, w: dpo_loss(h, w, *args, beta=0.1, impl=impl)[0],
              lambda h, w: dpo_loss_ref(h, w, *args, beta=0.1)[0],
              hidden, weight)
