@@ -45,6 +45,9 @@ class ScriptedBackend:
     def __init__(self, model_dir, *, device, dtype, processor, **vllm_settings):
         self.processor = processor
 
+    def close(self):
+        pass
+
     def generate(self, prompts, n, sampling):
         assert n == 4
         out = []

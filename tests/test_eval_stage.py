@@ -23,10 +23,14 @@ class ScriptedBackend:
 
     answers: dict[str, str] = {}
     calls: list[str] = []
+    closed: list[bool] = []  # one entry per backend closed (the stage closes each model's before the next)
     fail_after: int | None = None
 
     def __init__(self, model_dir, *, device, dtype, processor, **vllm_settings):
         self.strong = "second" in str(model_dir)
+
+    def close(self):
+        ScriptedBackend.closed.append(self.strong)
 
     def generate(self, prompts, n, sampling):
         assert n == 1 and sampling.temperature == 0
@@ -48,7 +52,7 @@ def scripted(monkeypatch, toy_world):
     for split in ("test", "test_ood"):
         ds = datasets.Dataset.from_parquet(str(toy_world / "data" / f"{split}.parquet"))
         ScriptedBackend.answers.update(zip(ds["id"], ds["answer"], strict=True))
-    ScriptedBackend.calls, ScriptedBackend.fail_after = [], None
+    ScriptedBackend.calls, ScriptedBackend.fail_after, ScriptedBackend.closed = [], None, []
     monkeypatch.setattr(eval_stage, "make_backend", lambda kind, model_dir, **kw: ScriptedBackend(model_dir, **kw))
     return ScriptedBackend
 
@@ -80,6 +84,7 @@ def _setup(tmp_path, toy_world):
 def test_scores_gf_and_report(tmp_path, toy_world, scripted):
     cfg, ctx = _setup(tmp_path, toy_world)
     eval_stage.run(cfg, ctx)
+    assert scripted.closed == [False, True]  # each model's backend closed after its benchmarks
     scores = json.loads((ctx.stage_dir / "scores.json").read_text())
     m, s = scores["models"]["model"], scores["models"]["second"]
     assert m["benchmarks"]["toy_id"]["score"] == 100 * 7 / 16 and m["benchmarks"]["toy_id"]["errors"] == 1

@@ -216,3 +216,16 @@ def test_compiled_decode_step_matches_eager(toy_world, processor, backend, mixed
         assert _tokens(got) == _tokens(want)
         for (a,), (b,) in zip(want, got, strict=True):
             torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-4, rtol=0)
+
+
+def test_close_frees_the_model(toy_world, processor):
+    import gc
+    import weakref
+
+    backend = BuiltinBackend(toy_world / "hf", device="cpu", processor=processor, compile_decode=False)
+    model = weakref.ref(backend.model)
+    backend.close()
+    gc.collect()
+    assert model() is None
+    with pytest.raises(AttributeError):
+        backend.generate([processor.encode("hi", [], row_id="x")], 1, SamplingParams(max_new_tokens=2))

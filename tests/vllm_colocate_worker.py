@@ -109,6 +109,15 @@ def main(model_dir: str, processor_dir: str, out_dir: str) -> None:
     dist.barrier()
     engine = build()
     _check_same(engine.generate(prompts, 1, greedy), before, f"rank {rank}, second engine (original weights)")
+    # 3b. close(): the stages' explicit release, also without losing the process group.
+    llm_alive = weakref.ref(engine.llm)
+    engine.close()
+    gc.collect()
+    if llm_alive() is not None:
+        raise AssertionError(f"rank {rank}: close() left the vLLM engine alive")
+    if not dist.is_initialized():
+        raise AssertionError(f"rank {rank}: close() destroyed the trainer's process group")
+    dist.barrier()
 
     result.update(max_logprob_diff=max(diff_before, diff_after), tokens_after=everyone[rank],
                   same_as_other_ranks=[r for r in range(world) if r != rank and everyone[r] == everyone[rank]],

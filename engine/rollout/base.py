@@ -77,3 +77,8 @@ class RolloutBackend(Protocol):
     def wake(self) -> None:
         """Undo `sleep`."""
         ...
+
+    def close(self) -> None:
+        """Free the model and its accelerator memory now (a stage that is done sampling calls it, so the next
+        backend or the trainer gets the memory without waiting for garbage collection); unusable afterwards."""
+        ...

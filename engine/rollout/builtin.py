@@ -22,6 +22,7 @@ Letters in shapes: B batch rows (prompts x n), T prompt length (padded), L cache
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -280,6 +281,14 @@ class BuiltinBackend:
         if self.device.type == "cuda":
             self.model.to(self.device)
             self._refresh_params()
+
+    def close(self) -> None:
+        """Drop the model (and the compiled decode step, which holds it); later calls fail with AttributeError."""
+        for name in ("model", "_params", "_decode"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _rotary_to_fp32(model: torch.nn.Module) -> None:

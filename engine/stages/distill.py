@@ -232,6 +232,8 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
             _write_json(parts_dir / f"part-{c:05d}.json", {k: counts[k] for k in COUNT_KEYS})  # marks it done
             log0(f"distill: part {c + 1}/{num_chunks}: {counts['candidates']}/{counts['samples']} samples correct "
                  f"and well formatted -> {counts['pairs']} pairs ({time.perf_counter() - t0:.1f} s)")
+    if todo:
+        backend.close()
     if rank == 0:
         _finish(cfg, ctx, parts_dir, num_chunks, settings, report.num_skipped, judge)
     barrier()

@@ -191,7 +191,8 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                                                 "format": format_ok(p["response"]), **p}) + "\n")
                         f.flush()
                         os.fsync(f.fileno())
-        del backend
+        if backend is not None:
+            backend.close()  # the next model's backend gets the accelerator memory
     if rank == 0:
         from engine.report import summarise, write_report
 

@@ -211,4 +211,5 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
         return loss * share * world, stats
 
     trainer.fit(micro_batches, loss_fn)
+    backend.close()  # before the export and the next stage, which need the accelerator memory
     export_hf(policy, hf_model, init_dir, ctx.stage_dir / "hf", dist_info)
