@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoTokenizer
@@ -337,6 +338,7 @@ def encode_rows(
     data: datasets.Dataset | str | os.PathLike, processor: Processor, *, template: str = "{problem}",
     response_column: str | None = None, system: str | None = None, on_bad_row: str = "skip",
     max_tokens: int | None = None, source: str | None = None, max_pixel_bytes: int | None = None,
+    shard: bool = True,
 ) -> tuple[list[Sample], BadRowReport]:  # fmt: skip
     """Encode every row; skip (and count, and log) or raise on bad rows. Never drops a row silently.
 
@@ -349,9 +351,14 @@ def encode_rows(
             name it. Defaults to `data` when it is a path, else the current directory.
         max_pixel_bytes: keep the samples' pixel_values in memory while they total at most this; past it, every
             sample gets a `PixelLoader` instead and `Sample.pixels()` re-encodes its images on demand. None: keep.
+        shard: under a process group of several ranks, rank r encodes rows r, r + world, ... and the ranks
+            exchange the token ids (`_exchange`): the images are decoded and processed once in all, not once per
+            rank. A sample another rank encoded has no pixel_values but a PixelLoader, like a sample past
+            `max_pixel_bytes`. Every collective is entered by every rank (this is a collective call), and a bad
+            row under "error" is raised on every rank alike. Must be called by all ranks together.
 
     Returns:
-        (samples in row order, report).
+        (samples in row order, report), the same on every rank.
     """
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
@@ -362,13 +369,16 @@ def encode_rows(
     base_dir = Path(source) if Path(source).is_dir() else Path(source).parent
     if response_column and response_column not in data.column_names:
         raise ValueError(f"{source}: response column {response_column!r} not in {data.column_names}")
-    report, reasons = BadRowReport(num_rows=len(data)), Counter()
-    samples: list[Sample] = []
+    rank, world = _rank_world() if shard else (0, 1)
+    mine: list[tuple[int, Sample]] = []
+    bad: list[tuple[int, BadRow]] = []
     pixel_bytes, lazy, dropped = 0, False, 0
     # Arrow format hands the images column over undecoded ({"bytes", "path"} structs or strings): datasets'
     # own decode would raise on the first corrupt image and take the whole read down with it.
     rows = (r for batch in data.with_format("arrow").iter(batch_size=256) for r in batch.to_pylist())
     for i, row in enumerate(rows):
+        if i % world != rank:
+            continue
         row_id = str(row["id"]) if row.get("id") not in (None, "") else f"row-{i}"
         try:
             images = [_open_image(e, base_dir) for e in row.get("images") or []]
@@ -379,14 +389,9 @@ def encode_rows(
             if max_tokens is not None and len(sample.input_ids) > max_tokens:
                 raise BadRow(row_id, "too long", f"{len(sample.input_ids)} tokens > max_tokens={max_tokens}")
         except BadRow as e:
-            if on_bad_row == "error":
-                raise BadRow(row_id, e.reason, e.detail, source) from None
-            level = logging.DEBUG if reasons[e.reason] else logging.WARNING  # first per reason loud, rest quiet
-            logger.log(
-                level, "%s: skipping row %r: %s%s", source, row_id, e.reason, f" ({e.detail})" if e.detail else ""
-            )
-            reasons[e.reason] += 1
-            report.row_ids.append(row_id)
+            bad.append((i, BadRow(row_id, e.reason, e.detail, source)))
+            if on_bad_row == "error" and world == 1:
+                raise bad[-1][1] from None
             continue
         sample.answer, sample.choices = str(row["answer"]), row.get("choices")
         if sample.pixel_values is not None:
@@ -397,10 +402,21 @@ def encode_rows(
             logger.info("%s: images past %.1f GiB of pixels are re-encoded when used instead of kept in memory",
                         source, max_pixel_bytes / 2**30)
         if lazy:
-            for s in samples[dropped:] + [sample]:
+            for _, s in mine[dropped:] + [(i, sample)]:
                 s.pixel_values = None
-            dropped = len(samples) + 1
-        samples.append(sample)
+            dropped = len(mine) + 1
+        mine.append((i, sample))
+    if world > 1:
+        mine, bad = _exchange(mine, bad, data, base_dir, processor, source)
+    if on_bad_row == "error" and bad:
+        raise bad[0][1] from None  # the first bad row, on every rank
+    report, reasons = BadRowReport(num_rows=len(data)), Counter()
+    for _, e in bad:
+        level = logging.DEBUG if reasons[e.reason] else logging.WARNING  # first per reason loud, rest quiet
+        logger.log(level, "%s: skipping row %r: %s%s", source, e.row_id, e.reason, f" ({e.detail})" if e.detail else "")
+        reasons[e.reason] += 1
+        report.row_ids.append(e.row_id)
+    samples = [s for _, s in mine]
     report.num_skipped, report.by_reason = len(report.row_ids), dict(reasons)
     if report.num_skipped:
         by = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
@@ -410,6 +426,45 @@ def encode_rows(
             f"{source}: no usable rows ({report.num_rows} rows, {report.num_skipped} bad: {report.by_reason})"
         )
     return samples, report
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _exchange(mine, bad, data, base_dir: Path, processor: Processor, source: str):
+    """All ranks' (row index, sample) and (row index, BadRow), merged in row order on every rank.
+
+    Only what cannot be rebuilt cheaply travels: int32 token ids, the prompt length, whether there are labels,
+    the image grids, the row's id, answer and choices. Labels and mm_token_type_ids follow from the ids exactly
+    as `Processor.encode` builds them; pixels are re-encoded on use through a PixelLoader.
+    """
+    from engine.dist import gather_object
+
+    light = [(i, np.asarray(s.input_ids, dtype=np.int32), s.num_prompt_tokens, s.labels is not None,
+              None if s.image_grid_thw is None else s.image_grid_thw.numpy(), s.row_id, s.answer, s.choices)
+             for i, s in mine]
+    parts = gather_object((light, [(i, e.row_id, e.reason, e.detail) for i, e in bad]))
+    own = {i for i, _ in mine}
+    merged, all_bad = dict(mine), []
+    for part_light, part_bad in parts:
+        for i, ids, num_prompt, has_labels, grid, row_id, answer, choices in part_light:
+            if i in own:
+                continue
+            ids = ids.tolist()
+            merged[i] = Sample(
+                ids, [IGNORE_INDEX] * num_prompt + ids[num_prompt:] if has_labels else None,
+                [int(t == processor.image_token_id) for t in ids], None,
+                None if grid is None else torch.from_numpy(grid), num_prompt, row_id, answer=answer,
+                choices=choices,
+                pixel_loader=None if grid is None else PixelLoader(data, i, base_dir, processor.image_processor),
+            )
+        all_bad += [(i, BadRow(row_id, reason, detail, source)) for i, row_id, reason, detail in part_bad]
+    return sorted(merged.items(), key=lambda x: x[0]), sorted(all_bad, key=lambda x: x[0])
 
 
 # --------------------------------------------------------------------------------------------------- batching

@@ -387,3 +387,66 @@ def test_model_forward_padding_invariant(proc):
     n = num_tokens(s0)
     assert torch.isfinite(both[:, :n]).all() and torch.isfinite(both[1]).all()
     assert (both[0, :n] - alone[0, :n]).abs().max().item() < 1e-5
+
+
+def _sharded_worker(rank: int, port: int, path: str, model_dir: str, out_dir: str) -> None:
+    """One of two gloo ranks: encode_rows sharded (the default under a process group), results to a file."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        proc = Processor.from_pretrained(model_dir)
+        kw = dict(template=TEMPLATE, response_column="response", max_tokens=400)
+        samples, rep = encode_rows(path, proc, **kw)
+        result = {"samples": [_sample_fields(s) for s in samples],
+                  "in_memory": [s.pixel_values is not None for s in samples],
+                  "report": (rep.num_rows, rep.num_skipped, rep.row_ids, rep.by_reason)}
+        try:
+            encode_rows(path, proc, on_bad_row="error", **kw)
+        except BadRow as e:
+            result["error"] = (e.row_id, e.reason, str(e))
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sample_fields(s):
+    return (s.row_id, s.input_ids, s.labels, s.mm_token_type_ids, s.num_prompt_tokens, s.image_grid_thw, s.pixels(),
+            s.answer, s.choices)
+
+
+def test_sharded_encoding_on_two_ranks_equals_one_process(proc, model_dir, tmp_path):
+    """Under a 2-rank gloo group each rank encodes every other row and they exchange token ids: every rank ends with
+    the one-process samples (pixels re-encoded on demand for the other rank's rows), the same bad-row report, and
+    under on_bad_row="error" the same first bad row raised on both ranks (it is rank 1's row here)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i, row_id in enumerate(["r0", "gone", "r1", "r2", "empty", "r3", "noresp", "r4", "r5"]):
+        image = f"imgs/{i}.png"
+        if row_id != "gone":
+            img(h=56 + 28 * (i % 3), w=84, seed=20 + i).save(tmp_path / image)
+        rows.append({"id": row_id, "problem": "" if row_id == "empty" else f"<image>Count {i}?", "answer": str(i),
+                     "images": [image], "response": "" if row_id == "noresp" else f"There are {i}.",
+                     "choices": [str(i), "x"]})
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want, rep = encode_rows(path, proc, template=TEMPLATE, response_column="response", max_tokens=400)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_sharded_worker, args=(port, str(path), str(model_dir), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["report"] == (rep.num_rows, rep.num_skipped, rep.row_ids, rep.by_reason)
+        assert rep.row_ids == ["gone", "empty", "noresp"]
+        assert len(got["samples"]) == len(want) == 6
+        for a, b in zip(got["samples"], (_sample_fields(s) for s in want), strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        # rows 0, 2, 4, ... were encoded here on rank 0, the others on rank 1 (they keep no pixels in memory)
+        assert got["in_memory"] == [rows.index(r) % 2 == rank for r in rows if r["id"] not in rep.row_ids]
+        assert got["error"][:2] == ("gone", "image not found") and "d.jsonl" in got["error"][2]
