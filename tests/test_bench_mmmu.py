@@ -3,6 +3,7 @@ official per-subject accuracies of the shipped LLaVA-1.5-13B outputs (tests/fixt
 
 import io
 import json
+import os
 import random
 from pathlib import Path
 
@@ -130,6 +131,21 @@ def test_open_golds(rows):
     # The HF answer holds a Python list for three open questions: every element is a gold.
     assert rows["validation_Chemistry_30"].meta["golds"] == ["$MgS$", "MgS"]
     assert rows["validation_Finance_20"].meta["golds"] == ["7243000"] and rows["validation_Finance_20"].choices is None
+
+
+def test_read_only_release_extracts_to_the_cache(release, rows, tmp_path, monkeypatch):
+    """A release on a read-only mount: the images go to $XDG_CACHE_HOME/specs-engine/mmmu/<key>, same rows."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: not str(p).startswith(str(release)) and real_access(p, mode))
+    got = mmmu.load(release)
+    cache = mmmu.image_cache_dir(release)
+    assert cache.is_relative_to(tmp_path / "cache")
+    assert [r.id for r in got] == list(rows) and sum(len(r.images) for r in got) > 0
+    for row in got:
+        assert all(Path(p).parent == cache for p in row.images)
+        assert [Path(p).read_bytes() for p in row.images] == [Path(p).read_bytes() for p in rows[row.id].images]
+        assert row.problem == rows[row.id].problem
 
 
 def test_missing_files_and_images(tmp_path):

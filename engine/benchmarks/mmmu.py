@@ -9,7 +9,8 @@ them (any `validation-*.parquet` below `path` is read, so one merged file works 
     ...                                                     (HF Image: {bytes, path}), subfield, img_type, ...
 
 The images are embedded in the parquet files; `load` writes each one once to `<path>/_images/<id>_<k>.<ext>`
-(kept between runs), since BenchRow.images are paths. `path` must therefore be writable.
+(kept between runs), since BenchRow.images are paths; a read-only `path` (a shared dataset mount) gets them in
+`image_cache_dir(path)` under $XDG_CACHE_HOME or ~/.cache instead.
 
 Prompt: the official one (`mmmu/configs/llava1.5.yaml` + `utils/data_utils.py: construct_prompt`) is, for multiple
 choice, the question, a newline, the options as `(A) text` lines, then "Answer with the option's letter from the
@@ -34,6 +35,7 @@ overall accuracy weighted by instances, as the official report.
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
 import random
 import re
@@ -77,7 +79,8 @@ _GET_DATA = (
 
 # ---------------------------------------------------------------- loading
 def load(path: str | Path, with_instruction: bool = False) -> list[BenchRow]:
-    """Validation rows from the parquet files under `path`, images extracted to `<path>/_images/`."""
+    """Validation rows from the parquet files under `path`, images extracted to `<path>/_images/` (or, when
+    `path` is read-only, e.g. a shared dataset mount, to a cache folder: `image_cache_dir`)."""
     root = Path(path)
     files = sorted(p for p in root.rglob("validation-*.parquet") if "_images" not in p.parts)
     if not files:
@@ -89,6 +92,9 @@ def load(path: str | Path, with_instruction: bool = False) -> list[BenchRow]:
             "engine.benchmarks.mmmu reads parquet with pyarrow: run `.venv/bin/pip install pyarrow`"
         ) from e
     image_dir = root / "_images"
+    if not os.access(image_dir if image_dir.is_dir() else root, os.W_OK):
+        image_dir = image_cache_dir(root)
+        warn_once(f"MMMU: {root} is read-only; its embedded images go to {image_dir}")
     rows, missing, seen = [], [], set()
     for file in files:
         for rec in pq.read_table(file).to_pylist():
@@ -107,6 +113,14 @@ def load(path: str | Path, with_instruction: bool = False) -> list[BenchRow]:
     if len(rows) != _NUM_VALIDATION_ROWS:
         warn_once(f"MMMU: {len(rows)} validation rows under {root}; the release has {_NUM_VALIDATION_ROWS}")
     return rows
+
+
+def image_cache_dir(root: Path) -> Path:
+    """Where a read-only release's images are extracted: $XDG_CACHE_HOME (or ~/.cache)/specs-engine/mmmu/<key>,
+    one folder per release path."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    return cache / "specs-engine" / "mmmu" / key
 
 
 def _extract_image(rec: dict, k: int, image_dir: Path) -> Path | None:
