@@ -258,7 +258,8 @@ def grpo_loss_ref(hidden, weight, targets, advantages, old_logprobs, mask, *, cu
     logp = fused_logprobs_ref(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)
     logp, entropy = logp if return_entropy else (logp, None)
     acc = logp.dtype  # fp32 (fp64 only for fp64 inputs, for gradcheck)
-    m, old, adv = mask.to(acc), old_logprobs.to(acc), advantages.to(acc)
+    m, adv = mask.to(acc), advantages.to(acc)
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(acc)  # None: on-policy, ratio exactly 1
     ref = ref_logprobs.to(acc) if ref_logprobs is not None else None
     pg, kl = _grpo_terms_ref(logp, old, adv, ref, clip_low, clip_high, dual_clip, kl_estimator)
     loss_N = pg + kl_coef * kl if kl_coef > 0 else pg
@@ -283,14 +284,16 @@ class GRPOLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, advantages, old_logprobs, ref_logprobs, m, w, temperature, clip_low,
                 clip_high, dual_clip, kl_coef, kl_estimator, return_entropy, impl, metrics_out):
         acc = acc_dtype(hidden)
-        old, adv = old_logprobs.to(acc), advantages.to(acc)
+        old = None if old_logprobs is None else old_logprobs.to(acc)  # None: on-policy (old = logp, ratio 1)
+        adv = advantages.to(acc)
         ref = ref_logprobs.to(acc) if ref_logprobs is not None else None
         if impl == "onepass":
 
             def grad_fn(idx, logp_N):  # dLoss/dlogp of a token needs that token's logp only
+                lp = logp_N[idx]
                 _, dpg, _, dkl, _, _ = _grpo_terms_closed_form(
-                    logp_N[idx], old[idx], adv[idx], None if ref is None else ref[idx], clip_low, clip_high,
-                    dual_clip, kl_estimator)
+                    lp, lp if old is None else old[idx], adv[idx], None if ref is None else ref[idx], clip_low,
+                    clip_high, dual_clip, kl_estimator)
                 return w[idx] * (dpg + kl_coef * dkl if kl_coef > 0 else dpg)
 
             logp, entropy, ctx.grads = onepass_forward(ctx, hidden, weight, targets, None, grad_fn, temperature,
@@ -298,6 +301,8 @@ class GRPOLossFunction(torch.autograd.Function):
         else:
             logp, lse, entropy = logprobs_fwd(hidden, weight, targets, temperature=temperature,
                                               return_entropy=return_entropy)
+        if old is None:
+            old = logp
         pg, dpg, kl, dkl, clipped, dual_active = _grpo_terms_closed_form(logp, old, adv, ref, clip_low, clip_high,
                                                                          dual_clip, kl_estimator)
         loss_N, dloss_N = pg, dpg
@@ -367,7 +372,9 @@ def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, cu_seq
         weight: [V, H] lm_head weight, same dtype and device.
         targets: [N] int32/int64 next-token ids (positions with -100 give logp 0; mask them out).
         advantages: [N] float, per token (broadcast per-sequence advantages before the call).
-        old_logprobs: [N] float log-probs under the sampling policy (same temperature).
+        old_logprobs: [N] float log-probs under the sampling policy (same temperature); None when the sampling
+            policy is the current one (one on-policy update per rollout batch): old = logp, ratio exactly 1, which
+            saves the caller a no-grad forward (TRL does the same with num_iterations = 1).
         mask: [N] bool/float; response tokens. Float values weight the tokens (as verl's masks do).
         cu_seqlens: int32/int64 [B+1] sequence boundaries; required by the seq-* aggregations.
         ref_logprobs: [N] float reference-policy log-probs; required when kl_coef > 0.
@@ -406,7 +413,8 @@ def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, cu_seq
     m = mask.to(acc_dtype(hidden))
     w = token_weights(m, cu_seqlens, agg, norm_len)
     metrics: dict = {}
-    loss = GRPOLossFunction.apply(hidden, weight, targets, advantages.detach(), old_logprobs.detach(),
+    loss = GRPOLossFunction.apply(hidden, weight, targets, advantages.detach(),
+                                  None if old_logprobs is None else old_logprobs.detach(),
                                   None if ref_logprobs is None else ref_logprobs.detach(), m, w, float(temperature),
                                   float(clip_low), float(clip_high), dual_clip, float(kl_coef), kl_estimator,
                                   bool(return_entropy), impl, metrics)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _onepass
+from kernels import _onepass, fused_logprobs_ref
 from kernels._testing import assert_close
 from kernels.grpo_loss import AGGS, KL_ESTIMATORS, grpo_loss, grpo_loss_ref
 
@@ -248,7 +248,7 @@ _INTERP_SCRIPT = """
 import torch
 from tests.test_grpo_loss import _make, _run
 from kernels.grpo_loss import grpo_loss, grpo_loss_ref
-from kernels import _onepass
+from kernels import _onepass, fused_logprobs_ref
 from kernels._testing import assert_close
 x = _make([5, 9, 3], dtype=torch.float32, seed=3)
 kw = dict(agg="seq-mean-token-mean", kl_coef=0.1, dual_clip=3.0, return_entropy=True)
@@ -312,3 +312,24 @@ def test_norm_len_is_the_constant_divisor():
     a, _, _, _ = _run(grpo_loss, x, agg="seq-mean-token-sum-norm", norm_len=20)
     b, _, _, _ = _run(grpo_loss, x, agg="seq-mean-token-sum")
     assert_close(a, b / 20, atol=1e-12, name="loss")
+
+
+@pytest.mark.parametrize("fn", [grpo_loss, ONEPASS, grpo_loss_ref], ids=["fused", "onepass", "ref"])
+def test_on_policy_old_none_equals_old_from_a_separate_pass(fn):
+    """old_logprobs=None (one on-policy update per rollout): the same loss, gradients and metrics as passing the
+    log-probs of a separate no-grad pass, i.e. ratio exactly 1, nothing clipped, approx_kl 0."""
+    x = _make([4, 7, 3])
+    with torch.no_grad():
+        logp = fused_logprobs_ref(x["hidden"], x["weight"], x["targets"])
+    kw = dict(cu_seqlens=x["cu_seqlens"], ref_logprobs=x["ref_logprobs"], kl_coef=0.1, agg="seq-mean-token-mean")
+    args = (x["hidden"], x["weight"], x["targets"], x["advantages"])
+    got_loss, got_m = fn(*args, None, x["mask"], **kw)
+    want_loss, want_m = fn(*args, logp, x["mask"], **kw)
+    got = torch.autograd.grad(got_loss, (x["hidden"], x["weight"]))
+    want = torch.autograd.grad(want_loss, (x["hidden"], x["weight"]))
+    assert_close(got_loss, want_loss, atol=1e-12, name="loss")
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, atol=1e-12, rtol=1e-10, name="grad")
+    for k in want_m:
+        assert_close(got_m[k], want_m[k], atol=1e-12, name=k)
+    assert got_m["clip_frac"] == 0 and got_m["approx_kl"] == 0 and got_m["ratio_max"] == 1

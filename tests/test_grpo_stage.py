@@ -89,6 +89,9 @@ def test_two_process_grpo_raises_format_reward(toy_world, tmp_path):
     early = sum(r["format_acc"] for r in rows[:4]) / 4
     late = sum(r["format_acc"] for r in rows[-4:]) / 4
     assert late > early + 0.08, [round(r["format_acc"], 3) for r in rows]
+    # on-policy (1 x 1, no TIS): no old-log-prob forward, the ratio is exactly 1
+    assert "old log-probs = current (on-policy" in result.stdout
+    assert all(r["kl"] == 0.0 and r["clip_frac"] == 0.0 for r in rows)
     assert (tmp_path / "out" / "grpo_zero" / "hf" / "model.safetensors").is_file()
 
     # Resume in the middle of the stage: as if it had died after step 12 (the newest checkpoint is step 8).

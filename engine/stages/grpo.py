@@ -2,12 +2,14 @@
 packed micro-batches -> kernels.grpo_loss (clip-higher, optional KL) -> FSDP2 update -> new weights to the backend.
 
 A rollout batch (`train.batch_size` prompts x `rollout.n`) feeds `grpo.mini_batches` x `grpo.ppo_epochs`
-optimizer steps (1 x 1 by default: on-policy). Right after sampling, the trainer computes the old log-probs of
-every completion with a no-grad forward (so on-policy the importance ratio starts at exactly 1), the reference
-model's when `grpo.kl_coef` > 0, and keeps the backend's own sampling log-probs for truncated importance sampling
-(`grpo.tis_cap`). Each rank samples its own share of the prompts (seeded by rollout index and rank, so a resumed
-run samples the same completions) and splits its prompt groups into mini-batches. Checkpoints fall between rollout
-batches, so a resume never needs a half-used rollout.
+optimizer steps (1 x 1 by default: on-policy). With several steps per rollout (or truncated importance sampling,
+`grpo.tis_cap`), the trainer computes the old log-probs of every completion right after sampling with a no-grad
+forward; with one on-policy step it skips that forward and the loss takes old = the current log-probs (importance
+ratio exactly 1, as TRL does with num_iterations = 1). It computes the reference model's log-probs when
+`grpo.kl_coef` > 0, and keeps the backend's own sampling log-probs for truncated importance sampling. Each rank
+samples its own share of the prompts (seeded by rollout index and rank, so a resumed run samples the same
+completions) and splits its prompt groups into mini-batches. Checkpoints fall between rollout batches, so a resume
+never needs a half-used rollout.
 """
 
 import random
@@ -59,12 +61,14 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
     check_batch_size(cfg.train.batch_size, world * g.mini_batches, f"stages.{cfg.name}.train")
     order = StepOrder(len(prompts), cfg.train.batch_size, ctx.run.seed)
     k = g.steps_per_rollout
+    on_policy = k == 1 and not g.tis_cap  # one update per rollout batch: no separate old-log-prob pass needed
     total_steps = cfg.train.steps or k * order.steps_for_epochs(cfg.train.epochs)
     n = r_cfg.n
     log0(f"grpo: {len(prompts)} prompts ({report.num_skipped} bad rows skipped) | {cfg.train.batch_size} prompts x "
          f"{n} completions a rollout, {g.mini_batches} mini-batches x {g.ppo_epochs} epochs | {total_steps} steps | "
          f"clip [{g.clip_low}, {g.clip_high}] | agg {g.agg} | kl {g.kl_coef} ({g.kl_estimator}) | tis cap "
-         f"{g.tis_cap or 'off'} | rollout {r_cfg.backend}, max {r_cfg.max_new_tokens} new tokens")
+         f"{g.tis_cap or 'off'} | rollout {r_cfg.backend}, max {r_cfg.max_new_tokens} new tokens | old log-probs "
+         f"{'= current (on-policy, no extra forward)' if on_policy else 'from a no-grad forward after sampling'}")
 
     policy, hf_model = build_policy(init_dir, ctx.model, dist_info)
     ref_policy = None
@@ -119,7 +123,9 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
                 advantages.append(float(adv[j, s]) if keep else 0.0)
                 rollout_lp.append(torch.tensor(c.logprobs, dtype=torch.float32))
                 group_of.append(j)
-        old = per_sample_logps(policy, samples, r_cfg.temperature)
+        # On-policy without TIS the old policy is the current one: the loss takes old = logp (ratio exactly 1)
+        # and this no-grad forward over every completion is skipped.
+        old = None if on_policy else per_sample_logps(policy, samples, r_cfg.temperature)
         ref = per_sample_logps(ref_policy, samples, r_cfg.temperature) if ref_policy is not None else None
         lens = [len(c.token_ids) for grp in groups for c in grp]
         batch.update(index=index, samples=samples, advantages=advantages, old=old, ref=ref, rollout_lp=rollout_lp,
@@ -170,7 +176,8 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
             counts = torch.diff(row["target_cu"].long())
             adv = torch.tensor([0.0 if zero else batch["advantages"][j] for j in ids])
             row["advantages"] = torch.repeat_interleave(adv, counts)
-            row["old"] = torch.cat([batch["old"][j] for j in ids])
+            if batch["old"] is not None:
+                row["old"] = torch.cat([batch["old"][j] for j in ids])
             if batch["ref"] is not None:
                 row["ref"] = torch.cat([batch["ref"][j] for j in ids])
             row["rollout_lp"] = torch.cat([batch["rollout_lp"][j] for j in ids])
@@ -192,7 +199,7 @@ def run(cfg: GRPOStageConfig, ctx: StageContext) -> None:
 
         def fused(hidden, weight, targets):
             mask = torch.ones_like(targets, dtype=torch.bool)
-            return grpo_loss(hidden, weight, targets, adv, mb["old"], mask, cu_seqlens=mb["target_cu"],
+            return grpo_loss(hidden, weight, targets, adv, mb.get("old"), mask, cu_seqlens=mb["target_cu"],
                              ref_logprobs=mb.get("ref"), kl_coef=g.kl_coef, kl_estimator=g.kl_estimator,
                              clip_low=g.clip_low, clip_high=g.clip_high, agg=g.agg, temperature=r_cfg.temperature,
                              return_entropy=True, norm_len=r_cfg.max_new_tokens, impl=g.loss_impl)
