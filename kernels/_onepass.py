@@ -71,10 +71,16 @@ def row_stats_ref(z_CV: torch.Tensor, targets_C: torch.Tensor, inv_temp: float, 
     return lse_C, zt_C, ent_C
 
 
-def dlogits_ref(z_CV, targets_C, lse_C, g_C, inv_temp: float, out: torch.Tensor) -> None:
-    """out [C, V] = g * (onehot(target) - softmax(z * inv_temp)) * inv_temp, in out's dtype; g = 0 on ignored rows."""
-    d_CV = -torch.exp(z_CV * inv_temp - lse_C[:, None]) * g_C[:, None]
+def dlogits_ref(z_CV, targets_C, lse_C, g_C, inv_temp: float, out: torch.Tensor, ge_C=None, c_C=None) -> None:
+    """out [C, V] = (g * (onehot(target) - p) - ge * p * (s - c)) * inv_temp in out's dtype, where s = z * inv_temp,
+    p = softmax(s) and c = sum_v p s = lse - entropy: the gradient of g * logp + ge * entropy. g = ge = 0 on
+    ignored rows; ge, c None: no entropy term."""
+    s_CV = z_CV * inv_temp
+    p_CV = torch.exp(s_CV - lse_C[:, None])
+    d_CV = -p_CV * g_C[:, None]
     d_CV.scatter_add_(1, targets_C[:, None], g_C[:, None])
+    if ge_C is not None:
+        d_CV -= ge_C[:, None] * p_CV * (s_CV - c_C[:, None])
     out.copy_(d_CV * inv_temp)
 
 
@@ -116,8 +122,8 @@ def _kernel_sources():
         if HAS_ENT:
             tl.store(ENT_ptr + row, lse - tl.sum(a * scale, 0) / s_row)
 
-    def _dlogits_kernel(Z_ptr, T_ptr, LSE_ptr, G_ptr, D_ptr, V, stride_z, stride_d, inv_temp,
-                        BLOCK_V: tl.constexpr):
+    def _dlogits_kernel(Z_ptr, T_ptr, LSE_ptr, G_ptr, GE_ptr, C_ptr, D_ptr, V, stride_z, stride_d, inv_temp,
+                        BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr):
         row, pid_v = tl.program_id(0), tl.program_id(1)
         offs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         mask = offs < V
@@ -125,7 +131,11 @@ def _kernel_sources():
         lse = tl.load(LSE_ptr + row)
         g = tl.load(G_ptr + row)
         tgt = tl.load(T_ptr + row)
-        d = (tl.where(offs == tgt, g, 0.0) - g * tl.exp(z - lse)) * inv_temp
+        p = tl.exp(z - lse)
+        d = tl.where(offs == tgt, g, 0.0) - g * p
+        if HAS_ENT:  # d entropy / d s = -p * (s - sum_v p s)
+            d -= tl.load(GE_ptr + row) * p * (z - tl.load(C_ptr + row))
+        d = d * inv_temp
         tl.store(D_ptr + row.to(tl.int64) * stride_d + offs, d.to(D_ptr.dtype.element_ty), mask=mask)
 
     return _row_stats_kernel, _dlogits_kernel
@@ -152,14 +162,16 @@ def _row_stats(z_CV, targets_C, inv_temp, return_entropy, interpret: bool):
     return lse, zt, (ent if return_entropy else None)
 
 
-def _dlogits(z_CV, targets_C, lse_C, g_C, inv_temp, out, interpret: bool):
+def _dlogits(z_CV, targets_C, lse_C, g_C, inv_temp, out, interpret: bool, ge_C=None, c_C=None):
     import triton
 
     _, dlogits_kernel = _kernels(interpret)
     c, v = z_CV.shape
     cfg = INTERP_DLOGITS_CONFIG if interpret else CUDA_DLOGITS_CONFIG
     grid = (c, triton.cdiv(v, cfg["BLOCK_V"]))
-    dlogits_kernel[grid](z_CV, targets_C, lse_C, g_C, out, v, z_CV.stride(0), out.stride(0), inv_temp, **cfg)
+    has_ent = ge_C is not None
+    dlogits_kernel[grid](z_CV, targets_C, lse_C, g_C, ge_C if has_ent else g_C, c_C if has_ent else g_C, out, v,
+                         z_CV.stride(0), out.stride(0), inv_temp, HAS_ENT=has_ent, **cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,7 +204,8 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
         groups: chunks of rows (slices or int64 index tensors) that together cover every token once; the buffers
             are sized by the largest. A chunk must hold every token grad_fn needs to know the chunk's gradient.
         grad_fn(idx, logp): dLoss/dlogp [C] (fp32) for rows idx, given logp [N] fp32 whose rows idx (and the
-            rows of all earlier chunks) are filled in. Not called when no gradient is needed.
+            rows of all earlier chunks) are filled in; or a pair (dLoss/dlogp, dLoss/dentropy), which needs
+            return_entropy. Not called when no gradient is needed.
         backend: "ref" (torch row kernels) or "triton" (CUDA, or the interpreter under TRITON_INTERPRET=1).
     Returns:
         (logp [N], lse [N], entropy [N] or None, grad_hidden [N, H] in hidden.dtype or None, grad_weight [V, H]
@@ -237,12 +250,19 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
             entropy[idx] = torch.where(ok_C, ent_C, 0.0)
         if not need_grad:
             continue
-        g_C = torch.where(ok_C, grad_fn(idx, logp).to(acc), 0.0).contiguous()
+        g_C, ge_C, c_C = grad_fn(idx, logp), None, None
+        if isinstance(g_C, tuple):  # (dLoss/dlogp, dLoss/dentropy)
+            if ent_C is None:
+                raise ValueError("grad_fn returned an entropy gradient, which needs return_entropy=True")
+            g_C, ge_C = g_C
+            ge_C = torch.where(ok_C, ge_C.to(acc), 0.0).contiguous()
+            c_C = (lse_C - ent_C).contiguous()  # sum_v p s
+        g_C = torch.where(ok_C, g_C.to(acc), 0.0).contiguous()
         d_CV = d_buf[:c]
         if backend == "triton":
-            _dlogits(z_CV, t_C, lse_C, g_C, inv_temp, d_CV, interpret)
+            _dlogits(z_CV, t_C, lse_C, g_C, inv_temp, d_CV, interpret, ge_C, c_C)
         else:
-            dlogits_ref(z_CV, t_C, lse_C, g_C, inv_temp, d_CV)
+            dlogits_ref(z_CV, t_C, lse_C, g_C, inv_temp, d_CV, ge_C, c_C)
         x_mm = x_CH.to(mm_dtype)
         if need_hidden_grad:
             dx[idx] = (d_CV @ w_mm).to(hidden.dtype)

@@ -193,7 +193,7 @@ class FusedLogprobsFunction(torch.autograd.Function):
     """forward = logprobs_fwd, backward = logprobs_bwd; saves only lse (and entropy), O(N).
 
     impl="onepass": both directions through kernels/_onepass.py instead (cuBLAS logits per chunk + Triton row
-    kernels; 8NVH in all, every matmul in cuBLAS); a gradient through the entropy still takes logprobs_bwd."""
+    kernels; 8NVH in all, every matmul in cuBLAS), entropy gradients included."""
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, ignore_index, return_entropy, chunk_tokens,
@@ -216,10 +216,16 @@ class FusedLogprobsFunction(torch.autograd.Function):
         temperature, ignore_index, chunk_tokens, backend, impl = ctx.args
         if grad_logp_N is None:
             grad_logp_N = torch.zeros_like(lse_N)
-        if impl == "onepass" and grad_ent_N is None:
-            g_N = _check_vec("grad_logp", grad_logp_N, lse_N.shape[0], hidden_NH.device)
+        if impl == "onepass":
+            n = lse_N.shape[0]
+            g_N = _check_vec("grad_logp", grad_logp_N, n, hidden_NH.device)
+            ge_N = None if grad_ent_N is None else _check_vec("grad_entropy", grad_ent_N, n, hidden_NH.device)
+
+            def grad_fn(idx, _):
+                return g_N[idx] if ge_N is None else (g_N[idx], ge_N[idx])
+
             _, _, _, grad_hidden, grad_weight = _onepass_call(
-                hidden_NH, weight_VH, targets_N, lambda idx, _: g_N[idx], temperature, ignore_index, False, backend,
+                hidden_NH, weight_VH, targets_N, grad_fn, temperature, ignore_index, ge_N is not None, backend,
                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         else:
             grad_hidden, grad_weight = logprobs_bwd(
@@ -266,7 +272,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         chunk_tokens: tokens per chunk on the torch path (CPU); the Triton path tiles by itself.
         impl: "recompute" (Triton logits tiles in the forward and again in the backward; O(N + tile) memory) or
             "onepass" (cuBLAS logits per chunk into a [C, V] buffer plus Triton row kernels, kernels/_onepass.py;
-            faster where cuBLAS beats the Triton tiles, not yet timed on a GPU).
+            faster where cuBLAS beats the Triton tiles; not yet timed on a GPU).
     Returns:
         logp [N] fp32, or (logp, entropy) [N] fp32 each; differentiable w.r.t. hidden and weight.
     """

@@ -41,6 +41,13 @@ def test_row_kernels_match_reference(c, v, out_dtype):
     assert_close(d[:, :v], r_d, atol=1e-6 if out_dtype == torch.float32 else 1e-3, rtol=1e-2, name="dlogits")
     assert (d[:, v:] == 7.0).all(), "dlogits wrote past V"
     assert (d[0, :v] == 0).all()
+    # with an entropy gradient: ge * d entropy / d z on top
+    ge = torch.randn(c, generator=g)
+    ge[0] = 0.0
+    c_row = r_lse - r_e
+    _onepass._dlogits(wide[:, :v], targets, r_lse, grad, inv_temp, d[:, :v], interpret=True, ge_C=ge, c_C=c_row)
+    _onepass.dlogits_ref(z, targets, r_lse, grad, inv_temp, r_d, ge, c_row)
+    assert_close(d[:, :v], r_d, atol=1e-6 if out_dtype == torch.float32 else 1e-3, rtol=1e-2, name="dlogits ent")
 
 
 def _grpo_inputs(lens, v, h, dtype, seed=0):
@@ -125,13 +132,13 @@ def test_fused_logprobs_onepass(monkeypatch, dtype):
     weight = (torch.randn(257, 24, generator=g) * 0.5).to(dtype).requires_grad_()
     targets = torch.randint(0, 257, (40,), generator=g)
     targets[7] = -100
-    up = torch.randn(40, generator=g)
+    up, up_e = torch.randn(40, generator=g), torch.randn(40, generator=g)
     outs = []
     for fn, kw in ((fused_logprobs, dict(impl="onepass")), (fused_logprobs_ref, {})):
         h, w = (hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()) if not kw else \
             (hidden, weight)
-        logp = fn(h, w, targets, temperature=0.9, **kw)
-        outs.append((logp, *torch.autograd.grad((logp * up).sum(), (h, w))))
+        logp, ent = fn(h, w, targets, temperature=0.9, return_entropy=True, **kw)
+        outs.append((logp, *torch.autograd.grad((logp * up + ent * up_e).sum(), (h, w))))
     tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: dlogits rounded to fp16 before the matmuls
     for name, a, b in zip(("logp", "grad_hidden", "grad_weight"), *outs, strict=True):
         assert_close(a.float(), b, atol=tol, rtol=tol, name=f"{name} {dtype}")

@@ -5,6 +5,7 @@ chunks that cut sequences). Here: the chunking rules, the DPO fallback, partial 
 the Triton row kernels in the interpreter (tests/_interp_onepass.py, a subprocess).
 """
 
+import importlib
 import logging
 import os
 import subprocess
@@ -116,9 +117,14 @@ def test_grpo_partial_and_no_gradients(monkeypatch):
 @pytest.mark.parametrize("n,v,h,chunk", [(1, 13, 16, 1), (33, 1000, 96, 5), (130, 257, 16, 64)])
 @pytest.mark.parametrize("with_entropy_grad", [False, True])
 def test_fused_logprobs_onepass_matches_full_logits(monkeypatch, n, v, h, chunk, with_entropy_grad):
-    """fused_logprobs(impl="onepass") in fp64 against log_softmax of the full logits; a gradient through the
-    entropy takes the recompute backward."""
+    """fused_logprobs(impl="onepass") in fp64 against log_softmax of the full logits, gradients through the
+    log-probs and the entropy; the recompute backward is never used."""
     monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", chunk * v * 12)
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("impl='onepass' fell back to logprobs_bwd")
+
+    monkeypatch.setattr(importlib.import_module("kernels.fused_logprobs"), "logprobs_bwd", no_recompute)
     g = torch.Generator().manual_seed(n)
     hidden = torch.randn(n, h, dtype=torch.float64, generator=g).requires_grad_()
     weight = torch.randn(v, h, dtype=torch.float64, generator=g).requires_grad_()
