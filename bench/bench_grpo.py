@@ -20,7 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 import torch  # noqa: E402
 
-from kernels._bench import Results, check_against_eager, peak_extra_gib, time_ms  # noqa: E402
+from kernels._bench import (  # noqa: E402
+    Results,
+    check_against_eager,
+    peak_extra_gib,
+    time_ms,
+    with_onepass_buffer,
+)
 from kernels.grpo_loss import grpo_loss  # noqa: E402
 
 CLIP_LOW, CLIP_HIGH, KL_COEF = 0.2, 0.28, 0.01
@@ -99,6 +105,8 @@ def main():
     hidden, weight = inputs[:2]
     eager_ms = None
     providers = [("eager", eager_grpo), ("ours", ours_grpo), ("onepass", onepass_grpo)]
+    if cuda:  # the one-pass buffer size (default 512 MiB) is the knob to tune on a GPU
+        providers += [(f"onepass-{mib}M", with_onepass_buffer(onepass_grpo, mib)) for mib in (256, 1024)]
     if (liger := liger_grpo(b, t)) is not None:
         providers.append(("liger", liger))
     for name, fn in providers:

@@ -139,3 +139,18 @@ def check_against_eager(ours: Callable, eager: Callable, inputs: tuple, *, floor
         print(f"check {what}: ours {err:.2e}, eager in {hidden.dtype} {eager_err:.2e} off fp32 eager (tol {tol:.2e})")
         if not err <= tol:
             raise SystemExit(f"ours disagrees with fp32 eager on {what}: {err:.2e} > {tol:.2e}")
+
+
+def with_onepass_buffer(fn: Callable, mib: int) -> Callable:
+    """`fn` run with kernels._onepass.DEFAULT_BUFFER_BYTES = mib MiB (the buffer size is a tuning knob: bigger
+    chunks mean fewer read-modify-writes of the [V, H] weight gradient, smaller ones less memory)."""
+    from kernels import _onepass
+
+    def run(*args):
+        old = _onepass.DEFAULT_BUFFER_BYTES
+        _onepass.DEFAULT_BUFFER_BYTES = mib << 20
+        try:
+            return fn(*args)
+        finally:
+            _onepass.DEFAULT_BUFFER_BYTES = old
+    return run

@@ -33,6 +33,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 DEFAULT_BUFFER_BYTES = 512 << 20
+# DPO needs a whole chosen/rejected pair in one chunk: its buffers grow past the default up to this for one pair
+# (2 GiB: a pair of 2 x 1,150 tokens at V = 152,064 in bf16); a longer pair takes the recompute path.
+MAX_PAIR_BUFFER_BYTES = 2 << 30
 # CUDA: stats read one row per program in 4,096-wide tiles; dlogits is a 2-D elementwise grid. Not tuned yet (no
 # GPU in the session that wrote this): `bash bench/gpu_check.sh` times them inside bench_grpo / bench_dpo.
 CUDA_STATS_CONFIG = dict(BLOCK_V=4096, num_warps=8)

@@ -20,6 +20,7 @@ Shapes: N tokens (all sequences concatenated), H hidden size, V vocabulary size,
 import torch
 import torch.nn.functional as F
 
+from kernels import _onepass
 from kernels._onepass import chunk_tokens
 from kernels.fused_logprobs import _LOGGED, fused_logprobs_ref, logger, logprobs_fwd
 from kernels.grpo_loss import (
@@ -129,17 +130,19 @@ def _sft_seq_weights(m, cu_seqlens, chosen_idx, sft_norm):
     return w_seq
 
 
-def pair_groups(cu_seqlens, chosen_idx, rejected_idx, max_tokens: int) -> list[torch.Tensor] | None:
+def pair_groups(cu_seqlens, chosen_idx, rejected_idx, chunk: int, max_pair: int | None = None
+                ) -> list[torch.Tensor] | None:
     """Token rows of consecutive pairs (chosen rows, then rejected rows), packed greedily into chunks of at most
-    `max_tokens`; None if one pair alone is longer (the one-pass path then cannot hold it). One host sync."""
+    `chunk` tokens; a pair longer than `chunk` (at most `max_pair`, default `chunk`) gets a chunk of its own. None
+    if a pair is longer than `max_pair` (the one-pass path then cannot hold it). One host sync."""
     cu = cu_seqlens.tolist()
     spans = [(cu[c], cu[c + 1], cu[r], cu[r + 1]) for c, r in zip(chosen_idx.tolist(), rejected_idx.tolist(),
                                                                      strict=True)]
-    if any((c1 - c0) + (r1 - r0) > max_tokens for c0, c1, r0, r1 in spans):
+    if any((c1 - c0) + (r1 - r0) > (max_pair or chunk) for c0, c1, r0, r1 in spans):
         return None
     groups, cur, size = [], [], 0
     for c0, c1, r0, r1 in spans:
-        if size + (c1 - c0) + (r1 - r0) > max_tokens:
+        if cur and size + (c1 - c0) + (r1 - r0) > chunk:
             groups.append(cur)
             cur, size = [], 0
         cur += [range(c0, c1), range(r0, r1)]
@@ -165,12 +168,13 @@ class DPOLossFunction(torch.autograd.Function):
 
         groups = None
         if impl == "onepass":
-            groups = pair_groups(cu_seqlens, chosen_idx, rejected_idx,
-                                 chunk_tokens(weight.shape[0], hidden.element_size()))
+            v, itemsize = weight.shape[0], hidden.element_size()
+            max_tokens = max(chunk_tokens(v, itemsize), chunk_tokens(v, itemsize, _onepass.MAX_PAIR_BUFFER_BYTES))
+            groups = pair_groups(cu_seqlens, chosen_idx, rejected_idx, chunk_tokens(v, itemsize), max_tokens)
             if groups is None and "dpo-onepass-fallback" not in _LOGGED:
                 _LOGGED.add("dpo-onepass-fallback")
-                logger.warning("dpo_loss(impl='onepass'): a pair is longer than the one-pass buffer holds "
-                               "(kernels._onepass.DEFAULT_BUFFER_BYTES); using impl='recompute'")
+                logger.warning("dpo_loss(impl='onepass'): a pair is longer than the one-pass buffer may grow for it "
+                               "(kernels._onepass.MAX_PAIR_BUFFER_BYTES); using impl='recompute'")
         if groups is not None:
             logp, _, ctx.grads = onepass_forward(ctx, hidden, weight, targets, groups, grad_fn, temperature, False)
         else:

@@ -45,6 +45,8 @@ def test_pair_groups_keep_pairs_whole_and_cover_every_token_once():
         for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True):
             assert (c in in_g) == (r in in_g)
     assert pair_groups(cu, chosen, rejected, 9) is None  # the pair of 4 + 6 tokens does not fit
+    # pairs longer than the chunk but within max_pair get a chunk of their own
+    assert [g.numel() for g in pair_groups(cu, chosen, rejected, 9, max_pair=10)] == [8, 9, 10, 2]
 
 
 def _dpo_inputs():
@@ -68,6 +70,7 @@ def _dpo(fn, x, **kw):
 def test_dpo_pair_longer_than_the_buffer_falls_back_with_a_warning(monkeypatch, caplog):
     x = _dpo_inputs()  # pairs of 9 + 3 and 4 + 8 tokens
     monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 10 * 31 * 12)  # 10 tokens: no pair fits
+    monkeypatch.setattr(_onepass, "MAX_PAIR_BUFFER_BYTES", 11 * 31 * 12)  # and none may grow the buffer enough
     calls = []
     monkeypatch.setattr(_onepass, "onepass", lambda *a, **k: calls.append(1))
     with caplog.at_level(logging.WARNING, logger="kernels"):
