@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a plain checkout
 import torch  # noqa: E402
 
 from kernels import fused_logprobs  # noqa: E402
-from kernels._bench import Results, peak_extra_gib, time_ms  # noqa: E402
+from kernels._bench import Results, peak_extra_gib, time_ms, with_onepass_buffer  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -35,6 +35,8 @@ def providers(args) -> dict:
     """name -> fn(hidden, weight, targets) returning [N] fp32 log-probs, differentiable."""
     out = {"eager": eager, "ours": lambda h, w, t: fused_logprobs(h, w, t),  # eager first: the x-eager base
            "onepass": lambda h, w, t: fused_logprobs(h, w, t, impl="onepass")}
+    if torch.cuda.is_available():  # the one-pass buffer (default 512 MiB) is the knob to tune on a GPU
+        out["onepass-1024M"] = with_onepass_buffer(out["onepass"], 1024)
     if args.compile and torch.cuda.is_available():
         out["compile"] = torch.compile(eager)
     try:
@@ -93,7 +95,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=152064 if cuda else 4096, help="V")
     p.add_argument("--dtype", choices=DTYPES, default="bf16" if cuda else "fp32")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    p.add_argument("--providers", nargs="+", default=["all"], help="subset of: ours onepass eager compile liger cce")
+    p.add_argument("--providers", nargs="+", default=["all"],
+                   help="subset of: ours onepass onepass-1024M eager compile liger cce")
     p.add_argument("--compile", action="store_true", help="add torch.compile of eager (GPU only; ~1 min compile)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
