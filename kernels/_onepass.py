@@ -8,16 +8,17 @@ kernels/grpo_loss.py). Here, per chunk of C tokens (rows `idx`), all in the loss
     lse, logp, entropy                               `_row_stats_kernel`: one program per row, one read of z
     g  = grad_fn(idx, logp)                          the loss's closed-form dLoss/dlogp ([C] torch ops)
     d  = g * (onehot(target) - softmax(z / T)) / T   `_dlogits_kernel`: read z, write d in the input dtype
+         (+ the entropy term when grad_fn also returns dLoss/dentropy)
     dx[idx] = d @ W                                  cuBLAS                                         2CVH
     dW     += d.T @ x[idx]                           cuBLAS, accumulated in dW's dtype              2CVH
 
 All three matmuls run at cuBLAS speed; the two Triton kernels are memory-bound passes over the fp32 buffer.
-Memory: C x V x (4 + itemsize) bytes of buffers, with C set by `buffer_bytes` (default 512 MiB: C = 512 tokens
-at V = 152,064 in bf16), plus the gradients. Numerics: the softmax statistics see fp32 logits from an fp32-
-accumulated matmul (as the recompute path does); d is rounded to the input dtype for the tensor cores (as there);
-dW of a bf16/fp16 weight is accumulated in that dtype by cuBLAS (fp32 inside each addmm, one rounding per chunk,
-as Liger-Kernel's fused linear cross-entropy does), which keeps the [V, H] fp32 accumulator (2 GiB at the 7B
-shape) out of memory. The error that adds is measured in tests/test_onepass.py against bf16 eager.
+Memory: C x V x (4 + itemsize) bytes of buffers, with C set by DEFAULT_BUFFER_BYTES (512 MiB: C = 576 tokens at
+V = 152,064 in bf16; `chunk_tokens`), plus the gradients. Numerics: the softmax statistics see fp32 logits from an
+fp32-accumulated matmul (as the recompute path does); d is rounded to the input dtype for the tensor cores (as
+there); dW of a bf16/fp16 weight is accumulated in that dtype by cuBLAS (fp32 inside each addmm, one rounding per
+chunk, as Liger-Kernel's fused linear cross-entropy does), which keeps the [V, H] fp32 accumulator (2 GiB at the
+7B shape) out of memory. The error that adds is measured in tests/_interp_onepass.py against the bf16 reference.
 
 Backends, as in kernels/fused_logprobs.py: CUDA tensors -> Triton row kernels; CPU tensors -> the torch
 references below (`row_stats_ref`, `dlogits_ref`), or the Triton kernels under TRITON_INTERPRET=1. The matmuls
@@ -34,7 +35,8 @@ import torch
 
 DEFAULT_BUFFER_BYTES = 512 << 20
 # DPO needs a whole chosen/rejected pair in one chunk: its buffers grow past the default up to this for one pair
-# (2 GiB: a pair of 2 x 1,150 tokens at V = 152,064 in bf16); a longer pair takes the recompute path.
+# (2 GiB: 2,304 tokens, e.g. two 1,152-token responses, at V = 152,064 in bf16); a longer pair takes the
+# recompute path.
 MAX_PAIR_BUFFER_BYTES = 2 << 30
 # CUDA: stats read one row per program in 4,096-wide tiles; dlogits is a 2-D elementwise grid. Not tuned yet (no
 # GPU in the session that wrote this): `bash bench/gpu_check.sh` times them inside bench_grpo / bench_dpo.
