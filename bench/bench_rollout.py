@@ -155,6 +155,26 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
+    path = Path(args.out) / "rollout.csv"
+
+    def record(provider: str, num: int, tokens: int, seconds: float, base: float) -> None:
+        """Append one result to the CSV now and print it: a run cut short (a device call's time limit) keeps
+        what it measured."""
+        row = dict(date=datetime.date.today().isoformat(), device=device_name(), torch=torch.__version__,
+                   preset=args.preset, provider=provider, prompts=num, max_new_tokens=p["new_tokens"], tokens=tokens,
+                   seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1),
+                   x_generate=round(tokens / seconds / base, 2))
+        rows.append(row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        print(f"{provider} at {num} prompts: {row['tokens_per_s']:,.0f} tokens/s, {row['x_generate']:.2f}x generate",
+              flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(p, Path(tmp), dtype)
         processor = Processor.from_pretrained(model_dir)
@@ -162,30 +182,17 @@ def main() -> None:
             prompts = make_prompts(processor, num, p["image"])
             ref_tokens, ref_s = run_generate(model_dir, device, dtype, prompts, p["new_tokens"], args.reps)
             base = ref_tokens / ref_s
-            results = {"hf-generate": (ref_tokens, ref_s),
-                       "builtin": run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"],
-                                              args.reps),
-                       "builtin-compiled": run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"],
-                                                       args.reps, compile_decode=True)}
-            for provider, (tokens, seconds) in results.items():
-                rows.append(dict(date=datetime.date.today().isoformat(), device=device_name(), torch=torch.__version__,
-                                 preset=args.preset, provider=provider, prompts=num, max_new_tokens=p["new_tokens"],
-                                 tokens=tokens, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1),
-                                 x_generate=round(tokens / seconds / base, 2)))
+            record("hf-generate", num, ref_tokens, ref_s, base)
+            record("builtin", num, *run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"],
+                                                args.reps), base)
+            record("builtin-compiled", num, *run_builtin(model_dir, device, dtype, processor, prompts,
+                                                         p["new_tokens"], args.reps, compile_decode=True), base)
     print(f"\nrollout on {device_name()} (torch {torch.__version__}), preset {args.preset}, {dtype}")
     print("| provider | prompts | new tokens | tokens | seconds | tokens/s | x generate |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['provider']} | {r['prompts']} | {r['max_new_tokens']} | {r['tokens']} | {r['seconds']:.2f} | "
               f"{r['tokens_per_s']:,.0f} | {r['x_generate']:.2f} |")
-    path = Path(args.out) / "rollout.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
     print(f"appended {len(rows)} rows to {path}")
 
 
