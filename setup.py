@@ -121,6 +121,7 @@ setup(
         "pillow>=10",
         "math-verify>=0.9",  # symbolic answers in the accuracy reward (engine/rewards.py)
         "matplotlib>=3.8",  # the evaluation report's plots (engine/report.py)
+        "opencv-python-headless>=4.8",  # MEGA-Bench video frames (engine/benchmarks/video.py)
     ],
     extras_require={
         "vllm": ["vllm>=0.32"],

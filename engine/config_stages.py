@@ -473,6 +473,13 @@ class BenchmarkConfig:
     """Which group's mean gain it enters for the Generalization Factor (in-distribution or out-of-distribution)."""
     limit: int = 0
     """Evaluate only the first this many rows (0: all). A limited score does not compare with published ones."""
+    max_images: int = 18
+    """MEGA-Bench: the model's image budget per prompt (the official max_num_image), from which the frames fed per
+    query video follow (official megabench/models/base_model.py; engine/benchmarks/video.py). 18 and
+    `demo_video_frames` 2 are the official settings for Qwen2-VL-7B (models/model_type.py). 0: video rows are left
+    out."""
+    demo_video_frames: int = 2
+    """MEGA-Bench: frames shared by the demonstration's videos (the official total_demo_video_frames)."""
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -32,16 +32,23 @@ how many it skipped; its core number then averages 395 tasks, not the official 4
 The prompt (`problem`) is the task description, the demonstration and the query, with <image> / <video> where the
 media go; as in the official models, demonstration images after the 4th are dropped, and the official "Think step
 by step before answering." is removed (our eval template has its own). Video files (33 tasks) are listed in
-meta["videos"], not in `images`: the official models sample frames from them (about 1 per second, within the
-model's image budget), so the eval stage must do that or skip those rows. Row ids are "<task>/<query_idx>", the
-pair the official evaluator joins on; meta["global_idx"] is the HF row id.
+meta["videos"]. `load(path, max_images=N)` feeds them as the official models feed image models (models/base_model.py,
+`_set_sampling_config` / `process_video`; engine/benchmarks/video.py): each video's frames, at most ~1 per second
+and within the image budget N, are extracted once as JPEG files into `frame_cache_dir(path)` (`<path>/_frames`, or
+a cache folder when `path` is read-only), put into `images`, and its <video> becomes "<video frames start>", one
+<image> per frame, "<video frames end>"; meta["video_frames"] holds the frame count per video. Without max_images
+(the default) a video stays a <video> marker and the eval stage leaves its row out. Row ids are
+"<task>/<query_idx>", the pair the official evaluator joins on; meta["global_idx"] is the HF row id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mimetypes
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +66,7 @@ from engine.benchmarks.megabench_metrics import (
     parse_json,
     unquote,
 )
+from engine.benchmarks.video import VIDEO_END, VIDEO_START, cached_frames, frame_budget
 
 NAME = "megabench"
 MACRO_OVER_CATEGORIES = True
@@ -164,11 +172,15 @@ def _unscorable_metrics(query: dict) -> list[str]:
     return out
 
 
-def _prompt_and_media(query: dict, root: Path) -> tuple[str, list[Path], list[Path]]:
-    """The official prompt text (task description, demonstration, query; <image>/<video> mark the media) and the
-    resolved image and video paths, in order. Demonstration images beyond the 4th are dropped, as the official
-    models do."""
-    parts, images, videos = [], [], []
+def _prompt_and_media(query: dict, root: Path, frames: Callable[[Path, int, bool], list[Path]] | None = None,
+                      budget: tuple[int, int] = (0, 0)) -> tuple[str, list[Path], list[Path], list[int]]:
+    """The official prompt text (task description, demonstration, query; <image>/<video> mark the media), the
+    resolved image and video paths, in order, and the number of frames fed per video. Demonstration images beyond
+    the 4th are dropped, as the official models do. Without `frames` a video stays a <video> marker; with it,
+    `frames(video, n, is_demo)` gives its frame files, which go into the images (n from `budget`: frames per
+    demonstration video, per query video), marked "<video frames start><image>...<video frames end>" as the
+    official models send them."""
+    parts, images, videos, counts = [], [], [], []
     for text, media, is_demo in ((query["description"], query["global_media"], False),
                                  (query["example_text"], query["example_media"], True),
                                  (query["query_text"], query["query_media"], False)):
@@ -182,42 +194,86 @@ def _prompt_and_media(query: dict, root: Path) -> tuple[str, list[Path], list[Pa
                 kept.append(chunk)
                 continue
             path = root / str(media.pop(0)).removeprefix("./")
-            if (mimetypes.guess_type(path.name)[0] or "").startswith("video"):
+            if _is_video(path):
                 videos.append(path)
-                kept.append("<video>")
+                if frames is None:
+                    kept.append("<video>")
+                    continue
+                files = frames(path, budget[0] if is_demo else budget[1], is_demo)
+                images += files
+                counts.append(len(files))
+                kept.append(VIDEO_START + "<image>" * len(files) + VIDEO_END)
             elif not is_demo or demo_images < _MAX_DEMO_IMAGES:
                 images.append(path)
                 kept.append("<image>")
                 demo_images += is_demo
         # Our eval template adds its own reasoning instruction, so the official one is dropped.
         parts.append(_THINK.sub("", "".join(kept)).strip())
-    return "\n\n".join(part for part in parts if part), images, videos
+    return "\n\n".join(part for part in parts if part), images, videos, counts
 
 
-def _row(query: dict, root: Path) -> BenchRow:
+def _is_video(path: Path | str) -> bool:
+    """The official test (utils.is_video_file): the file name's MIME type is video/*."""
+    return (mimetypes.guess_type(Path(path).name)[0] or "").startswith("video")
+
+
+def _frame_budget(query: dict, max_images: int, demo_video_frames: int) -> tuple[int, int]:
+    """(frames per demonstration video, frames per query video) for this query, by the official rule
+    (video.frame_budget); task-global media count as the query's."""
+    shown = [_is_video(m) for m in query["global_media"] + query["query_media"]]
+    demo = [_is_video(m) for m in query["example_media"]]
+    try:
+        return frame_budget(max_images, demo_video_frames, query_images=shown.count(False),
+                            query_videos=shown.count(True), demo_images=min(demo.count(False), _MAX_DEMO_IMAGES),
+                            demo_videos=demo.count(True))
+    except ValueError as e:
+        raise ValueError(f"MEGA-Bench {query['task']}/{query['query_idx']}: {e}") from e
+
+
+def _row(query: dict, root: Path, frames: Callable[[Path, int, bool], list[Path]] | None = None,
+         max_images: int = 0, demo_video_frames: int = 0) -> BenchRow:
     info = query["metric_info"]
-    problem, images, videos = _prompt_and_media(query, root)
+    budget = _frame_budget(query, max_images, demo_video_frames) if frames is not None else (0, 0)
+    problem, images, videos, counts = _prompt_and_media(query, root, frames, budget)
     metrics = set(info["field_score_function"].values())
     needs_judge = bool(metrics & JUDGE_METRICS)
     unsupported = _unscorable_metrics(query)
     answer = query["answer"]
+    meta = {"task": query["task"], "query_idx": query["query_idx"], "global_idx": query["global_idx"],
+            "subset": query["subset"] or ("open" if needs_judge else "core"),
+            "eval_type": "llm" if needs_judge else "rule",  # the official rule: any judged field makes it "llm"
+            "answer": answer, "field_score_function": info["field_score_function"],
+            "aggregation": info["aggregation"], "response_parse_function": info["response_parse_function"],
+            "global_aux_metrics": info.get("global_aux_metrics", {}), "eval_context": query["eval_context"],
+            "needs_judge": needs_judge, "unsupported_metrics": unsupported,
+            "scorable": not needs_judge and not unsupported, "videos": [str(v) for v in videos]}
+    if videos and frames is not None:
+        meta["video_frames"] = counts  # frames fed per video, in order: the videos are in `images`
     return BenchRow(
         id=f"{query['task']}/{query['query_idx']}", problem=problem, images=images,
         answer=next(iter(answer.values())) if len(answer) == 1 else json.dumps(answer, ensure_ascii=False),
-        category=query["task"],
-        meta={"task": query["task"], "query_idx": query["query_idx"], "global_idx": query["global_idx"],
-              "subset": query["subset"] or ("open" if needs_judge else "core"),
-              "eval_type": "llm" if needs_judge else "rule",  # the official rule: any judged field makes it "llm"
-              "answer": answer, "field_score_function": info["field_score_function"],
-              "aggregation": info["aggregation"], "response_parse_function": info["response_parse_function"],
-              "global_aux_metrics": info.get("global_aux_metrics", {}), "eval_context": query["eval_context"],
-              "needs_judge": needs_judge, "unsupported_metrics": unsupported,
-              "scorable": not needs_judge and not unsupported, "videos": [str(v) for v in videos]},
+        category=query["task"], meta=meta,
     )
 
 
-def load(path: str | Path) -> list[BenchRow]:
-    """All queries under `path` (see the module docstring for the layout), one BenchRow each."""
+def frame_cache_dir(root: Path) -> Path:
+    """Where the video frames of a release at `root` are written: `<root>/_frames`, or for a read-only `root` (a
+    shared dataset mount) $XDG_CACHE_HOME (or ~/.cache)/specs-engine/megabench/<key>, one folder per release path."""
+    out = root / "_frames"
+    if os.access(out if out.is_dir() else root, os.W_OK):
+        return out
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "specs-engine" / "megabench" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+
+
+def load(path: str | Path, max_images: int = 0, demo_video_frames: int = 2) -> list[BenchRow]:
+    """All queries under `path` (see the module docstring for the layout), one BenchRow each.
+
+    With `max_images` > 0, videos are fed as frames, as the official models do for image models (engine/benchmarks/
+    video.py): `max_images` is the official max_num_image (the model's image budget per prompt, from which the
+    frames per query video follow) and `demo_video_frames` the official total_demo_video_frames (the frames shared
+    by the demonstration's videos). The frames are extracted once into `frame_cache_dir(path)` and reused. With
+    `max_images` = 0 a video stays a <video> marker and its row cannot be fed to an image model."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"MEGA-Bench directory {root} does not exist; {_DOWNLOAD}")
@@ -236,6 +292,16 @@ def load(path: str | Path) -> list[BenchRow]:
     if missing:
         raise ValueError(f"{root}: {len(missing)} media files are missing (first: {[str(p) for p in missing[:5]]}); "
                          f"unzip the release's data.zip into {root} ({_DOWNLOAD})")
+    if max_images > 0 and any(row.meta["videos"] for row in rows):
+        cache = frame_cache_dir(root)
+
+        def frames(video: Path, n: int, is_demo: bool) -> list[Path]:
+            folder = cache / video.resolve().relative_to(root.resolve()) if video.resolve().is_relative_to(
+                root.resolve()) else cache / hashlib.sha1(str(video.resolve()).encode()).hexdigest()[:12]
+            return cached_frames(video, n, is_demo, folder)
+
+        rows = [_row(query, root, frames, max_images, demo_video_frames) if row.meta["videos"] else row
+                for query, row in zip(queries, rows, strict=True)]
     return rows
 
 

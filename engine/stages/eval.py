@@ -12,8 +12,9 @@ Output, in the stage directory:
 Prompts are built like training prompts (`template` around the benchmark's own prompt); decoding is greedy with
 the builtin backend. Each rank generates its share of a chunk; rank 0 scores and writes. A row whose prompt cannot
 be encoded (a bad image, too many tokens) is scored 0, as the official scripts score a missing answer, and its
-error is recorded. Rows our rules cannot score (MEGA-Bench's judged or unsupported fields) or whose media we cannot
-feed (video) are left out and counted. MEGA-Bench's score is the macro mean over its tasks, as officially.
+error is recorded. Rows our rules cannot score (MEGA-Bench's judged or unsupported fields) are left out and
+counted; MEGA-Bench's videos are fed as sampled frames (`max_images`), as its official image models do.
+MEGA-Bench's score is the macro mean over its tasks, as officially.
 """
 
 from __future__ import annotations
@@ -113,13 +114,16 @@ def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
     out = []
     for b in cfg.benchmarks:
         module = benchmarks.get(b.kind)
-        rows = module.load(ctx.resolve_path(b.path))
+        # MEGA-Bench feeds a video as frames sampled by the official rule (engine/benchmarks/video.py).
+        video = {"max_images": b.max_images, "demo_video_frames": b.demo_video_frames} if b.kind == "megabench" else {}
+        rows = module.load(ctx.resolve_path(b.path), **video)
         if b.limit:
             rows = rows[:b.limit]
         # Rows our rules cannot score (an LLM-judged field, a metric not re-implemented) or whose media we cannot
-        # feed (videos) are left out and counted; the report says how many.
+        # feed (videos not turned into frames: max_images = 0) are left out and counted; the report says how many.
         def unscorable(r: BenchRow) -> bool:
-            return bool(r.meta.get("needs_judge") or r.meta.get("scorable") is False or r.meta.get("videos"))
+            return bool(r.meta.get("needs_judge") or r.meta.get("scorable") is False
+                        or (r.meta.get("videos") and "video_frames" not in r.meta))
 
         left = [r for r in rows if unscorable(r)]
         rows = [r for r in rows if not unscorable(r)]
@@ -133,7 +137,7 @@ def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
                              f"release's images under {ctx.resolve_path(b.path)} (see the README, 'Evaluation data')")
         out.append((b, module, rows, len(left)))
         log0(f"eval: {b.name} ({b.kind}, group {b.group}): {len(rows)} rows"
-             + (f", {len(left)} left out (an LLM judge, a metric we lack, or video)" if left else ""))
+             + (f", {len(left)} left out (an LLM judge, a metric we lack, or unframed video)" if left else ""))
     return out
 
 
