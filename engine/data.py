@@ -373,41 +373,47 @@ def encode_rows(
     mine: list[tuple[int, Sample]] = []
     bad: list[tuple[int, BadRow]] = []
     pixel_bytes, lazy, dropped = 0, False, 0
-    # Arrow format hands the images column over undecoded ({"bytes", "path"} structs or strings): datasets'
-    # own decode would raise on the first corrupt image and take the whole read down with it.
-    rows = (r for batch in data.with_format("arrow").iter(batch_size=256) for r in batch.to_pylist())
-    for i, row in enumerate(rows):
-        if i % world != rank:
-            continue
-        row_id = str(row["id"]) if row.get("id") not in (None, "") else f"row-{i}"
-        try:
-            images = [_open_image(e, base_dir) for e in row.get("images") or []]
-            response = (row[response_column] or "") if response_column else None  # encode rejects ""
-            sample = processor.encode(
-                row["problem"] or "", images, template=template, response=response, system=system, row_id=row_id
-            )
-            if max_tokens is not None and len(sample.input_ids) > max_tokens:
-                raise BadRow(row_id, "too long", f"{len(sample.input_ids)} tokens > max_tokens={max_tokens}")
-        except BadRow as e:
-            bad.append((i, BadRow(row_id, e.reason, e.detail, source)))
-            if on_bad_row == "error" and world == 1:
-                raise bad[-1][1] from None
-            continue
-        sample.answer, sample.choices = str(row["answer"]), row.get("choices")
-        if sample.pixel_values is not None:
-            pixel_bytes += sample.pixel_values.numel() * 4
-            sample.pixel_loader = PixelLoader(data, i, base_dir, processor.image_processor)
-        if max_pixel_bytes is not None and pixel_bytes > max_pixel_bytes and not lazy:
-            lazy = True
-            logger.info("%s: images past %.1f GiB of pixels are re-encoded when used instead of kept in memory",
-                        source, max_pixel_bytes / 2**30)
-        if lazy:
-            for _, s in mine[dropped:] + [(i, sample)]:
-                s.pixel_values = None
-            dropped = len(mine) + 1
-        mine.append((i, sample))
+    failure: Exception | None = None  # under several ranks, an unexpected error must not leave the others waiting
+    try:
+        # Arrow format hands the images column over undecoded ({"bytes", "path"} structs or strings): datasets'
+        # own decode would raise on the first corrupt image and take the whole read down with it.
+        rows = (r for batch in data.with_format("arrow").iter(batch_size=256) for r in batch.to_pylist())
+        for i, row in enumerate(rows):
+            if i % world != rank:
+                continue
+            row_id = str(row["id"]) if row.get("id") not in (None, "") else f"row-{i}"
+            try:
+                images = [_open_image(e, base_dir) for e in row.get("images") or []]
+                response = (row[response_column] or "") if response_column else None  # encode rejects ""
+                sample = processor.encode(
+                    row["problem"] or "", images, template=template, response=response, system=system, row_id=row_id
+                )
+                if max_tokens is not None and len(sample.input_ids) > max_tokens:
+                    raise BadRow(row_id, "too long", f"{len(sample.input_ids)} tokens > max_tokens={max_tokens}")
+            except BadRow as e:
+                bad.append((i, BadRow(row_id, e.reason, e.detail, source)))
+                if on_bad_row == "error" and world == 1:
+                    raise bad[-1][1] from None
+                continue
+            sample.answer, sample.choices = str(row["answer"]), row.get("choices")
+            if sample.pixel_values is not None:
+                pixel_bytes += sample.pixel_values.numel() * 4
+                sample.pixel_loader = PixelLoader(data, i, base_dir, processor.image_processor)
+            if max_pixel_bytes is not None and pixel_bytes > max_pixel_bytes and not lazy:
+                lazy = True
+                logger.info("%s: images past %.1f GiB of pixels are re-encoded when used instead of kept in memory",
+                            source, max_pixel_bytes / 2**30)
+            if lazy:
+                for _, s in mine[dropped:] + [(i, sample)]:
+                    s.pixel_values = None
+                dropped = len(mine) + 1
+            mine.append((i, sample))
+    except Exception as e:
+        if world == 1:
+            raise
+        failure = e
     if world > 1:
-        mine, bad = _exchange(mine, bad, data, base_dir, processor, source)
+        mine, bad = _exchange(mine, bad, data, base_dir, processor, source, failure)
     if on_bad_row == "error" and bad:
         raise bad[0][1] from None  # the first bad row, on every rank
     report, reasons = BadRowReport(num_rows=len(data)), Counter()
@@ -436,8 +442,10 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _exchange(mine, bad, data, base_dir: Path, processor: Processor, source: str):
-    """All ranks' (row index, sample) and (row index, BadRow), merged in row order on every rank.
+def _exchange(mine, bad, data, base_dir: Path, processor: Processor, source: str, failure: Exception | None = None):
+    """All ranks' (row index, sample) and (row index, BadRow), merged in row order on every rank. A rank whose
+    encoding failed (`failure`) still takes part, then every rank raises: the failed one its own error, the others
+    a RuntimeError naming that rank and error.
 
     Only what cannot be rebuilt cheaply travels: int32 token ids, the prompt length, whether there are labels,
     the image grids, the row's id, answer and choices. Labels and mm_token_type_ids follow from the ids exactly
@@ -448,10 +456,16 @@ def _exchange(mine, bad, data, base_dir: Path, processor: Processor, source: str
     light = [(i, np.asarray(s.input_ids, dtype=np.int32), s.num_prompt_tokens, s.labels is not None,
               None if s.image_grid_thw is None else s.image_grid_thw.numpy(), s.row_id, s.answer, s.choices)
              for i, s in mine]
-    parts = gather_object((light, [(i, e.row_id, e.reason, e.detail) for i, e in bad]))
+    parts = gather_object((light, [(i, e.row_id, e.reason, e.detail) for i, e in bad],
+                           None if failure is None else f"{type(failure).__name__}: {failure}"))
+    if failure is not None:
+        raise failure
+    failed = [(r, msg) for r, (_, _, msg) in enumerate(parts) if msg is not None]
+    if failed:
+        raise RuntimeError(f"{source}: encoding failed on rank {failed[0][0]}: {failed[0][1]}")
     own = {i for i, _ in mine}
     merged, all_bad = dict(mine), []
-    for part_light, part_bad in parts:
+    for part_light, part_bad, _ in parts:
         for i, ids, num_prompt, has_labels, grid, row_id, answer, choices in part_light:
             if i in own:
                 continue

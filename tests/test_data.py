@@ -405,6 +405,12 @@ def _sharded_worker(rank: int, port: int, path: str, model_dir: str, out_dir: st
             encode_rows(path, proc, on_bad_row="error", **kw)
         except BadRow as e:
             result["error"] = (e.row_id, e.reason, str(e))
+        if rank == 1:  # an unexpected error on one rank: both ranks raise instead of one waiting forever
+            proc.encode = lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone"))
+        try:
+            encode_rows(path, proc, **kw)
+        except (OSError, RuntimeError) as e:
+            result["failure"] = f"{type(e).__name__}: {e}"
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -418,7 +424,8 @@ def _sample_fields(s):
 def test_sharded_encoding_on_two_ranks_equals_one_process(proc, model_dir, tmp_path):
     """Under a 2-rank gloo group each rank encodes every other row and they exchange token ids: every rank ends with
     the one-process samples (pixels re-encoded on demand for the other rank's rows), the same bad-row report, and
-    under on_bad_row="error" the same first bad row raised on both ranks (it is rank 1's row here)."""
+    under on_bad_row="error" the same first bad row raised on both ranks (it is rank 1's row here); an unexpected
+    error on one rank is raised on both."""
     import socket
 
     import torch.multiprocessing as mp
@@ -450,3 +457,5 @@ def test_sharded_encoding_on_two_ranks_equals_one_process(proc, model_dir, tmp_p
         # rows 0, 2, 4, ... were encoded here on rank 0, the others on rank 1 (they keep no pixels in memory)
         assert got["in_memory"] == [rows.index(r) % 2 == rank for r in rows if r["id"] not in rep.row_ids]
         assert got["error"][:2] == ("gone", "image not found") and "d.jsonl" in got["error"][2]
+        assert got["failure"] == ("OSError: disk gone" if rank == 1 else
+                                  f"RuntimeError: {path}: encoding failed on rank 1: OSError: disk gone")
