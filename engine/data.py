@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from engine.dist import gather_object, rank_world
+
 try:  # the lent GPU machine has no `datasets`: Processor, collate and the planners still work there
     import datasets
 except ImportError:
@@ -369,7 +371,7 @@ def encode_rows(
     base_dir = Path(source) if Path(source).is_dir() else Path(source).parent
     if response_column and response_column not in data.column_names:
         raise ValueError(f"{source}: response column {response_column!r} not in {data.column_names}")
-    rank, world = _rank_world() if shard else (0, 1)
+    rank, world = rank_world() if shard else (0, 1)
     mine: list[tuple[int, Sample]] = []
     bad: list[tuple[int, BadRow]] = []
     pixel_bytes, lazy, dropped = 0, False, 0
@@ -434,14 +436,6 @@ def encode_rows(
     return samples, report
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _exchange(mine, bad, data, base_dir: Path, processor: Processor, source: str, failure: Exception | None = None):
     """All ranks' (row index, sample) and (row index, BadRow), merged in row order on every rank. A rank whose
     encoding failed (`failure`) still takes part, then every rank raises: the failed one its own error, the others
@@ -451,8 +445,6 @@ def _exchange(mine, bad, data, base_dir: Path, processor: Processor, source: str
     the image grids, the row's id, answer and choices. Labels and mm_token_type_ids follow from the ids exactly
     as `Processor.encode` builds them; pixels are re-encoded on use through a PixelLoader.
     """
-    from engine.dist import gather_object
-
     light = [(i, np.asarray(s.input_ids, dtype=np.int32), s.num_prompt_tokens, s.labels is not None,
               None if s.image_grid_thw is None else s.image_grid_thw.numpy(), s.row_id, s.answer, s.choices)
              for i, s in mine]

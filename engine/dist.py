@@ -71,6 +71,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the current process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -244,7 +244,8 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
             continue
         x_CH, t_C, ok_C = hidden[idx], safe[idx], valid[idx]
         z_CV = z_buf[:c]
-        _mm_into(z_CV, x_CH.to(mm_dtype) if backend == "ref" else x_CH, w_mm.T)
+        x_mm = x_CH.to(mm_dtype)  # a no-op on the Triton path (mm_dtype is the input dtype there)
+        _mm_into(z_CV, x_mm, w_mm.T)
         if backend == "triton":
             lse_C, zt_C, ent_C = _row_stats(z_CV, t_C, inv_temp, return_entropy, interpret)
         else:
@@ -268,7 +269,6 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
             _dlogits(z_CV, t_C, lse_C, g_C, inv_temp, d_CV, interpret, ge_C, c_C)
         else:
             dlogits_ref(z_CV, t_C, lse_C, g_C, inv_temp, d_CV, ge_C, c_C)
-        x_mm = x_CH.to(mm_dtype)
         if need_hidden_grad:
             dx[idx] = (d_CV @ w_mm).to(hidden.dtype)
         if need_weight_grad:

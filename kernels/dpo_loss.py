@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _onepass
-from kernels._onepass import chunk_tokens
 from kernels.fused_logprobs import _LOGGED, fused_logprobs_ref, logger, logprobs_fwd
 from kernels.grpo_loss import (
     IMPLS,
@@ -169,8 +168,9 @@ class DPOLossFunction(torch.autograd.Function):
         groups = None
         if impl == "onepass":
             v, itemsize = weight.shape[0], hidden.element_size()
-            max_tokens = max(chunk_tokens(v, itemsize), chunk_tokens(v, itemsize, _onepass.MAX_PAIR_BUFFER_BYTES))
-            groups = pair_groups(cu_seqlens, chosen_idx, rejected_idx, chunk_tokens(v, itemsize), max_tokens)
+            chunk = _onepass.chunk_tokens(v, itemsize)
+            max_pair = max(chunk, _onepass.chunk_tokens(v, itemsize, _onepass.MAX_PAIR_BUFFER_BYTES))
+            groups = pair_groups(cu_seqlens, chosen_idx, rejected_idx, chunk, max_pair)
             if groups is None and "dpo-onepass-fallback" not in _LOGGED:
                 _LOGGED.add("dpo-onepass-fallback")
                 logger.warning("dpo_loss(impl='onepass'): a pair is longer than the one-pass buffer may grow for it "

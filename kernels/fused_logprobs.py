@@ -199,8 +199,9 @@ class FusedLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, ignore_index, return_entropy, chunk_tokens,
                 backend, impl):
         if impl == "onepass":
-            logp_N, lse_N, ent_N, _, _ = _onepass_call(hidden_NH, weight_VH, targets_N, None, temperature,
-                                                       ignore_index, return_entropy, backend, False, False)
+            logp_N, lse_N, ent_N, _, _ = onepass_call(hidden_NH, weight_VH, targets_N, None, temperature=temperature,
+                                                      need_h=False, need_w=False, ignore_index=ignore_index,
+                                                      return_entropy=return_entropy, backend=backend)
         else:
             logp_N, lse_N, ent_N = logprobs_fwd(hidden_NH, weight_VH, targets_N, temperature=temperature,
                                                 ignore_index=ignore_index, return_entropy=return_entropy,
@@ -224,9 +225,10 @@ class FusedLogprobsFunction(torch.autograd.Function):
             def grad_fn(idx, _):
                 return g_N[idx] if ge_N is None else (g_N[idx], ge_N[idx])
 
-            _, _, _, grad_hidden, grad_weight = _onepass_call(
-                hidden_NH, weight_VH, targets_N, grad_fn, temperature, ignore_index, ge_N is not None, backend,
-                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            _, _, _, grad_hidden, grad_weight = onepass_call(
+                hidden_NH, weight_VH, targets_N, grad_fn, temperature=temperature, need_h=ctx.needs_input_grad[0],
+                need_w=ctx.needs_input_grad[1], ignore_index=ignore_index, return_entropy=ge_N is not None,
+                backend=backend)
         else:
             grad_hidden, grad_weight = logprobs_bwd(
                 hidden_NH, weight_VH, targets_N, lse_N, grad_logp_N, grad_entropy=grad_ent_N,
@@ -238,14 +240,16 @@ class FusedLogprobsFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-def _onepass_call(hidden, weight, targets, grad_fn, temperature, ignore_index, return_entropy, backend, need_h,
-                  need_w):
-    """kernels._onepass.onepass in consecutive chunks sized by its buffer budget, after the usual checks."""
+def onepass_call(hidden, weight, targets, grad_fn, *, temperature: float, need_h: bool, need_w: bool,
+                 ignore_index: int = -100, return_entropy: bool = False, backend: str | None = None, groups=None):
+    """kernels._onepass.onepass after the usual checks and backend choice; groups None: consecutive chunks sized
+    by its buffer budget. Used by FusedLogprobsFunction and the losses (kernels/grpo_loss.py, dpo_loss.py)."""
     backend = _backend(hidden.device, backend)
     hidden, weight, targets = _check(hidden, weight, targets, temperature, backend)
+    if groups is None:
+        groups = _onepass.token_chunks(hidden.shape[0], _onepass.chunk_tokens(weight.shape[0], hidden.element_size()))
     with torch.no_grad():
-        chunks = _onepass.token_chunks(hidden.shape[0], _onepass.chunk_tokens(weight.shape[0], hidden.element_size()))
-        return _onepass.onepass(hidden, weight, targets, chunks, grad_fn, temperature=temperature,
+        return _onepass.onepass(hidden, weight, targets, groups, grad_fn, temperature=temperature,
                                 ignore_index=ignore_index, return_entropy=return_entropy, need_hidden_grad=need_h,
                                 need_weight_grad=need_w, backend=backend)
 

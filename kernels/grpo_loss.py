@@ -25,8 +25,7 @@ Shapes: N tokens (all sequences concatenated), H hidden size, V vocabulary size,
 
 import torch
 
-from kernels._onepass import chunk_tokens, onepass, token_chunks
-from kernels.fused_logprobs import _backend, _check, fused_logprobs_ref, logprobs_bwd, logprobs_fwd
+from kernels.fused_logprobs import fused_logprobs_ref, logprobs_bwd, logprobs_fwd, onepass_call
 
 IMPLS = ("recompute", "onepass")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -336,14 +335,9 @@ def grads_in_forward(ctx, hidden, weight, targets, lse, grad_logp, temperature):
 def onepass_forward(ctx, hidden, weight, targets, groups, grad_fn, temperature, return_entropy):
     """`kernels._onepass.onepass` for a loss's forward: (logp, entropy, (grad_hidden, grad_weight)) with only the
     gradients autograd asked for. groups None: consecutive chunks of tokens sized by the buffer budget."""
-    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    backend = _backend(hidden.device, None)
-    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend)
-    if groups is None:
-        groups = token_chunks(hidden.shape[0], chunk_tokens(weight.shape[0], hidden.element_size()))
-    logp, _, entropy, gh, gw = onepass(hidden, weight, targets, groups, grad_fn, temperature=temperature,
-                                    return_entropy=return_entropy, need_hidden_grad=need_h, need_weight_grad=need_w,
-                                    backend=backend)
+    logp, _, entropy, gh, gw = onepass_call(hidden, weight, targets, grad_fn, temperature=temperature,
+                                            need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1],
+                                            return_entropy=return_entropy, groups=groups)
     return logp, entropy, (gh, gw)
 
 

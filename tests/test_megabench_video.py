@@ -8,6 +8,7 @@ videos: 30 frames at 10 fps, each a distinct solid colour.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -146,7 +147,7 @@ def test_eval_stage_keeps_framed_video_rows(tmp_path):
 def test_read_only_release_uses_cache_dir(tmp_path, monkeypatch):
     root = _video_release(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(mb.os, "access", lambda *a: False)
+    monkeypatch.setattr(os, "access", lambda *a: False)  # every folder read-only
     (row,) = mb.load(root, max_images=18)
     assert all(p.is_relative_to(tmp_path / "cache" / "specs-engine" / "megabench") for p in row.images
                if p.suffix == ".jpg")

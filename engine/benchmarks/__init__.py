@@ -17,7 +17,9 @@ responses alike.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import os
 import re
 from pathlib import Path
 from types import ModuleType
@@ -58,6 +60,19 @@ def answer_text(response: str) -> str:
     return blocks[-1].strip() if blocks else (response or "").strip()
 
 
+def cache_dir(kind: str, root: Path) -> Path:
+    """$XDG_CACHE_HOME (or ~/.cache)/specs-engine/<kind>/<key>: one folder per release path `root`."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "specs-engine" / kind / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+
+
+def media_dir(root: Path, folder: str, kind: str) -> Path:
+    """Where a loader writes files it derives from the release at `root` (extracted images, video frames):
+    `<root>/<folder>`, or `cache_dir(kind, root)` when that is read-only (a shared dataset mount)."""
+    out = root / folder
+    return out if os.access(out if out.is_dir() else root, os.W_OK) else cache_dir(kind, root)
+
+
 def get(name: str) -> ModuleType:
     """The benchmark module `name` (one of NAMES, or "toy" for the toy world's splits); a clear error otherwise."""
     if name not in (*NAMES, "toy"):
@@ -65,4 +80,4 @@ def get(name: str) -> ModuleType:
     return importlib.import_module(f"engine.benchmarks.{name}")
 
 
-__all__ = ["NAMES", "BenchRow", "answer_text", "get"]
+__all__ = ["NAMES", "BenchRow", "answer_text", "cache_dir", "get", "media_dir"]

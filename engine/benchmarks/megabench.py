@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mimetypes
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.benchmarks import BenchRow, answer_text
+from engine.benchmarks import BenchRow, answer_text, media_dir
 from engine.benchmarks.megabench_metrics import (
     CONTEXT_METRICS,
     JUDGE_METRICS,
@@ -259,11 +258,7 @@ def _row(query: dict, root: Path, frames: Callable[[Path, int, bool], list[Path]
 def frame_cache_dir(root: Path) -> Path:
     """Where the video frames of a release at `root` are written: `<root>/_frames`, or for a read-only `root` (a
     shared dataset mount) $XDG_CACHE_HOME (or ~/.cache)/specs-engine/megabench/<key>, one folder per release path."""
-    out = root / "_frames"
-    if os.access(out if out.is_dir() else root, os.W_OK):
-        return out
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "specs-engine" / "megabench" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    return media_dir(root, "_frames", NAME)
 
 
 def load(path: str | Path, max_images: int = 0, demo_video_frames: int = 2) -> list[BenchRow]:

@@ -35,13 +35,12 @@ overall accuracy weighted by instances, as the official report.
 from __future__ import annotations
 
 import ast
-import hashlib
 import os
 import random
 import re
 from pathlib import Path
 
-from engine.benchmarks import BenchRow, answer_text
+from engine.benchmarks import BenchRow, answer_text, cache_dir, media_dir
 from engine.log import warn_once
 
 NAME = "mmmu"
@@ -91,9 +90,8 @@ def load(path: str | Path, with_instruction: bool = False) -> list[BenchRow]:
         raise RuntimeError(
             "engine.benchmarks.mmmu reads parquet with pyarrow: run `.venv/bin/pip install pyarrow`"
         ) from e
-    image_dir = root / "_images"
-    if not os.access(image_dir if image_dir.is_dir() else root, os.W_OK):
-        image_dir = image_cache_dir(root)
+    image_dir = media_dir(root, "_images", NAME)
+    if image_dir != root / "_images":
         warn_once(f"MMMU: {root} is read-only; its embedded images go to {image_dir}")
     rows, missing, seen = [], [], set()
     for file in files:
@@ -116,11 +114,8 @@ def load(path: str | Path, with_instruction: bool = False) -> list[BenchRow]:
 
 
 def image_cache_dir(root: Path) -> Path:
-    """Where a read-only release's images are extracted: $XDG_CACHE_HOME (or ~/.cache)/specs-engine/mmmu/<key>,
-    one folder per release path."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    return cache / "specs-engine" / "mmmu" / key
+    """Where a read-only release's images are extracted: $XDG_CACHE_HOME (or ~/.cache)/specs-engine/mmmu/<key>."""
+    return cache_dir(NAME, root)
 
 
 def _extract_image(rec: dict, k: int, image_dir: Path) -> Path | None:
