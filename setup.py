@@ -122,6 +122,7 @@ setup(
         "math-verify>=0.9",  # symbolic answers in the accuracy reward (engine/rewards.py)
         "matplotlib>=3.8",  # the evaluation report's plots (engine/report.py)
         "opencv-python-headless>=4.8",  # MEGA-Bench video frames (engine/benchmarks/video.py)
+        "jieba>=0.42",  # MEGA-Bench's Chinese GLEU segments words with it (engine/benchmarks/megabench_gleu.py)
     ],
     extras_require={
         "vllm": ["vllm>=0.32"],

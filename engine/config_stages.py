@@ -480,6 +480,10 @@ class BenchmarkConfig:
     out."""
     demo_video_frames: int = 2
     """MEGA-Bench: frames shared by the demonstration's videos (the official total_demo_video_frames)."""
+    run_code: bool = False
+    """MEGA-Bench: run each response's program on its test cases to score the 8 program_judge tasks, as the official
+    evaluator does (engine/benchmarks/megabench_code.py: a subprocess per case with memory, file-size and time
+    limits, in a temporary folder; it contains accidents, not hostile code). Off: those tasks are left out."""
 
 
 @dataclasses.dataclass(kw_only=True)

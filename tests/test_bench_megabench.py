@@ -68,7 +68,7 @@ def grok(tmp_path_factory):
 
 
 def test_load_hf_rows(hf_rows):
-    assert len(hf_rows) == 27
+    assert len(hf_rows) == 30
     row = hf_rows["code_error_line_identification/1"]
     assert row.category == "code_error_line_identification" and row.answer == "7"
     assert row.meta["global_idx"] == "2" and row.meta["query_idx"] == 1 and row.meta["subset"] == "core"
@@ -97,7 +97,11 @@ def test_load_flags_unscorable_tasks(hf_rows):
     assert judged.meta["needs_judge"] and judged.meta["eval_type"] == "llm" and not judged.meta["scorable"]
     assert hf_rows["table2latex_complex/0"].meta["subset"] == "open"
     assert hf_rows["poetry_haiku/0"].meta["unsupported_metrics"] == ["constrained_generation"]
-    assert hf_rows["planning_screenshot_barman/0"].meta["unsupported_metrics"] == ["symbolic_planning_test"]
+    assert hf_rows["planning_screenshot_barman/0"].meta["scorable"]  # symbolic_planning_test, from the eval_context
+    # program_judge runs the response's code: only when the loader is told to.
+    assert hf_rows["code_programming_test_easy/0"].meta["unsupported_metrics"] == ["program_judge"]
+    with pytest.raises(ValueError, match="run_code"):
+        mb.score(hf_rows["code_programming_test_easy/0"], "Answer: print(1)")
     assert hf_rows["worldle/0"].meta["unsupported_metrics"] == ["geo_proximity_location_dict"]  # a global aux metric
     for row_id in ("poetry_haiku/0", "scibench_w_solution_open_ended/0"):
         with pytest.raises(ValueError, match="GPT-4o judge|do not implement"):
@@ -138,7 +142,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="task_metrics_from_task_examples.json"):
         mb.load(tmp_path / "t")
     root = _hf_dir(tmp_path / "nomedia", with_media=False)
-    with pytest.raises(ValueError, match=r"63 media files are missing \(first: .*01.png"):
+    with pytest.raises(ValueError, match=r"69 media files are missing \(first: .*01.png"):
         mb.load(root)
 
 
@@ -346,6 +350,32 @@ def test_score(hf_rows, row_id, response, expected):
     assert mb.is_correct(row, response) == (expected == 1.0)
 
 
+_TIME_12H = ("Answer: h, m = map(int, input().split(':'))\nsuffix = 'AM' if h < 12 else 'PM'\n"
+             "print(f'{h % 12 or 12}:{m:02d} {suffix}')")
+
+
+@pytest.mark.parametrize("row_id, response, expected", [
+    ("ocr_math_equation/0", "Answer: \\frac{b+a}{2}\\geq\\sqrt{ab}", 1.0),  # symbolic LaTeX equality
+    ("ocr_math_equation/0", "Answer: \\frac{a+b}{2} \\leq \\sqrt{ab}", 0.0),
+    ("image_translation_en2cn/0", "Answer: 我们在两个阶段预训练我们的图像适配器。", 1.0),  # GLEU
+    ("code_programming_test_easy/0", _TIME_12H, 1.0),  # both test cases pass
+    ("code_programming_test_easy/0", _TIME_12H.replace("h < 12", "h < 22"), 0.5),  # 09:05 passes, 21:11 not
+])
+def test_score_latex_gleu_and_code(tmp_path_factory, row_id, response, expected):
+    rows = {row.id: row for row in mb.load(_hf_dir(tmp_path_factory.mktemp("code")), run_code=True)}
+    assert rows[row_id].meta["scorable"]
+    assert mb.score(rows[row_id], response) == pytest.approx(expected)
+
+
+def test_score_planning(hf_rows):
+    """The barman row carries its task card's eval_context and, as its answer, the card's gt_plan."""
+    row = hf_rows["planning_screenshot_barman/0"]
+    plan = row.meta["answer"]["plan"]
+    assert mb.score(row, f"Plan follows.\nAnswer: {plan}") == 1.0
+    assert mb.score(row, "Answer: " + plan.rsplit("\n", 1)[0]) == 0.0  # one action short of the goal
+    assert mb.score(row, "Answer: (grasp left shot4)\n(grasp left shot4)") == 0.0  # the hand is no longer empty
+
+
 def test_aggregate():
     mean = {"function": "mean", "field_weights": {"a": 1, "b": 3}}
     assert mb.aggregate({"a": 1, "b": 0}, mean) == 0.25
@@ -414,10 +444,10 @@ def test_shared_files(tmp_path):
     assert len(rows) == 291 and all(row.meta["needs_judge"] for row in rows)
     # Every metric of the shipped configuration is implemented, judged, or listed as unsupported.
     table = json.loads(table_path.read_text())
-    known = set(mm.METRICS) | set(mm.CONTEXT_METRICS) | mm.JUDGE_METRICS | set(mm.UNSUPPORTED_METRICS)
+    known = set(mb.RULE_METRICS) | set(mb.ALL_CONTEXT_METRICS) | mm.JUDGE_METRICS | set(mm.UNSUPPORTED_METRICS)
     used = {m for info in table.values() for m in info["field_score_function"].values()}
     assert used <= known
     rule = {t: info for t, info in table.items() if not set(info["field_score_function"].values()) & mm.JUDGE_METRICS}
     unsupported = {t for t, info in rule.items()
                    if set(info["field_score_function"].values()) & set(mm.UNSUPPORTED_METRICS)}
-    assert (len(rule), len(unsupported)) == (440, 44)  # + worldle (geo_proximity, a global aux metric): 395 scorable
+    assert (len(rule), len(unsupported)) == (440, 18)  # + worldle (geo_proximity, a global aux metric): 421 scorable

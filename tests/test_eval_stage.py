@@ -231,3 +231,20 @@ def test_training_checkpoints_as_models(tmp_path, toy_world, scripted):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     scores = json.loads((ctx.stage_dir / "scores.json").read_text())
     assert list(scores["models"]) == ["model", "second@5"] and scores["models"]["second@5"]["gf"] > 0
+
+
+def test_megabench_run_code_option(tmp_path, toy_world):
+    """The benchmark's run_code decides whether MEGA-Bench's program_judge rows are evaluated or left out."""
+    from engine.stages.eval import load_benchmarks
+
+    from .test_bench_megabench import _hf_dir
+
+    cfg, ctx = _setup(tmp_path, toy_world)
+    root = _hf_dir(tmp_path)
+    seen = {}
+    for run_code in (False, True):
+        cfg.benchmarks = [BenchmarkConfig(name="mb", kind="megabench", path=str(root), max_images=0,
+                                          run_code=run_code)]
+        ((_, _, rows, left),) = load_benchmarks(cfg, ctx)
+        seen[run_code] = ("code_programming_test_easy/0" in {r.id for r in rows}, left)
+    assert not seen[False][0] and seen[True][0] and seen[False][1] == seen[True][1] + 1

@@ -24,10 +24,11 @@ mean over all tasks); `summarize` computes it, so the eval stage should report i
 
 Rows that our rules cannot score carry meta["scorable"] = False and `score` raises for them: open tasks
 (meta["needs_judge"], a GPT-4o judge scores a field), and tasks whose metric we did not re-implement
-(meta["unsupported_metrics"]; megabench_metrics.UNSUPPORTED_METRICS says why): constrained_generation (18 tasks),
-symbolic_planning_test (13), program_judge (8), latex_expr_equality / text_with_latex_expr_equality (4), gleu_cn (1)
-and worldle's geo_proximity (1), so 395 of the 440 core tasks are scored. The eval should skip the others and report
-how many it skipped; its core number then averages 395 tasks, not the official 440.
+(meta["unsupported_metrics"]; megabench_metrics.UNSUPPORTED_METRICS says why): constrained_generation (18 tasks)
+and worldle's geo_proximity (1), so 421 of the 440 core tasks are scored. program_judge (8 tasks) runs the
+response's code (megabench_code.py): only with `load(..., run_code=True)`; otherwise those tasks are left out too
+(413 scored). The eval skips the others and reports how many it skipped; its core number then averages fewer tasks
+than the official 440.
 
 The prompt (`problem`) is the task description, the demonstration and the query, with <image> / <video> where the
 media go; as in the official models, demonstration images after the 4th are dropped, and the official "Think step
@@ -53,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.benchmarks import BenchRow, answer_text, media_dir
+from engine.benchmarks import BenchRow, answer_text, media_dir, megabench_code, megabench_gleu, megabench_latex
 from engine.benchmarks.megabench_metrics import (
     CONTEXT_METRICS,
     JUDGE_METRICS,
@@ -65,9 +66,20 @@ from engine.benchmarks.megabench_metrics import (
     parse_json,
     unquote,
 )
+from engine.benchmarks.megabench_planning import symbolic_planning_test
 from engine.benchmarks.video import VIDEO_END, VIDEO_START, cached_frames, frame_budget
 
 NAME = "megabench"
+
+RULE_METRICS = {**METRICS, **megabench_latex.METRICS, **megabench_gleu.METRICS}
+"""(response, gold) metrics: megabench_metrics' own plus the LaTeX and GLEU ones."""
+ALL_CONTEXT_METRICS = {**CONTEXT_METRICS, **megabench_code.CONTEXT_METRICS,
+                       "symbolic_planning_test": symbolic_planning_test}
+"""(response, eval_context) metrics: they need the query's own eval_context."""
+CODE_METRICS = {"program_judge"}
+"""Metrics that run the response's code: scored only when `load` is given run_code=True."""
+_NO_CODE = ("runs the response's code (engine/benchmarks/megabench_code.py): load with run_code=True, in the eval "
+            "stage the benchmark's run_code = true")
 MACRO_OVER_CATEGORIES = True
 """The eval stage averages per task (category) first, then over tasks: the official MEGA-Bench number."""
 JUDGE_NOTE = ("MEGA-Bench's 65 open tasks are scored by a GPT-4o judge that rates the response against the reference "
@@ -158,13 +170,16 @@ def _queries_from_task_files(root: Path, files: list[Path]) -> list[dict]:
     return queries
 
 
-def _unscorable_metrics(query: dict) -> list[str]:
-    """The metrics of this query's task that our rules cannot compute (judges excluded)."""
+def _unscorable_metrics(query: dict, run_code: bool = False) -> list[str]:
+    """The metrics of this query's task that our rules cannot compute (judges excluded), or may not (code)."""
     info = query["metric_info"]
     used = list(info["field_score_function"].values()) + list(info.get("global_aux_metrics", {}).values())
-    out = sorted({m for m in used if m not in METRICS and m not in CONTEXT_METRICS and m not in JUDGE_METRICS})
+    out = sorted({m for m in used if m not in RULE_METRICS and m not in ALL_CONTEXT_METRICS
+                  and m not in JUDGE_METRICS})
     if not query["context_per_query"]:
-        out += sorted({m for m in used if m in CONTEXT_METRICS})
+        out += sorted({m for m in used if m in ALL_CONTEXT_METRICS})
+    elif not run_code:
+        out += sorted({m for m in used if m in CODE_METRICS})
     scored = set(info["field_score_function"]) | set(info.get("global_aux_metrics", {}))
     # A weight for a field without a metric is a global_aux_metrics entry our metric table lacks (worldle's proximity)
     out += [f"missing metric for weighted field {f!r}" for f in info["aggregation"]["field_weights"] if f not in scored]
@@ -230,13 +245,13 @@ def _frame_budget(query: dict, max_images: int, demo_video_frames: int) -> tuple
 
 
 def _row(query: dict, root: Path, frames: Callable[[Path, int, bool], list[Path]] | None = None,
-         max_images: int = 0, demo_video_frames: int = 0) -> BenchRow:
+         max_images: int = 0, demo_video_frames: int = 0, run_code: bool = False) -> BenchRow:
     info = query["metric_info"]
     budget = _frame_budget(query, max_images, demo_video_frames) if frames is not None else (0, 0)
     problem, images, videos, counts = _prompt_and_media(query, root, frames, budget)
     metrics = set(info["field_score_function"].values())
     needs_judge = bool(metrics & JUDGE_METRICS)
-    unsupported = _unscorable_metrics(query)
+    unsupported = _unscorable_metrics(query, run_code)
     answer = query["answer"]
     meta = {"task": query["task"], "query_idx": query["query_idx"], "global_idx": query["global_idx"],
             "subset": query["subset"] or ("open" if needs_judge else "core"),
@@ -261,14 +276,17 @@ def frame_cache_dir(root: Path) -> Path:
     return media_dir(root, "_frames", NAME)
 
 
-def load(path: str | Path, max_images: int = 0, demo_video_frames: int = 2) -> list[BenchRow]:
+def load(path: str | Path, max_images: int = 0, demo_video_frames: int = 2, run_code: bool = False) -> list[BenchRow]:
     """All queries under `path` (see the module docstring for the layout), one BenchRow each.
 
     With `max_images` > 0, videos are fed as frames, as the official models do for image models (engine/benchmarks/
     video.py): `max_images` is the official max_num_image (the model's image budget per prompt, from which the
     frames per query video follow) and `demo_video_frames` the official total_demo_video_frames (the frames shared
     by the demonstration's videos). The frames are extracted once into `frame_cache_dir(path)` and reused. With
-    `max_images` = 0 a video stays a <video> marker and its row cannot be fed to an image model."""
+    `max_images` = 0 a video stays a <video> marker and its row cannot be fed to an image model.
+
+    `run_code` lets program_judge run each response's program on its test cases (megabench_code.py: a subprocess
+    with resource limits, not a sandbox against hostile code); without it those 8 tasks are unscorable."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"MEGA-Bench directory {root} does not exist; {_DOWNLOAD}")
@@ -282,7 +300,7 @@ def load(path: str | Path, max_images: int = 0, demo_video_frames: int = 2) -> l
     else:
         raise FileNotFoundError(f"{root}: no MEGA-Bench annotations (expected core/*.parquet, open/*.parquet, "
                                 f"core.jsonl or open.jsonl, or evaluator task files *.json); {_DOWNLOAD}")
-    rows = [_row(query, root) for query in queries]
+    rows = [_row(query, root, run_code=run_code) for query in queries]
     missing = [p for row in rows for p in row.images + [Path(v) for v in row.meta["videos"]] if not p.is_file()]
     if missing:
         raise ValueError(f"{root}: {len(missing)} media files are missing (first: {[str(p) for p in missing[:5]]}); "
@@ -295,7 +313,7 @@ def load(path: str | Path, max_images: int = 0, demo_video_frames: int = 2) -> l
                 root.resolve()) else cache / hashlib.sha1(str(video.resolve()).encode()).hexdigest()[:12]
             return cached_frames(video, n, is_demo, folder)
 
-        rows = [_row(query, root, frames, max_images, demo_video_frames) if row.meta["videos"] else row
+        rows = [_row(query, root, frames, max_images, demo_video_frames, run_code) if row.meta["videos"] else row
                 for query, row in zip(queries, rows, strict=True)]
     return rows
 
@@ -392,13 +410,15 @@ def field_scores(row: BenchRow, response: str) -> dict[str, float | None]:
         value = parsed.get(field) if isinstance(parsed, dict) else parsed
         if metric in JUDGE_METRICS:
             out[field] = None
-        elif metric in METRICS:
-            out[field] = field_score(metric, value, unquote(gold))
-        elif metric in CONTEXT_METRICS and not row.meta["unsupported_metrics"]:
+        elif metric in RULE_METRICS:
+            out[field] = field_score(metric, value, unquote(gold), RULE_METRICS)
+        elif metric in ALL_CONTEXT_METRICS and not row.meta["unsupported_metrics"]:
             try:
-                out[field] = CONTEXT_METRICS[metric](value, row.meta["eval_context"])
+                out[field] = ALL_CONTEXT_METRICS[metric](value, row.meta["eval_context"])
             except Exception:
                 out[field] = 0
+        elif metric in CODE_METRICS:
+            raise ValueError(f"{row.id}: metric {metric!r} {_NO_CODE}")
         else:
             raise ValueError(f"{row.id}: metric {metric!r} is not implemented "
                              f"({UNSUPPORTED_METRICS.get(metric, 'needs the per-query eval_context')})")
@@ -422,6 +442,8 @@ def score(row: BenchRow, response: str) -> float:
     False (a judged field, or a metric we did not re-implement)."""
     if row.meta["needs_judge"]:
         raise ValueError(f"{row.id}: task {row.category!r} is scored by a GPT-4o judge ({JUDGE_NOTE})")
+    if set(row.meta["unsupported_metrics"]) & CODE_METRICS:
+        raise ValueError(f"{row.id}: task {row.category!r} is scored by program_judge, which {_NO_CODE}")
     if row.meta["unsupported_metrics"]:
         raise ValueError(f"{row.id}: task {row.category!r} uses metrics we do not implement: "
                          f"{row.meta['unsupported_metrics']}")

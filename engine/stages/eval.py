@@ -115,8 +115,9 @@ def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
     for b in cfg.benchmarks:
         module = benchmarks.get(b.kind)
         # MEGA-Bench feeds a video as frames sampled by the official rule (engine/benchmarks/video.py).
-        video = {"max_images": b.max_images, "demo_video_frames": b.demo_video_frames} if b.kind == "megabench" else {}
-        rows = module.load(ctx.resolve_path(b.path), **video)
+        options = ({"max_images": b.max_images, "demo_video_frames": b.demo_video_frames, "run_code": b.run_code}
+                   if b.kind == "megabench" else {})
+        rows = module.load(ctx.resolve_path(b.path), **options)
         if b.limit:
             rows = rows[:b.limit]
         # Rows our rules cannot score (an LLM-judged field, a metric not re-implemented) or whose media we cannot
