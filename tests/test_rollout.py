@@ -101,6 +101,29 @@ def test_n_groups_and_batch_chunks(toy_world, processor, backend, prompts):
     assert all(len({tuple(c.token_ids) for c in g}) > 1 for g in sampled)  # the n samples differ
 
 
+def test_shared_prefill_equals_separate_prompts(backend, mixed_prompts):
+    """A prompt's n rows share one prefill (its K/V copied out): same tokens and log-probs, sampled under the same
+    seed, as n separate copies of the prompt each prefilled on their own; the vision tower sees each image once."""
+    import copy
+
+    n = 3
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=10, seed=11)
+    calls = []
+    hook = backend.model.model.visual.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    try:
+        shared = backend.generate(mixed_prompts, n, sampling)
+    finally:
+        hook.remove()
+    copies = [copy.copy(p) for p in mixed_prompts for _ in range(n)]  # distinct objects: no sharing
+    separate = backend.generate(copies, 1, sampling)
+    flat = [c for group in shared for c in group]
+    assert [c.token_ids for c in flat] == [g[0].token_ids for g in separate]
+    for a, b in zip(flat, separate, strict=True):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b[0].logprobs), atol=1e-5, rtol=0)
+    patches = sum(p.pixel_values.shape[0] for p in mixed_prompts if p.pixel_values is not None)
+    assert sum(calls) == patches  # one pass over each prompt's patches, not n
+
+
 def test_top_p_tiny_is_greedy(backend, prompts):
     greedy = backend.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=12))
     nucleus = backend.generate(prompts, 2, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=12))

@@ -7,9 +7,10 @@ forward, and after each optimizer step the trainer streams the full tensors in w
 is one extra copy of the weights per rank (bf16: 2 bytes per parameter, 15 GiB for the 7B), which `sleep` moves
 to host memory while the trainer runs on CUDA.
 
-The loop: repeat each prompt n times, left-pad, one prefill forward with the images into a preallocated
+The loop: left-pad the batch's distinct prompts, one prefill forward with the images into a preallocated
 `StaticCache` (transformers' own; it works with Qwen2.5-VL on CPU, and the greedy test against `generate`, which
-uses a DynamicCache, checks it), then one single-token forward per step. Positions are passed explicitly (M-RoPE: see
+uses a DynamicCache, checks it), copy each prompt's K/V to its n rows (so the vision tower and the prefill run once
+per prompt, not n times), then one single-token forward per step. Positions are passed explicitly (M-RoPE: see
 `_prefill_positions`). Vision special tokens are banned from the output; rows stop on eos or a stop string and
 then keep feeding padding until every row is done.
 
@@ -144,8 +145,6 @@ class BuiltinBackend:
             attention_mask[i, t - k:] = 1
             mm_token_type_ids[i, t - k:] = torch.tensor(s.mm_token_type_ids)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        # TODO: with n > 1 each image goes through the vision tower n times; encode once per prompt and pass
-        # the embeddings (`mm_encoder_outputs`) when the vision tower shows up in rollout profiles.
         with_images = [s for s in samples if s.image_grid_thw is not None]
         if with_images:
             if not self.is_vlm:
@@ -180,21 +179,32 @@ class BuiltinBackend:
         return pos_B1[None].expand(3, -1, -1) if self.is_vlm else pos_B1
 
     def _generate_batch(self, samples: list[Sample], sampling: SamplingParams, gen: torch.Generator):
-        """Decode one batch. Returns per row (token_ids, logprobs, text, finish_reason)."""
-        inputs, prompt_lens_B = self._prefill_inputs(samples)
-        b, t = inputs["input_ids"].shape
-        max_new = sampling.max_new_tokens
-        pos, next_pos_B = self._prefill_positions(inputs, prompt_lens_B)
+        """Decode one batch. Returns per row (token_ids, logprobs, text, finish_reason).
+
+        Rows holding the same Sample object (a prompt's n samples) share one prefill row: U distinct prompts are
+        prefilled, then the cache, the last logits and the positions are copied out to the B rows."""
+        distinct: dict[int, int] = {}
+        prompt_of_row = [distinct.setdefault(id(s), len(distinct)) for s in samples]
+        unique = list({id(s): s for s in samples}.values())  # in order of first appearance, as numbered above
+        inputs, prompt_lens_U = self._prefill_inputs(unique)
+        u, t = inputs["input_ids"].shape
+        b, max_new = len(samples), sampling.max_new_tokens
+        pos, next_pos_U = self._prefill_positions(inputs, prompt_lens_U)
         # Preallocated K/V for prompt + max_new tokens (rounded up when the decode step is compiled, so that few
         # shapes occur); the mask covers the same length.
         length = t + max_new
         if self.compile_decode:
             length = -(-length // self.CACHE_BUCKET) * self.CACHE_BUCKET
         cache = StaticCache(config=self.model.config, max_cache_len=length)
-        mask_BL = torch.ones(b, length, dtype=torch.long, device=self.device)
-        mask_BL[:, :t] = inputs["attention_mask"]
-        logits_BV = self.model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True,
+        logits_UV = self.model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True,
                                logits_to_keep=1).logits[:, -1]
+        rows_B = torch.tensor(prompt_of_row, device=self.device)
+        if u < b:
+            _select_cache_rows(cache, rows_B)
+        logits_BV, next_pos_B, mask_BT = (x.index_select(0, rows_B)
+                                          for x in (logits_UV, next_pos_U, inputs["attention_mask"]))
+        mask_BL = torch.ones(b, length, dtype=torch.long, device=self.device)
+        mask_BL[:, :t] = mask_BT
         eos = torch.tensor(self.eos_ids, device=self.device)
         tokens_BN = torch.full((b, max_new), self.processor.pad_id, dtype=torch.long, device=self.device)
         logprobs_BN = torch.zeros(b, max_new, device=self.device)
@@ -289,6 +299,17 @@ class BuiltinBackend:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _select_cache_rows(cache: StaticCache, rows: torch.Tensor) -> None:
+    """Make row i of every layer's K/V a copy of row rows[i]. The new tensors are marked as static addresses again,
+    as StaticCache marks the ones it allocates, so that a compiled (CUDA-graph) decode step may keep them."""
+    for layer in cache.layers:  # StaticLayer has no batch_select_indices of its own
+        if getattr(layer, "is_initialized", False):
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+            layer.batch_size = len(rows)
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
 
 
 def _rotary_to_fp32(model: torch.nn.Module) -> None:
