@@ -124,6 +124,25 @@ def test_shared_prefill_equals_separate_prompts(backend, mixed_prompts):
     assert sum(calls) == patches  # one pass over each prompt's patches, not n
 
 
+def test_decode_cache_is_reused_without_stale_state(toy_world, processor, prompts):
+    """Batches of one (rows, length) shape refill one decode cache in place (same K/V addresses, which a CUDA-graph
+    decode step needs); what an earlier batch left in it does not change the next batch's output."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    fresh = BuiltinBackend(toy_world / "hf", device="cpu", processor=processor).generate(prompts[2:], 1, greedy)
+    backend = BuiltinBackend(toy_world / "hf", device="cpu", processor=processor)
+    # Same rows and padded length, other row order and sampled tokens: the same (rows, length) shape.
+    backend.generate(prompts[2:][::-1], 1, SamplingParams(temperature=1.0, max_new_tokens=8, seed=3))
+    cache = backend._cache
+    assert backend._cache_shape == (2, len(prompts[3].input_ids) + 8)
+    pointers = [layer.keys.data_ptr() for layer in cache.layers]
+    assert _tokens(backend.generate(prompts[2:], 1, greedy)) == _tokens(fresh)
+    assert backend._cache is cache and [layer.keys.data_ptr() for layer in cache.layers] == pointers
+    backend.generate(prompts, 2, greedy)  # another shape: a new cache
+    assert backend._cache_shape == (8, len(prompts[-1].input_ids) + 8)
+    backend.sleep()
+    assert backend._cache is None
+
+
 def test_top_p_tiny_is_greedy(backend, prompts):
     greedy = backend.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=12))
     nucleus = backend.generate(prompts, 2, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=12))

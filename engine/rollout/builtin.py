@@ -9,8 +9,9 @@ to host memory while the trainer runs on CUDA.
 
 The loop: left-pad the batch's distinct prompts, one prefill forward with the images into a preallocated
 `StaticCache` (transformers' own; it works with Qwen2.5-VL on CPU, and the greedy test against `generate`, which
-uses a DynamicCache, checks it), copy each prompt's K/V to its n rows (so the vision tower and the prefill run once
-per prompt, not n times), then one single-token forward per step. Positions are passed explicitly (M-RoPE: see
+uses a DynamicCache, checks it), copy each prompt's K/V to its n rows of the decode cache (so the vision tower
+and the prefill run once per prompt, not n times; the decode cache is kept and refilled while the batch shape
+stays, see `_decode_cache`), then one single-token forward per step. Positions are passed explicitly (M-RoPE: see
 `_prefill_positions`). Vision special tokens are banned from the output; rows stop on eos or a stop string and
 then keep feeding padding until every row is done.
 
@@ -78,6 +79,7 @@ class BuiltinBackend:
         self.banned_ids = sorted(i for i in banned if isinstance(i, int) and 0 <= i < vocab
                                  and i != self.tokenizer.unk_token_id)
         self._refresh_params()
+        self._cache, self._cache_shape = None, None  # the decode K/V cache, reused across batches of one shape
         self.compile_decode = compile_decode
         self._decode = self._decode_step
         if compile_decode:
@@ -195,12 +197,12 @@ class BuiltinBackend:
         length = t + max_new
         if self.compile_decode:
             length = -(-length // self.CACHE_BUCKET) * self.CACHE_BUCKET
-        cache = StaticCache(config=self.model.config, max_cache_len=length)
-        logits_UV = self.model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True,
+        prefill = StaticCache(config=self.model.config, max_cache_len=t)
+        logits_UV = self.model(**inputs, position_ids=pos, past_key_values=prefill, use_cache=True,
                                logits_to_keep=1).logits[:, -1]
         rows_B = torch.tensor(prompt_of_row, device=self.device)
-        if u < b:
-            _select_cache_rows(cache, rows_B)
+        cache = self._decode_cache(prefill, rows_B, length)
+        del prefill
         logits_BV, next_pos_B, mask_BT = (x.index_select(0, rows_B)
                                           for x in (logits_UV, next_pos_U, inputs["attention_mask"]))
         mask_BL = torch.ones(b, length, dtype=torch.long, device=self.device)
@@ -237,6 +239,29 @@ class BuiltinBackend:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
             results.append((ids, lps, text, "stop" if stopped else "length"))
         return results
+
+    def _decode_cache(self, prefill: StaticCache, rows: torch.Tensor, length: int) -> StaticCache:
+        """The decode cache for B rows of `length` slots, holding row rows[i] of the prefill cache in its row i.
+
+        One cache is kept and refilled in place while (B, length) stays the same: a compiled decode step replayed
+        as CUDA graphs then finds its K/V at the addresses it was recorded with (a new cache per batch means a
+        re-recording per batch), and no memory is reallocated per batch. sleep() and close() drop it. Slots past
+        the prompt keep an earlier batch's values; the causal mask never lets a query see them."""
+        b = len(rows)
+        layers = [layer for layer in prefill.layers if getattr(layer, "is_initialized", False)]
+        if self._cache_shape != (b, length):
+            self._cache = self._cache_shape = None  # free the old cache before allocating the new one
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+            cache.early_initialization(batch_size=b, num_heads=[layer.keys.shape[1] for layer in layers],
+                                       head_dim=[layer.keys.shape[-1] for layer in layers],
+                                       dtype=layers[0].keys.dtype, device=self.device)
+            self._cache, self._cache_shape = cache, (b, length)
+        t = layers[0].keys.shape[2]
+        for src, dst in zip(layers, self._cache.layers, strict=True):
+            dst.keys[:, :, :t].copy_(src.keys.index_select(0, rows))
+            dst.values[:, :, :t].copy_(src.values.index_select(0, rows))
+            dst.cumulative_length.fill_(t)  # where the first decode step writes
+        return self._cache
 
     def _check_stop(self, tokens, lengths, finished, stop: list[str], stopped_text: dict[int, str]) -> None:
         """Finish rows whose decoded text now contains a stop string; remember the text cut before it.
@@ -280,7 +305,9 @@ class BuiltinBackend:
                              f"{num_loaded}); expected HF state-dict names such as {example!r}")
 
     def sleep(self) -> None:
-        """Move the weights to host memory and free the CUDA cache (no-op on CPU)."""
+        """Drop the decode K/V cache, move the weights to host memory and free the CUDA cache (weights stay on
+        CPU)."""
+        self._cache = self._cache_shape = None
         if self.device.type == "cuda":
             self.model.to("cpu")
             self._refresh_params()
@@ -294,22 +321,11 @@ class BuiltinBackend:
 
     def close(self) -> None:
         """Drop the model (and the compiled decode step, which holds it); later calls fail with AttributeError."""
-        for name in ("model", "_params", "_decode"):
+        for name in ("model", "_params", "_decode", "_cache"):
             self.__dict__.pop(name, None)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _select_cache_rows(cache: StaticCache, rows: torch.Tensor) -> None:
-    """Make row i of every layer's K/V a copy of row rows[i]. The new tensors are marked as static addresses again,
-    as StaticCache marks the ones it allocates, so that a compiled (CUDA-graph) decode step may keep them."""
-    for layer in cache.layers:  # StaticLayer has no batch_select_indices of its own
-        if getattr(layer, "is_initialized", False):
-            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
-            layer.batch_size = len(rows)
-            torch._dynamo.mark_static_address(layer.keys)
-            torch._dynamo.mark_static_address(layer.values)
 
 
 def _rotary_to_fp32(model: torch.nn.Module) -> None:
