@@ -1,6 +1,8 @@
 """engine/rollout: the builtin backend against transformers' own generate and a teacher-forced forward, on the
 toy Qwen2.5-VL (tests/conftest.py `toy_world`), CPU fp32."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -190,6 +192,27 @@ def test_stop_strings_and_length(backend, prompts):
         else:
             assert c == f
     assert any(c.text == cut and c.finish_reason == "stop" for (c,) in got)
+
+
+def test_stop_strings_late_in_long_outputs(backend, prompts):
+    """Stop strings found past the decode window of the first tokens (the check decodes only a row's last tokens):
+    each row stops where the first occurrence in its whole text ends, as a whole-text search says."""
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=80, seed=5)
+    free = [g[0] for g in backend.generate(prompts, 1, sampling)]
+    long_texts = [c.text for c in free if len(c.text) >= 60]
+    assert long_texts, "the toy model produced no long sampled text"
+    stops = [long_texts[0][-12:-9], long_texts[-1][40:42]]
+    got = [g[0] for g in backend.generate(prompts, 1, dataclasses.replace(sampling, stop=stops))]
+    for c, f in zip(got, free, strict=True):
+        hits = [j for j in (f.text.find(s) for s in stops) if j >= 0]
+        assert c.token_ids == f.token_ids[:len(c.token_ids)]
+        if hits:
+            assert c.finish_reason == "stop" and c.text == f.text[:min(hits)]
+            kept = backend.tokenizer.decode(c.token_ids[:-1], skip_special_tokens=True)
+            assert not any(s in kept for s in stops)  # the last kept token completed the stop string
+        else:
+            assert c == f
+    assert any(c.finish_reason == "stop" and len(c.token_ids) > 40 for c in got)
 
 
 def test_stop_on_eos(backend, prompts, monkeypatch):

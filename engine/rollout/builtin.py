@@ -266,13 +266,21 @@ class BuiltinBackend:
     def _check_stop(self, tokens, lengths, finished, stop: list[str], stopped_text: dict[int, str]) -> None:
         """Finish rows whose decoded text now contains a stop string; remember the text cut before it.
 
-        Checked after every token, so the token that completes a stop string is the last one kept.
+        Checked after every token, so the token that completes a stop string is the last one kept. Only the
+        row's last tokens are decoded each step (decoding the whole row every step costs O(length^2) per row);
+        the window is wide enough for the longest stop string even at one byte per token, with room for skipped
+        special tokens, and a hit is confirmed on the whole text, whose first occurrence sets the cut.
         """
         active = (~finished).nonzero().view(-1).tolist()  # host sync; only when stop strings are set
         if not active:
             return
         lens = lengths.tolist()
+        window = 4 * max(len(s) for s in stop) + 8
         for i in active:
+            tail = self.tokenizer.decode(tokens[i, max(0, lens[i] - window):lens[i]].tolist(),
+                                         skip_special_tokens=True)
+            if not any(s in tail for s in stop):
+                continue
             text = self.tokenizer.decode(tokens[i, :lens[i]].tolist(), skip_special_tokens=True)
             hits = [j for j in (text.find(s) for s in stop) if j >= 0]
             if hits:
