@@ -130,6 +130,26 @@ def test_program_judge_time_limit_and_forged_results(monkeypatch, tmp_path):
     assert ok and "megabench-code-" in out and not (tmp_path / "left.txt").exists()
 
 
+def test_program_judge_contains_runaway_programs():
+    """Output written straight to the real stdout is bounded by the file-size limit (not buffered in our memory),
+    and processes the program starts are killed with it."""
+    from pathlib import Path
+
+    flood = "import os\nwhile True:\n    os.write(1, b'x' * 65536)"
+    start = time.perf_counter()
+    assert mc.run_case(flood, [])[0] is False
+    assert time.perf_counter() - start < 10
+    spawn = ("import subprocess, sys\np = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+             "print(p.pid)")
+    ok, out = mc.run_case(spawn, [])
+    assert ok and out.isdigit()
+    status = Path(f"/proc/{out}/status")
+    deadline = time.time() + 5
+    while status.exists() and "zombie" not in status.read_text() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not status.exists() or "zombie" in status.read_text()
+
+
 def test_program_judge_string_input_is_fed_per_character():
     """The official feed joins `input` with newlines: a string gives one line per character."""
     code = "print(input() + input())"

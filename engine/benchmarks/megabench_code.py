@@ -15,15 +15,19 @@ output, right-stripped, must equal `expected` right-stripped. Behaviours that ch
 - sys.stdin is empty (the official child process reads /dev/null); sys.stdout is captured, sys.stderr is not.
 
 Unlike the official code, which runs the program in a fork of the evaluator, each case runs in a fresh
-`python -I` subprocess in a temporary folder, with limits on memory (4 GiB address space), file size and CPU time,
-and no environment variables. That contains accidents, not a hostile program: it is the model's code running with
+`python -I` subprocess (its own session) in a temporary folder, with limits on memory (4 GiB address space), file
+size (16 MiB, which also bounds what it writes to its stdout, a file) and CPU time, and no environment variables;
+the whole session is killed when the case ends. That contains accidents, not a hostile program: it is the model's code running with
 your user's rights. The eval stage therefore runs it only when the benchmark's `run_code` is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,16 +92,27 @@ def run_case(code: str, input_lines: Any, timeout: float | None = None) -> tuple
     token = secrets.token_hex(16)
     job = {"code": code, "lines": lines, "main": 'if __name__ == "__main__":' in code, "timeout": timeout,
            "memory": _MEMORY_BYTES, "token": token}
-    with tempfile.TemporaryDirectory(prefix="megabench-code-") as cwd:
+    # stdout goes to an unnamed file, where the file-size limit bounds what a runaway program can write (a pipe
+    # would fill the parent's memory); stderr is dropped, as the official evaluator never reads it.
+    with tempfile.TemporaryDirectory(prefix="megabench-code-") as cwd, tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen([sys.executable, "-I", "-c", _CHILD], stdin=subprocess.PIPE, stdout=out,
+                                stderr=subprocess.DEVNULL, cwd=cwd, env={}, start_new_session=True)
         try:
-            done = subprocess.run([sys.executable, "-I", "-c", _CHILD], input=json.dumps(job), capture_output=True,
-                                  text=True, cwd=cwd, env={}, timeout=timeout + _STARTUP_S)
+            proc.communicate(json.dumps(job).encode(), timeout=timeout + _STARTUP_S)
         except subprocess.TimeoutExpired:
             return False, "time limit"
-    last = done.stdout.rstrip("\n").rpartition("\n")[2]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the child, and whatever processes the program started
+            proc.wait()
+        out.seek(0)
+        last = out.read().decode(errors="replace").rstrip("\n").rpartition("\n")[2]
     if not last.startswith(token):
-        return False, f"no result (exit code {done.returncode})"
-    result = json.loads(last[len(token):])
+        return False, f"no result (exit code {proc.returncode})"
+    try:
+        result = json.loads(last[len(token):])
+    except json.JSONDecodeError:  # cut short by the file-size limit
+        return False, "no result"
     return ("output" in result), result.get("output", result.get("error"))
 
 
