@@ -145,6 +145,21 @@ def test_decode_cache_is_reused_without_stale_state(toy_world, processor, prompt
     assert backend._cache is None
 
 
+def test_compiled_decode_warns_past_the_recompile_limit(backend, monkeypatch):
+    """Each (rows, cache length) is one compiled variant; the third distinct shape past a limit of 2 is reported,
+    once."""
+    from engine.rollout import builtin
+
+    seen = []
+    monkeypatch.setattr(builtin, "warn_once", seen.append)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(backend, "compile_decode", True)
+    monkeypatch.setattr(backend, "_decode_shapes", set())
+    for shape in [(1, 256), (2, 256), (1, 256), (2, 512), (4, 512)]:
+        backend._note_decode_shape(shape)
+    assert len(seen) == 1 and "recompile_limit (2)" in seen[0]
+
+
 def test_top_p_tiny_is_greedy(backend, prompts):
     greedy = backend.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=12))
     nucleus = backend.generate(prompts, 2, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=12))

@@ -17,8 +17,9 @@ output, right-stripped, must equal `expected` right-stripped. Behaviours that ch
 Unlike the official code, which runs the program in a fork of the evaluator, each case runs in a fresh
 `python -I` subprocess (its own session) in a temporary folder, with limits on memory (4 GiB address space), file
 size (16 MiB, which also bounds what it writes to its stdout, a file) and CPU time, and no environment variables;
-the whole session is killed when the case ends. That contains accidents, not a hostile program: it is the model's code running with
-your user's rights. The eval stage therefore runs it only when the benchmark's `run_code` is set.
+the whole session is killed when the case ends. That contains accidents, not a hostile program: it is the
+model's code running with your user's rights. The eval stage therefore runs it only when the benchmark's
+`run_code` is set.
 """
 
 from __future__ import annotations

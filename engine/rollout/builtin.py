@@ -33,7 +33,7 @@ import torch
 from transformers import StaticCache
 
 from engine.data import Sample
-from engine.log import log0
+from engine.log import log0, warn_once
 from engine.model import load_hf_model
 from engine.rollout.base import Completion, SamplingParams
 
@@ -80,6 +80,7 @@ class BuiltinBackend:
                                  and i != self.tokenizer.unk_token_id)
         self._refresh_params()
         self._cache, self._cache_shape = None, None  # the decode K/V cache, reused across batches of one shape
+        self._decode_shapes: set[tuple[int, int]] = set()
         self.compile_decode = compile_decode
         self._decode = self._decode_step
         if compile_decode:
@@ -250,6 +251,7 @@ class BuiltinBackend:
         b = len(rows)
         layers = [layer for layer in prefill.layers if getattr(layer, "is_initialized", False)]
         if self._cache_shape != (b, length):
+            self._note_decode_shape((b, length))
             self._cache = self._cache_shape = None  # free the old cache before allocating the new one
             cache = StaticCache(config=self.model.config, max_cache_len=length)
             cache.early_initialization(batch_size=b, num_heads=[layer.keys.shape[1] for layer in layers],
@@ -262,6 +264,16 @@ class BuiltinBackend:
             dst.values[:, :, :t].copy_(src.values.index_select(0, rows))
             dst.cumulative_length.fill_(t)  # where the first decode step writes
         return self._cache
+
+    def _note_decode_shape(self, shape: tuple[int, int]) -> None:
+        """Each (rows, cache length) is one compiled variant of the decode step; past dynamo's recompile limit the
+        step silently runs uncompiled, so say so once."""
+        self._decode_shapes.add(shape)
+        limit = torch._dynamo.config.recompile_limit
+        if self.compile_decode and len(self._decode_shapes) == limit + 1:
+            warn_once(f"rollout: the compiled decode step has now met {limit + 1} (rows, cache length) shapes, more "
+                      f"than torch._dynamo.config.recompile_limit ({limit}); new shapes run uncompiled. Fewer shapes: "
+                      "a fixed max_new_tokens and prompt batches of max_batch_size rows; or raise the limit.")
 
     def _check_stop(self, tokens, lengths, finished, stop: list[str], stopped_text: dict[int, str]) -> None:
         """Finish rows whose decoded text now contains a stop string; remember the text cut before it.
