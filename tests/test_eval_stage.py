@@ -167,8 +167,13 @@ def test_macro_over_categories_and_left_out_rows(tmp_path, toy_world):
     path.parent.mkdir(parents=True)
     path.write_text("".join(json.dumps({"id": r.id, "category": r.category, "score": scores[r.id], "error": "",
                                         "finish_reason": "stop"}) + "\n" for r in rows))
-    out = summarise(cfg, ctx, [(bench, module, rows, 7)])["models"]["model"]["benchmarks"]["mb"]
+    scores = summarise(cfg, ctx, [(bench, module, rows, 7)])
+    out = scores["models"]["model"]["benchmarks"]["mb"]
     assert out["score"] == 50.0 and out["left_out_unscorable"] == 7 and out["macro_over_categories"]
+    from engine.report import write_report
+
+    report = write_report(cfg, ctx, scores).read_text()
+    assert "7 rows are left out" in report and "need `run_code = true`" in report  # run_code is off by default
 
 
 def test_judge_rechecks_rule_wrong_answers(tmp_path, toy_world, scripted, monkeypatch):
