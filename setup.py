@@ -123,6 +123,8 @@ setup(
         "matplotlib>=3.8",  # the evaluation report's plots (engine/report.py)
         "opencv-python-headless>=4.8",  # MEGA-Bench video frames (engine/benchmarks/video.py)
         "jieba>=0.42",  # MEGA-Bench's Chinese GLEU segments words with it (engine/benchmarks/megabench_gleu.py)
+        "nltk>=3.9",  # MEGA-Bench's constrained generation (engine/benchmarks/megabench_constrained.py) ...
+        "pronouncing>=0.3",  # ... and its syllables and rhymes (CMUdict; 0.2 needs pkg_resources)
     ],
     extras_require={
         "vllm": ["vllm>=0.32"],

@@ -94,9 +94,14 @@ def write_report(cfg, ctx, scores: dict) -> Path:
         if b.limit:
             notes.append(f"- **{b.name}**: only the first {b.limit} rows; not comparable with published numbers.")
         if first["left_out_unscorable"]:
-            code = ", their program tests need `run_code = true`" if b.kind == "megabench" and not b.run_code else ""
+            needs = ""
+            if b.kind == "megabench":
+                from engine.benchmarks.megabench_constrained import NLTK_DATA_HINT, available
+
+                needs += "" if b.run_code else ", their program tests need `run_code = true`"
+                needs += "" if available() else f", their constraints need NLTK's data (`{NLTK_DATA_HINT}`)"
             notes.append(f"- **{b.name}**: {first['left_out_unscorable']} rows are left out: an LLM judge scores them, "
-                         f"their metric is not re-implemented{code}, or they hold video.")
+                         f"their metric is not re-implemented{needs}, or they hold video.")
         if first["macro_over_categories"]:
             notes.append(f"- **{b.name}**: the mean of per-category (task) means, as the official number.")
     lines += ["", "## Format", "", "Share of responses (%) in the `<think>...</think><answer>...</answer>` format (the "

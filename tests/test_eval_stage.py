@@ -174,6 +174,9 @@ def test_macro_over_categories_and_left_out_rows(tmp_path, toy_world):
 
     report = write_report(cfg, ctx, scores).read_text()
     assert "7 rows are left out" in report and "need `run_code = true`" in report  # run_code is off by default
+    from engine.benchmarks.megabench_constrained import available
+
+    assert ("nltk.downloader punkt_tab wordnet" in report) == (not available())
 
 
 def test_judge_rechecks_rule_wrong_answers(tmp_path, toy_world, scripted, monkeypatch):

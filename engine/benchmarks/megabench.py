@@ -23,12 +23,13 @@ the mean over its queries, then the macro mean over tasks, reported for core and
 mean over all tasks); `summarize` computes it, so the eval stage should report it for MEGA-Bench.
 
 Rows that our rules cannot score carry meta["scorable"] = False and `score` raises for them: open tasks
-(meta["needs_judge"], a GPT-4o judge scores a field), and tasks whose metric we did not re-implement
-(meta["unsupported_metrics"]; megabench_metrics.UNSUPPORTED_METRICS says why): constrained_generation (18 tasks)
-and worldle's geo_proximity (1), so 421 of the 440 core tasks are scored. program_judge (8 tasks) runs the
-response's code (megabench_code.py): only with `load(..., run_code=True)`; otherwise those tasks are left out too
-(413 scored). The eval skips the others and reports how many it skipped; its core number then averages fewer tasks
-than the official 440.
+(meta["needs_judge"], a GPT-4o judge scores a field) and worldle (its geo_proximity metric geocodes place names
+online), so 439 of the 440 core tasks can be scored. Two metrics need more than our code (meta
+["unsupported_metrics"] lists them when missing): program_judge (8 tasks) runs the response's code
+(megabench_code.py), only with `load(..., run_code=True)`; constrained_generation (18 tasks) needs NLTK's punkt_tab
+and WordNet data (megabench_constrained.py; not on PyPI: `python -m nltk.downloader punkt_tab wordnet`). The eval
+skips the rows it cannot score and reports how many; its core number then averages fewer tasks than the official
+440.
 
 The prompt (`problem`) is the task description, the demonstration and the query, with <image> / <video> where the
 media go; as in the official models, demonstration images after the 4th are dropped, and the official "Think step
@@ -54,7 +55,15 @@ from typing import Any
 
 import numpy as np
 
-from engine.benchmarks import BenchRow, answer_text, media_dir, megabench_code, megabench_gleu, megabench_latex
+from engine.benchmarks import (
+    BenchRow,
+    answer_text,
+    media_dir,
+    megabench_code,
+    megabench_constrained,
+    megabench_gleu,
+    megabench_latex,
+)
 from engine.benchmarks.megabench_metrics import (
     CONTEXT_METRICS,
     JUDGE_METRICS,
@@ -73,9 +82,11 @@ NAME = "megabench"
 
 RULE_METRICS = {**METRICS, **megabench_latex.METRICS, **megabench_gleu.METRICS}
 """(response, gold) metrics: megabench_metrics' own plus the LaTeX and GLEU ones."""
-ALL_CONTEXT_METRICS = {**CONTEXT_METRICS, **megabench_code.CONTEXT_METRICS,
+ALL_CONTEXT_METRICS = {**CONTEXT_METRICS, **megabench_code.CONTEXT_METRICS, **megabench_constrained.CONTEXT_METRICS,
                        "symbolic_planning_test": symbolic_planning_test}
 """(response, eval_context) metrics: they need the query's own eval_context."""
+_NEEDS_DATA = {"constrained_generation": megabench_constrained.available}
+"""Metrics scored only where their data is installed (NLTK's punkt_tab and WordNet: megabench_constrained.py)."""
 CODE_METRICS = {"program_judge"}
 """Metrics that run the response's code: scored only when `load` is given run_code=True."""
 _NO_CODE = ("runs the response's code (engine/benchmarks/megabench_code.py): load with run_code=True, in the eval "
@@ -178,8 +189,9 @@ def _unscorable_metrics(query: dict, run_code: bool = False) -> list[str]:
                   and m not in JUDGE_METRICS})
     if not query["context_per_query"]:
         out += sorted({m for m in used if m in ALL_CONTEXT_METRICS})
-    elif not run_code:
-        out += sorted({m for m in used if m in CODE_METRICS})
+    else:
+        out += sorted({m for m in used if (m in CODE_METRICS and not run_code)
+                       or (m in _NEEDS_DATA and not _NEEDS_DATA[m]())})
     scored = set(info["field_score_function"]) | set(info.get("global_aux_metrics", {}))
     # A weight for a field without a metric is a global_aux_metrics entry our metric table lacks (worldle's proximity)
     out += [f"missing metric for weighted field {f!r}" for f in info["aggregation"]["field_weights"] if f not in scored]
@@ -419,6 +431,8 @@ def field_scores(row: BenchRow, response: str) -> dict[str, float | None]:
                 out[field] = 0
         elif metric in CODE_METRICS:
             raise ValueError(f"{row.id}: metric {metric!r} {_NO_CODE}")
+        elif metric in _NEEDS_DATA:
+            raise ValueError(f"{row.id}: metric {metric!r} needs NLTK's data: {megabench_constrained.NLTK_DATA_HINT}")
         else:
             raise ValueError(f"{row.id}: metric {metric!r} is not implemented "
                              f"({UNSUPPORTED_METRICS.get(metric, 'needs the per-query eval_context')})")
@@ -444,6 +458,9 @@ def score(row: BenchRow, response: str) -> float:
         raise ValueError(f"{row.id}: task {row.category!r} is scored by a GPT-4o judge ({JUDGE_NOTE})")
     if set(row.meta["unsupported_metrics"]) & CODE_METRICS:
         raise ValueError(f"{row.id}: task {row.category!r} is scored by program_judge, which {_NO_CODE}")
+    if set(row.meta["unsupported_metrics"]) & set(_NEEDS_DATA):
+        raise ValueError(f"{row.id}: task {row.category!r} is scored by constrained_generation, which needs NLTK's "
+                         f"punkt_tab and WordNet data: {megabench_constrained.NLTK_DATA_HINT}")
     if row.meta["unsupported_metrics"]:
         raise ValueError(f"{row.id}: task {row.category!r} uses metrics we do not implement: "
                          f"{row.meta['unsupported_metrics']}")

@@ -82,19 +82,19 @@ def parse_latex(text: str) -> Any:
     return grammar.convert_relation(parser.math().relation())
 
 
-class _TimeoutError(Exception):
+class TimeLimitError(Exception):
     pass
 
 
 @contextlib.contextmanager
-def _alarm(seconds: int):
+def time_limit(seconds: int):
     """SIGALRM after `seconds`, where signals can be used (the main thread on POSIX); otherwise no limit."""
     if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def expire(signum, frame):
-        raise _TimeoutError
+        raise TimeLimitError
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
@@ -114,9 +114,9 @@ def latex_expr_equality(response: Any, gold: Any) -> int:
         return 0
     response, gold = normalize_latex(response), normalize_latex(gold)
     try:
-        with _alarm(TIMEOUT_S):
+        with time_limit(TIMEOUT_S):
             return 1 if parse_latex(response).equals(parse_latex(gold)) else 0
-    except (LaTeXParsingError, SympifyError, TypeError, _TimeoutError, NotImplementedError):
+    except (LaTeXParsingError, SympifyError, TypeError, TimeLimitError, NotImplementedError):
         return simple_str_match(response, gold)
 
 

@@ -637,14 +637,13 @@ JUDGE_METRICS = {"gpt_4o_as_judge", "ascii_art_gpt4o_judge"}
 """Fields scored by a GPT-4o judge: their task is an open ("llm") task."""
 
 UNSUPPORTED_METRICS = {
-    "constrained_generation": "checks poem/format constraints (rhyme, syllables, ...) with nltk's data and "
-                              "pronouncing; nltk's punkt and WordNet data are not on PyPI",
     "geo_proximity_location_dict": "geocodes place names with geopy",
     "nli_entailment": "an NLI model",
     "bleu": "sacrebleu",
 }
 """Rule metrics we do not re-implement, and why (their tasks are marked unscorable). The LaTeX, GLEU, planning and
-program metrics live in their own modules (megabench_latex, _gleu, _planning, _code); megabench.py joins them."""
+program and constrained-generation metrics live in their own modules (megabench_latex, _gleu, _planning, _code,
+_constrained); megabench.py joins them."""
 
 
 def field_score(metric: str, response: Any, gold: Any, table: dict[str, Callable] | None = None) -> float:
