@@ -150,14 +150,15 @@ def test_compiled_decode_warns_past_the_recompile_limit(backend, monkeypatch):
     once."""
     from engine.rollout import builtin
 
-    seen = []
+    seen, limit = [], torch._dynamo.config.recompile_limit
     monkeypatch.setattr(builtin, "warn_once", seen.append)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(backend, "compile_decode", True)
     monkeypatch.setattr(backend, "_decode_shapes", set())
-    for shape in [(1, 256), (2, 256), (1, 256), (2, 512), (4, 512)]:
-        backend._note_decode_shape(shape)
+    with torch._dynamo.config.patch(recompile_limit=2):  # (monkeypatch's undo breaks dynamo's config aliases)
+        for shape in [(1, 256), (2, 256), (1, 256), (2, 512), (4, 512)]:
+            backend._note_decode_shape(shape)
     assert len(seen) == 1 and "recompile_limit (2)" in seen[0]
+    assert torch._dynamo.config.recompile_limit == limit
 
 
 def test_top_p_tiny_is_greedy(backend, prompts):
