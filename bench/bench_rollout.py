@@ -2,7 +2,9 @@
 
 Providers: `builtin` (engine/rollout/builtin.py: static KV cache, our decode loop), `builtin-compiled` (the same
 with `compile_decode=True`: torch.compile of the decode step, CUDA graphs on a GPU; compile time excluded) and
-`hf-generate` (transformers' `generate`, sampling, dynamic cache: the baseline). Each prompt is a chat prompt
+`hf-generate` (transformers' `generate`, sampling, dynamic cache: the baseline); `builtin-n8` is the builtin
+backend on the same number of rows as 1/8 of the prompts sampled 8 times each (GRPO's groups, one prefill per
+prompt). Each prompt is a chat prompt
 with one image; sampling at temperature 1; tokens/s counts the tokens actually generated (rows stop on eos).
 
     python bench/bench_rollout.py                 # CPU: the toy world's model, 16 prompts x 112x112, 32 new tokens
@@ -86,18 +88,21 @@ def make_prompts(processor: Processor, num: int, side: int) -> list:
     return prompts
 
 
-def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens, reps, compile_decode=False):
-    """(generated tokens, median seconds) of the builtin backend."""
+def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens, reps, compile_decode=False, n=1):
+    """(generated tokens, median seconds) of the builtin backend. With n > 1, the first len(prompts) / n prompts
+    are sampled n times each (GRPO's groups: the same number of rows, one prefill per prompt)."""
     backend = BuiltinBackend(model_dir, device=device, dtype=dtype, processor=processor, max_batch_size=len(prompts),
                              compile_decode=compile_decode)
+    rows = len(prompts)
+    prompts = prompts[:rows // n]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
     # Warm-up with the measured shapes (the compiled step compiles once per rows x cache-length shape).
-    backend.generate(prompts, 1, SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=1))
+    backend.generate(prompts, n, SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=1))
     times = []
     for _ in range(reps):  # the same seed each time: the same tokens, so the median time is comparable
         _sync(device)
         t0 = time.perf_counter()
-        out = backend.generate(prompts, 1, sampling)
+        out = backend.generate(prompts, n, sampling)
         _sync(device)
         times.append(time.perf_counter() - t0)
     del backend
@@ -187,6 +192,9 @@ def main() -> None:
                                                 args.reps), base)
             record("builtin-compiled", num, *run_builtin(model_dir, device, dtype, processor, prompts,
                                                          p["new_tokens"], args.reps, compile_decode=True), base)
+            # The GRPO case: num / 8 prompts x 8 samples, one prefill per prompt (same rows as above).
+            record("builtin-n8", num, *run_builtin(model_dir, device, dtype, processor, prompts, p["new_tokens"],
+                                                   args.reps, n=8), base)
     print(f"\nrollout on {device_name()} (torch {torch.__version__}), preset {args.preset}, {dtype}")
     print("| provider | prompts | new tokens | tokens | seconds | tokens/s | x generate |")
     print("|---|---|---|---|---|---|---|")
