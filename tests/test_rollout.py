@@ -161,6 +161,24 @@ def test_compiled_decode_warns_past_the_recompile_limit(backend, monkeypatch):
     assert torch._dynamo.config.recompile_limit == limit
 
 
+def test_batches_take_shortest_prompts_first(toy_world, processor, prompts, monkeypatch):
+    """Several batches: prompts are grouped shortest first (less left padding); results keep the prompt order and
+    equal the one-batch results."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=6)
+    mixed = [prompts[2], prompts[0], prompts[3], prompts[1]]  # lengths out of order
+    one_batch = BuiltinBackend(toy_world / "hf", device="cpu", processor=processor).generate(mixed, 2, greedy)
+    small = BuiltinBackend(toy_world / "hf", device="cpu", processor=processor, max_batch_size=4)
+    seen = []
+    batch = small._generate_batch
+    monkeypatch.setattr(small, "_generate_batch", lambda samples, *a: seen.append(
+        [len(s.input_ids) for s in samples]) or batch(samples, *a))
+    split = small.generate(mixed, 2, greedy)
+    assert seen == [[len(prompts[0].input_ids)] * 2 + [len(prompts[1].input_ids)] * 2,
+                    [len(prompts[2].input_ids)] * 2 + [len(prompts[3].input_ids)] * 2]
+    assert _tokens(split) == _tokens(one_batch)
+    assert [[c.prompt_index for c in g] for g in split] == [[i, i] for i in range(4)]
+
+
 def test_top_p_tiny_is_greedy(backend, prompts):
     greedy = backend.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=12))
     nucleus = backend.generate(prompts, 2, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=12))
