@@ -58,7 +58,7 @@ def available() -> bool:
 
         sent_tokenize("A test. Another one.")
         WordNetLemmatizer().lemmatize("tests", "n")
-    except (ImportError, LookupError, OSError):
+    except Exception:  # missing data is a LookupError; a broken install can raise anything: not available either
         return False
     return True
 
