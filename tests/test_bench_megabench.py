@@ -19,6 +19,8 @@ from engine.benchmarks import megabench as mb
 from engine.benchmarks import megabench_constrained as mcg
 from engine.benchmarks import megabench_metrics as mm
 
+from .test_megabench_latex_code_gleu import TIME_12H
+
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks" / "megabench"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "megabench"
 
@@ -353,8 +355,7 @@ def test_score(hf_rows, row_id, response, expected):
     assert mb.is_correct(row, response) == (expected == 1.0)
 
 
-_TIME_12H = ("Answer: h, m = map(int, input().split(':'))\nsuffix = 'AM' if h < 12 else 'PM'\n"
-             "print(f'{h % 12 or 12}:{m:02d} {suffix}')")
+_TIME_12H = "Answer: " + TIME_12H
 
 
 @pytest.mark.parametrize("row_id, response, expected", [

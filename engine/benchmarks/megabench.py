@@ -63,6 +63,7 @@ from engine.benchmarks import (
     megabench_constrained,
     megabench_gleu,
     megabench_latex,
+    megabench_planning,
 )
 from engine.benchmarks.megabench_metrics import (
     CONTEXT_METRICS,
@@ -75,7 +76,6 @@ from engine.benchmarks.megabench_metrics import (
     parse_json,
     unquote,
 )
-from engine.benchmarks.megabench_planning import symbolic_planning_test
 from engine.benchmarks.video import VIDEO_END, VIDEO_START, cached_frames, frame_budget
 
 NAME = "megabench"
@@ -83,7 +83,7 @@ NAME = "megabench"
 RULE_METRICS = {**METRICS, **megabench_latex.METRICS, **megabench_gleu.METRICS}
 """(response, gold) metrics: megabench_metrics' own plus the LaTeX and GLEU ones."""
 ALL_CONTEXT_METRICS = {**CONTEXT_METRICS, **megabench_code.CONTEXT_METRICS, **megabench_constrained.CONTEXT_METRICS,
-                       "symbolic_planning_test": symbolic_planning_test}
+                       **megabench_planning.CONTEXT_METRICS}
 """(response, eval_context) metrics: they need the query's own eval_context."""
 _NEEDS_DATA = {"constrained_generation": megabench_constrained.available}
 """Metrics scored only where their data is installed (NLTK's punkt_tab and WordNet: megabench_constrained.py)."""
@@ -91,6 +91,16 @@ CODE_METRICS = {"program_judge"}
 """Metrics that run the response's code: scored only when `load` is given run_code=True."""
 _NO_CODE = ("runs the response's code (engine/benchmarks/megabench_code.py): load with run_code=True, in the eval "
             "stage the benchmark's run_code = true")
+
+
+def _why_not(metric: str) -> str | None:
+    """Why a metric that our code implements cannot score here (code not allowed, data missing); None otherwise."""
+    if metric in CODE_METRICS:
+        return f"{metric} {_NO_CODE}"
+    if metric in _NEEDS_DATA:
+        return f"{metric} needs NLTK's punkt_tab and WordNet data: {megabench_constrained.NLTK_DATA_HINT}"
+    return None
+
 MACRO_OVER_CATEGORIES = True
 """The eval stage averages per task (category) first, then over tasks: the official MEGA-Bench number."""
 JUDGE_NOTE = ("MEGA-Bench's 65 open tasks are scored by a GPT-4o judge that rates the response against the reference "
@@ -429,10 +439,8 @@ def field_scores(row: BenchRow, response: str) -> dict[str, float | None]:
                 out[field] = ALL_CONTEXT_METRICS[metric](value, row.meta["eval_context"])
             except Exception:
                 out[field] = 0
-        elif metric in CODE_METRICS:
-            raise ValueError(f"{row.id}: metric {metric!r} {_NO_CODE}")
-        elif metric in _NEEDS_DATA:
-            raise ValueError(f"{row.id}: metric {metric!r} needs NLTK's data: {megabench_constrained.NLTK_DATA_HINT}")
+        elif _why_not(metric):
+            raise ValueError(f"{row.id}: metric {_why_not(metric)}")
         else:
             raise ValueError(f"{row.id}: metric {metric!r} is not implemented "
                              f"({UNSUPPORTED_METRICS.get(metric, 'needs the per-query eval_context')})")
@@ -456,11 +464,9 @@ def score(row: BenchRow, response: str) -> float:
     False (a judged field, or a metric we did not re-implement)."""
     if row.meta["needs_judge"]:
         raise ValueError(f"{row.id}: task {row.category!r} is scored by a GPT-4o judge ({JUDGE_NOTE})")
-    if set(row.meta["unsupported_metrics"]) & CODE_METRICS:
-        raise ValueError(f"{row.id}: task {row.category!r} is scored by program_judge, which {_NO_CODE}")
-    if set(row.meta["unsupported_metrics"]) & set(_NEEDS_DATA):
-        raise ValueError(f"{row.id}: task {row.category!r} is scored by constrained_generation, which needs NLTK's "
-                         f"punkt_tab and WordNet data: {megabench_constrained.NLTK_DATA_HINT}")
+    reasons = [why for why in map(_why_not, row.meta["unsupported_metrics"]) if why]
+    if reasons:
+        raise ValueError(f"{row.id}: task {row.category!r} is scored by " + "; ".join(reasons))
     if row.meta["unsupported_metrics"]:
         raise ValueError(f"{row.id}: task {row.category!r} uses metrics we do not implement: "
                          f"{row.meta['unsupported_metrics']}")

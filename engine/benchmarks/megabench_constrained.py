@@ -29,8 +29,7 @@ import itertools
 import re
 from typing import Any
 
-from engine.benchmarks.megabench_latex import TimeLimitError, time_limit
-from engine.benchmarks.megabench_metrics import str_to_iterable
+from engine.benchmarks.megabench_metrics import TimeLimitError, str_to_iterable, time_limit
 
 TIMEOUT_S = 10  # per constraint, as officially
 NLTK_DATA_HINT = "python -m nltk.downloader punkt_tab wordnet"

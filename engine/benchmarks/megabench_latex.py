@@ -18,12 +18,10 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import signal
-import threading
 import unicodedata
 from typing import Any
 
-from engine.benchmarks.megabench_metrics import simple_str_match
+from engine.benchmarks.megabench_metrics import TimeLimitError, simple_str_match, time_limit
 
 TIMEOUT_S = 15  # the official per-comparison alarm; on expiry the metric falls back to string matching
 
@@ -80,29 +78,6 @@ def parse_latex(text: str) -> Any:
     parser.removeErrorListeners()
     parser.addErrorListener(errors)
     return grammar.convert_relation(parser.math().relation())
-
-
-class TimeLimitError(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """SIGALRM after `seconds`, where signals can be used (the main thread on POSIX); otherwise no limit."""
-    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum, frame):
-        raise TimeLimitError
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def latex_expr_equality(response: Any, gold: Any) -> int:

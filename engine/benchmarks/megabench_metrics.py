@@ -26,10 +26,13 @@ The parsers and all other metrics gave the official results on 22,000 parse and 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import operator
 import re
+import signal
+import threading
 import unicodedata
 import warnings
 from collections.abc import Callable
@@ -40,6 +43,32 @@ import numpy as np
 import regex  # the official JSON finder needs recursive patterns, which `re` lacks (regex ships with transformers)
 
 from engine.benchmarks.megabench_numbers import number_value
+
+# ------------------------------------------------------------------ time limits
+
+
+class TimeLimitError(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """SIGALRM after `seconds`, where signals can be used (the main thread on POSIX); otherwise no limit."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeLimitError
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
 
 # ------------------------------------------------------------------ literals, containers, JSON
 

@@ -274,3 +274,6 @@ def symbolic_planning_test(response: Any, eval_context: dict) -> int:
         return _score(response, eval_context)
     except Exception:
         return 0
+
+
+CONTEXT_METRICS = {"symbolic_planning_test": symbolic_planning_test}

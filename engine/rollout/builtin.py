@@ -196,7 +196,7 @@ class BuiltinBackend:
         prompt_of_row = [distinct.setdefault(id(s), len(distinct)) for s in samples]
         unique = list({id(s): s for s in samples}.values())  # in order of first appearance, as numbered above
         inputs, prompt_lens_U = self._prefill_inputs(unique)
-        u, t = inputs["input_ids"].shape
+        t = inputs["input_ids"].shape[1]
         b, max_new = len(samples), sampling.max_new_tokens
         pos, next_pos_U = self._prefill_positions(inputs, prompt_lens_U)
         # Preallocated K/V for prompt + max_new tokens (rounded up when the decode step is compiled, so that few
