@@ -1,57 +1,66 @@
 """One-pass fused losses (6NVH): each chunk's logits are computed once, used for the log-probs and the gradients.
 
-Why: a loss that knows dLoss/dlogp of a token as soon as it knows the token's log-prob (GRPO: each token alone;
-DPO: each pair of sequences) does not need the recompute path (`logprobs_fwd`, then `logprobs_bwd`, 8NVH, see
-kernels/grpo_loss.py). Here, per chunk of C tokens (rows `idx`), all in the loss's forward:
+Why: a loss that knows dLoss/dlogp of a token as soon as it knows the token's log-prob (GRPO and NLL: each token
+alone; DPO: each pair of sequences) does not need the recompute path (`logprobs_fwd`, then `logprobs_bwd`, 8NVH,
+see kernels/grpo_loss.py). Here, per chunk of C tokens (rows `idx`), all in the loss's forward:
 
-    z  = x[idx] @ W.T                                cuBLAS, fp32 output, a [C, V] buffer         2CVH
-    lse, logp, entropy                               `_row_stats_kernel`: one program per row, one read of z
-    g  = grad_fn(idx, logp)                          the loss's closed-form dLoss/dlogp ([C] torch ops)
-    d  = g * (onehot(target) - softmax(z / T)) / T   `_dlogits_kernel`: read z, write d in the input dtype
-         (+ the entropy term when grad_fn also returns dLoss/dentropy)
-    dx[idx] = d @ W                                  cuBLAS                                         2CVH
-    dW     += d.T @ x[idx]                           cuBLAS, accumulated in dW's dtype              2CVH
+    z  = x[idx] @ W.T                                cuBLAS, fp32 output, into a [C, V] fp32 buffer   2CVH
+    lse, logp, entropy; g = dLoss/dlogp;             `_row_kernel`, one program per row: pass 1 reads z for the
+    d  = g * (onehot(target) - softmax(z / T)) / T   row statistics, pass 2 reads z again and writes d in the input
+                                                     dtype over the same buffer (in place)
+    dx[idx] = d @ W                                  cuBLAS                                            2CVH
+    dW     += d.T @ x[idx]                           cuBLAS, accumulated in dW's dtype                 2CVH
 
-All three matmuls run at cuBLAS speed; the two Triton kernels are memory-bound passes over the fp32 buffer.
-Memory: C x V x (4 + itemsize) bytes of buffers, with C set by DEFAULT_BUFFER_BYTES (512 MiB: C = 576 tokens at
-V = 152,064 in bf16; `chunk_tokens`), plus the gradients. Numerics: the softmax statistics see fp32 logits from an
-fp32-accumulated matmul (as the recompute path does); d is rounded to the input dtype for the tensor cores (as
-there); dW of a bf16/fp16 weight is accumulated in that dtype by cuBLAS (fp32 inside each addmm, one rounding per
-chunk, as Liger-Kernel's fused linear cross-entropy does), which keeps the [V, H] fp32 accumulator (2 GiB at the
-7B shape) out of memory. The error that adds is measured in tests/_interp_onepass.py against the bf16 reference.
+How g is known decides the passes (`grad`):
+- `Known(g, ge)`: given before the chunk (NLL's token weights; fused_logprobs' backward): one row kernel.
+- `GRPOGrad`: the clipped surrogate's closed form evaluated inside the row kernel from the row's logp: one kernel.
+- a callable `grad_fn(idx, logp)` (DPO: a token's gradient needs its pair's sequence log-probs): the row kernel
+  for the statistics, grad_fn in torch, then the row kernel again reading lse (pass 2 only).
+- None: statistics only (no gradient).
 
-Backends, as in kernels/fused_logprobs.py: CUDA tensors -> Triton row kernels; CPU tensors -> the torch
-references below (`row_stats_ref`, `dlogits_ref`), or the Triton kernels under TRITON_INTERPRET=1. The matmuls
-are torch in every case.
+All three matmuls run at cuBLAS speed; the row kernel is memory-bound (reads the buffer twice, writes half of it).
+Memory: C x V x 4 bytes of buffer, C set by DEFAULT_BUFFER_BYTES (`chunk_tokens`), plus the gradients. In place:
+a row's d (bf16/fp16) is written over the first half of that row's fp32 logits; tile t's stores land on bytes of
+tiles <= t, which every warp has read before the barrier that precedes the stores (`tl.debug_barrier`), so no
+logit is overwritten before it is read. cuBLAS then reads d as a strided [C, V] matrix (row stride 2V).
+Numerics: statistics from fp32 logits of an fp32-accumulated matmul; d rounded to the input dtype for the tensor
+cores; dW of a bf16/fp16 weight accumulated in that dtype by cuBLAS (fp32 inside each addmm, one rounding per
+chunk, as Liger-Kernel's fused linear cross-entropy does), which keeps a [V, H] fp32 accumulator (2 GiB at the 7B
+shape) out of memory.
+
+Backends, as in kernels/fused_logprobs.py: CUDA tensors -> the Triton row kernel; CPU tensors -> the torch
+reference below (`row_ref`), or the Triton kernel under TRITON_INTERPRET=1. The matmuls are torch in every case.
 
 Shapes: N tokens, H hidden size, V vocabulary size, C tokens in a chunk.
 """
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 
+from kernels._common import log_once
+
 DEFAULT_BUFFER_BYTES = 512 << 20
-# DPO needs a whole chosen/rejected pair in one chunk: its buffers grow past the default up to this for one pair
-# (2 GiB: 2,304 tokens, e.g. two 1,152-token responses, at V = 152,064 in bf16); a longer pair takes the
-# recompute path.
+# DPO needs a whole chosen/rejected pair in one chunk: its buffer grows past the default up to this for one pair
+# (2 GiB: 3,531 tokens, e.g. two 1,765-token responses, at V = 152,064); a longer pair takes the recompute path.
 MAX_PAIR_BUFFER_BYTES = 2 << 30
-# CUDA: stats read one row per program in 4,096-wide tiles; dlogits is a 2-D elementwise grid. Not tuned yet (no
-# GPU in the session that wrote this): `bash bench/gpu_check.sh` times them inside bench_grpo / bench_dpo.
-CUDA_STATS_CONFIG = dict(BLOCK_V=4096, num_warps=8)
-CUDA_DLOGITS_CONFIG = dict(BLOCK_V=2048, num_warps=8)
-INTERP_STATS_CONFIG = dict(BLOCK_V=64, num_warps=1)  # small tiles so the tests cross several of them
-INTERP_DLOGITS_CONFIG = dict(BLOCK_V=64, num_warps=1)
+# TODO: tune on a GPU (bench/bench_kernels_gpu.py times the configurations); one row per program, 4,096-wide tiles.
+CUDA_ROW_CONFIG = dict(BLOCK_V=4096, num_warps=8)
+INTERP_ROW_CONFIG = dict(BLOCK_V=64, num_warps=1)  # small tiles so the tests cross several of them
+KL_MODES = {"k1": 1, "k2": 2, "k3": 3, "low_var_kl": 4}  # the row kernel's KL_MODE; 0 = no KL term
+LOG_RATIO_CLAMP = 20.0  # verl clamps log-ratios before exp so one stale token cannot overflow the loss
 
 Index = slice | torch.Tensor  # a chunk's rows: a slice, or an int64 index tensor on hidden's device
 
 
-def chunk_tokens(vocab_size: int, itemsize: int, buffer_bytes: int | None = None) -> int:
-    """Tokens per chunk so that the fp32 logits + the dlogits buffer ([C, V] each) fit in `buffer_bytes`
-    (default: DEFAULT_BUFFER_BYTES, read at call time)."""
-    c = (DEFAULT_BUFFER_BYTES if buffer_bytes is None else buffer_bytes) // (vocab_size * (4 + itemsize))
+def chunk_tokens(vocab_size: int, buffer_bytes: int | None = None, elem_bytes: int = 4) -> int:
+    """Tokens per chunk so that the logits buffer ([C, V] of elem_bytes: fp32, or fp64 for fp64 inputs; dlogits are
+    written in place) fits in `buffer_bytes` (default: DEFAULT_BUFFER_BYTES, read at call time); a multiple of 64
+    when at least 64."""
+    c = (DEFAULT_BUFFER_BYTES if buffer_bytes is None else buffer_bytes) // (vocab_size * elem_bytes)
     return max(1, c // 64 * 64 if c >= 64 else c)
 
 
@@ -63,8 +72,35 @@ def _size(idx: Index, n: int) -> int:
     return len(range(*idx.indices(n))) if isinstance(idx, slice) else idx.numel()
 
 
+@dataclasses.dataclass
+class Known:
+    """Per-token gradients known before the pass: dLoss/dlogp [N] fp32 and optionally dLoss/dentropy [N]."""
+    g: torch.Tensor
+    ge: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class GRPOGrad:
+    """dLoss/dlogp of the GRPO/DAPO surrogate (+ KL), evaluated per row in the kernel (kernels/grpo_loss.py has the
+    formulas): g = w * (dpg/dlogp + kl_coef * dkl/dlogp). Tensors are [N] fp32; old None means on-policy (old =
+    logp). `torch_fn(idx, logp_N) -> g [C]` is the same closed form in torch, used by the reference backend."""
+    advantages: torch.Tensor
+    old: torch.Tensor | None
+    ref: torch.Tensor | None
+    token_weights: torch.Tensor
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    kl_coef: float
+    kl_estimator: str
+    torch_fn: Callable[[Index, torch.Tensor], torch.Tensor]
+
+
+GradSpec = Known | GRPOGrad | Callable[[Index, torch.Tensor], torch.Tensor] | None
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# References of the two row kernels: plain torch on a [C, V] logits chunk.
+# References of the row kernel: plain torch on a [C, V] logits chunk.
 
 
 def row_stats_ref(z_CV: torch.Tensor, targets_C: torch.Tensor, inv_temp: float, return_entropy: bool):
@@ -79,7 +115,8 @@ def row_stats_ref(z_CV: torch.Tensor, targets_C: torch.Tensor, inv_temp: float, 
 def dlogits_ref(z_CV, targets_C, lse_C, g_C, inv_temp: float, out: torch.Tensor, ge_C=None, c_C=None) -> None:
     """out [C, V] = (g * (onehot(target) - p) - ge * p * (s - c)) * inv_temp in out's dtype, where s = z * inv_temp,
     p = softmax(s) and c = sum_v p s = lse - entropy: the gradient of g * logp + ge * entropy. g = ge = 0 on
-    ignored rows; ge, c None: no entropy term."""
+    ignored rows; ge, c None: no entropy term. `out` may share memory with z_CV (d is computed before it is
+    written)."""
     s_CV = z_CV * inv_temp
     p_CV = torch.exp(s_CV - lse_C[:, None])
     d_CV = -p_CV * g_C[:, None]
@@ -90,93 +127,184 @@ def dlogits_ref(z_CV, targets_C, lse_C, g_C, inv_temp: float, out: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton kernels (built lazily, so this module imports without triton on CPU-only installs that never call them).
+# The Triton row kernel (built lazily, so this module imports without triton on CPU-only installs).
 
 
-def _kernel_sources():
+def _kernel_source():
     import triton.language as tl
 
-    def _row_stats_kernel(Z_ptr, T_ptr, LSE_ptr, ZT_ptr, ENT_ptr, V, stride_z, inv_temp, BLOCK_V: tl.constexpr,
-                          HAS_ENT: tl.constexpr):
-        # Each lane keeps its own running max / sum exp / sum exp * z over the tiles it sees; the lanes are merged
-        # at the end, which avoids a cross-lane reduction per tile. Columns past V read as a finite -1e30 rather
-        # than -inf, so no lane ever computes -inf - (-inf) = NaN (masked out of the sums all the same).
+    def _row_kernel(Z_ptr, D_ptr, T_ptr, LSE_ptr, LOGP_ptr, ENT_ptr, G_ptr, GE_ptr, ADV_ptr, OLD_ptr, REF_ptr, W_ptr,
+                    V, stride_z, stride_d, inv_temp, ignore_index, clip_low, clip_high, dual_clip, kl_coef,
+                    BLOCK_V: tl.constexpr, STATS: tl.constexpr, HAS_ENT: tl.constexpr, G_MODE: tl.constexpr,
+                    HAS_GE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, KL_MODE: tl.constexpr):
+        # One program per row. STATS: pass 1 computes lse/logp/entropy (else lse is loaded). G_MODE: 0 no gradient,
+        # 1 g (and ge) loaded, 2 GRPO's dLoss/dlogp computed here. Pass 2 writes d over the row (see module doc).
         row = tl.program_id(0)
-        base = Z_ptr + row.to(tl.int64) * stride_z
-        m = tl.full([BLOCK_V], -1e30, tl.float32)
-        s = tl.zeros([BLOCK_V], tl.float32)
-        a = tl.zeros([BLOCK_V], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            mask = offs < V
-            z = tl.where(mask, tl.load(base + offs, mask=mask, other=0.0) * inv_temp, -1e30)
-            m_new = tl.maximum(m, z)
-            alpha = tl.exp(m - m_new)
-            e = tl.where(mask, tl.exp(z - m_new), 0.0)
-            s = s * alpha + e
+        zrow = Z_ptr + row.to(tl.int64) * stride_z
+        tgt = tl.load(T_ptr + row)
+        valid = tgt != ignore_index
+        safe = tl.where(valid, tgt, 0)
+        if STATS:
+            # Each lane keeps its own running max / sum exp / sum exp * z; lanes merge at the end (no cross-lane
+            # reduction per tile). Columns past V read as a finite -1e30, so no lane computes -inf - (-inf) = NaN.
+            m = tl.full([BLOCK_V], -1e30, tl.float32)
+            s = tl.zeros([BLOCK_V], tl.float32)
+            a = tl.zeros([BLOCK_V], tl.float32)
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                mask = offs < V
+                z = tl.where(mask, tl.load(zrow + offs, mask=mask, other=0.0) * inv_temp, -1e30)
+                m_new = tl.maximum(m, z)
+                alpha = tl.exp(m - m_new)
+                e = tl.where(mask, tl.exp(z - m_new), 0.0)
+                s = s * alpha + e
+                if HAS_ENT:
+                    a = a * alpha + e * z
+                m = m_new
+            m_row = tl.max(m, 0)
+            scale = tl.exp(m - m_row)  # lanes that never saw a column have s = a = 0
+            s_row = tl.sum(s * scale, 0)
+            lse = m_row + tl.log(s_row)
+            logp = tl.where(valid, tl.load(zrow + safe) * inv_temp - lse, 0.0)
+            tl.store(LSE_ptr + row, lse)
+            tl.store(LOGP_ptr + row, logp)
             if HAS_ENT:
-                a = a * alpha + e * z
-            m = m_new
-        m_row = tl.max(m, 0)
-        scale = tl.exp(m - m_row)  # lanes that never saw a column have s = a = 0
-        s_row = tl.sum(s * scale, 0)
-        lse = m_row + tl.log(s_row)
-        tl.store(LSE_ptr + row, lse)
-        tgt = tl.load(T_ptr + row)
-        tl.store(ZT_ptr + row, tl.load(base + tgt) * inv_temp)
-        if HAS_ENT:
-            tl.store(ENT_ptr + row, lse - tl.sum(a * scale, 0) / s_row)
+                ent = lse - tl.sum(a * scale, 0) / s_row
+                tl.store(ENT_ptr + row, tl.where(valid, ent, 0.0))
+        else:
+            lse = tl.load(LSE_ptr + row)
+            logp = tl.load(LOGP_ptr + row)
+        if G_MODE != 0:
+            if G_MODE == 1:
+                g = tl.load(G_ptr + row)
+            else:  # GRPO/DAPO: kernels/grpo_loss.py `_grpo_terms_closed_form`, the same subgradient choices
+                adv = tl.load(ADV_ptr + row)
+                if HAS_OLD:
+                    diff = logp - tl.load(OLD_ptr + row)
+                else:
+                    diff = logp - logp  # on-policy: old = logp, ratio exactly 1
+                ratio = tl.exp(tl.minimum(tl.maximum(diff, -20.0), 20.0))
+                pg1 = -adv * ratio
+                pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+                clipped = pg2 > pg1  # outside the trust region: constant loss, no gradient
+                g = tl.where(clipped | (tl.abs(diff) > 20.0), 0.0, pg1)
+                if HAS_DUAL:
+                    g = tl.where((adv < 0) & (-adv * dual_clip < tl.where(clipped, pg2, pg1)), 0.0, g)
+                if KL_MODE != 0:
+                    dr = tl.load(REF_ptr + row) - logp
+                    if KL_MODE == 1:
+                        dkl = 1.0 + 0.0 * dr
+                    elif KL_MODE == 2:
+                        dkl = -dr
+                    elif KL_MODE == 3:
+                        dkl = 1.0 - tl.exp(dr)
+                    else:  # low_var_kl: clamped log-ratio and estimate
+                        dc = tl.minimum(tl.maximum(dr, -20.0), 20.0)
+                        kld = tl.exp(dc) - dc - 1.0
+                        dkl = tl.where((tl.abs(dr) <= 20.0) & (kld <= 10.0), 1.0 - tl.exp(dc), 0.0)
+                    g = g + kl_coef * dkl
+                g = tl.load(W_ptr + row) * g
+            g = tl.where(valid, g, 0.0)
+            if HAS_GE:  # entropy gradient (needs STATS and HAS_ENT): d entropy / d s = -p * (s - sum_v p s)
+                ge = tl.where(valid, tl.load(GE_ptr + row), 0.0)
+                c = lse - ent
+            drow = D_ptr + row.to(tl.int64) * stride_d
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                mask = offs < V
+                z = tl.load(zrow + offs, mask=mask, other=0.0) * inv_temp
+                p = tl.exp(z - lse)
+                d = tl.where(offs == safe, g, 0.0) - g * p
+                if HAS_GE:
+                    d -= ge * p * (z - c)
+                d = d * inv_temp
+                # d may overwrite this row's logits (in place): every warp has read this tile and all earlier ones
+                # (their values are consumed by d) before any warp stores; stores of tile t only touch tiles <= t.
+                tl.debug_barrier()
+                tl.store(drow + offs, d.to(D_ptr.dtype.element_ty), mask=mask)
 
-    def _dlogits_kernel(Z_ptr, T_ptr, LSE_ptr, G_ptr, GE_ptr, C_ptr, D_ptr, V, stride_z, stride_d, inv_temp,
-                        BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr):
-        row, pid_v = tl.program_id(0), tl.program_id(1)
-        offs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        mask = offs < V
-        z = tl.load(Z_ptr + row.to(tl.int64) * stride_z + offs, mask=mask, other=0.0) * inv_temp
-        lse = tl.load(LSE_ptr + row)
-        g = tl.load(G_ptr + row)
-        tgt = tl.load(T_ptr + row)
-        p = tl.exp(z - lse)
-        d = tl.where(offs == tgt, g, 0.0) - g * p
-        if HAS_ENT:  # d entropy / d s = -p * (s - sum_v p s)
-            d -= tl.load(GE_ptr + row) * p * (z - tl.load(C_ptr + row))
-        d = d * inv_temp
-        tl.store(D_ptr + row.to(tl.int64) * stride_d + offs, d.to(D_ptr.dtype.element_ty), mask=mask)
-
-    return _row_stats_kernel, _dlogits_kernel
+    return _row_kernel
 
 
 @functools.cache
-def _kernels(interpret: bool):
-    stats, dlogits = _kernel_sources()
+def _kernel(interpret: bool):
+    src = _kernel_source()
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
-        return InterpretedFunction(stats), InterpretedFunction(dlogits)
+        return InterpretedFunction(src)
     import triton
-    return triton.jit(stats), triton.jit(dlogits)
+    return triton.jit(src)
 
 
-def _row_stats(z_CV, targets_C, inv_temp, return_entropy, interpret: bool):
-    stats_kernel, _ = _kernels(interpret)
+def _row_launch(z_CV, d_CV, t_C, lse_C, logp_C, ent_C, *, inv_temp: float, ignore_index: int, stats: bool,
+                return_entropy: bool, g_mode: int, g_C=None, ge_C=None, grpo: GRPOGrad | None = None, idx=None,
+                interpret: bool):
+    """One launch of `_row_kernel` over the C rows of a chunk; unused pointers get a dummy (never read)."""
     c, v = z_CV.shape
-    lse = torch.empty(c, dtype=torch.float32, device=z_CV.device)
-    zt = torch.empty_like(lse)
-    ent = torch.empty_like(lse) if return_entropy else lse  # a dummy pointer when HAS_ENT is False
-    cfg = INTERP_STATS_CONFIG if interpret else CUDA_STATS_CONFIG
-    stats_kernel[(c,)](z_CV, targets_C, lse, zt, ent, v, z_CV.stride(0), inv_temp, HAS_ENT=return_entropy, **cfg)
-    return lse, zt, (ent if return_entropy else None)
+    dummy = lse_C
+    kw = dict(ADV_ptr=dummy, OLD_ptr=dummy, REF_ptr=dummy, W_ptr=dummy, clip_low=0.0, clip_high=0.0, dual_clip=0.0,
+              kl_coef=0.0, HAS_OLD=False, HAS_DUAL=False, KL_MODE=0)
+    if grpo is not None:
+        kl_on = grpo.kl_coef > 0 and grpo.ref is not None
+        kw.update(ADV_ptr=grpo.advantages[idx].contiguous(), W_ptr=grpo.token_weights[idx].contiguous(),
+                  OLD_ptr=dummy if grpo.old is None else grpo.old[idx].contiguous(),
+                  REF_ptr=grpo.ref[idx].contiguous() if kl_on else dummy, clip_low=grpo.clip_low,
+                  clip_high=grpo.clip_high, dual_clip=grpo.dual_clip or 0.0, kl_coef=grpo.kl_coef,
+                  HAS_OLD=grpo.old is not None, HAS_DUAL=grpo.dual_clip is not None,
+                  KL_MODE=KL_MODES[grpo.kl_estimator] if kl_on else 0)
+    cfg = INTERP_ROW_CONFIG if interpret else CUDA_ROW_CONFIG
+    _kernel(interpret)[(c,)](
+        z_CV, z_CV if d_CV is None else d_CV, t_C, lse_C, logp_C, dummy if ent_C is None else ent_C,
+        dummy if g_C is None else g_C, dummy if ge_C is None else ge_C, V=v, stride_z=z_CV.stride(0),
+        stride_d=z_CV.stride(0) if d_CV is None else d_CV.stride(0), inv_temp=inv_temp, ignore_index=ignore_index,
+        STATS=stats, HAS_ENT=return_entropy, G_MODE=g_mode, HAS_GE=ge_C is not None, **kw, **cfg)
 
 
-def _dlogits(z_CV, targets_C, lse_C, g_C, inv_temp, out, interpret: bool, ge_C=None, c_C=None):
-    import triton
+def _rows_triton(z_CV, d_CV, t_C, idx, grad: GradSpec, logp_N, lse_N, ent_N, inv_temp, ignore_index, interpret):
+    """Statistics of the chunk's rows into the [N] outputs, and (grad given) d into d_CV: one launch, or two for
+    a callable grad (statistics, then the torch gradient, then pass 2 reading lse)."""
+    c = z_CV.shape[0]
+    lse_C = torch.empty(c, dtype=torch.float32, device=z_CV.device)
+    logp_C, ent_C = torch.empty_like(lse_C), (torch.empty_like(lse_C) if ent_N is not None else None)
+    common = dict(inv_temp=inv_temp, ignore_index=ignore_index, return_entropy=ent_N is not None, interpret=interpret)
+    if isinstance(grad, Known):
+        ge_C = None if grad.ge is None else grad.ge[idx].contiguous()
+        _row_launch(z_CV, d_CV, t_C, lse_C, logp_C, ent_C, stats=True, g_mode=1, g_C=grad.g[idx].contiguous(),
+                    ge_C=ge_C, **common)
+    elif isinstance(grad, GRPOGrad):
+        _row_launch(z_CV, d_CV, t_C, lse_C, logp_C, ent_C, stats=True, g_mode=2, grpo=grad, idx=idx, **common)
+    else:
+        _row_launch(z_CV, None, t_C, lse_C, logp_C, ent_C, stats=True, g_mode=0, **common)
+    logp_N[idx], lse_N[idx] = logp_C, lse_C
+    if ent_N is not None:
+        ent_N[idx] = ent_C
+    if grad is not None and not isinstance(grad, Known | GRPOGrad):
+        g_C = grad(idx, logp_N).to(torch.float32).contiguous()
+        _row_launch(z_CV, d_CV, t_C, lse_C, logp_C, None, stats=False, g_mode=1, g_C=g_C,
+                    **{**common, "return_entropy": False})
 
-    _, dlogits_kernel = _kernels(interpret)
-    c, v = z_CV.shape
-    cfg = INTERP_DLOGITS_CONFIG if interpret else CUDA_DLOGITS_CONFIG
-    grid = (c, triton.cdiv(v, cfg["BLOCK_V"]))
-    has_ent = ge_C is not None
-    dlogits_kernel[grid](z_CV, targets_C, lse_C, g_C, ge_C if has_ent else g_C, c_C if has_ent else g_C, out, v,
-                         z_CV.stride(0), out.stride(0), inv_temp, HAS_ENT=has_ent, **cfg)
+
+def _rows_ref(z_CV, d_CV, t_C, idx, grad: GradSpec, logp_N, lse_N, ent_N, inv_temp, ignore_index):
+    """The torch twin of `_rows_triton`."""
+    ok_C = t_C != ignore_index
+    safe_C = torch.where(ok_C, t_C, 0)
+    lse_C, zt_C, ent_C = row_stats_ref(z_CV, safe_C, inv_temp, ent_N is not None)
+    logp_N[idx], lse_N[idx] = torch.where(ok_C, zt_C - lse_C, 0.0), lse_C
+    if ent_N is not None:
+        ent_N[idx] = torch.where(ok_C, ent_C, 0.0)
+    if grad is None:
+        return
+    ge_C = c_C = None
+    if isinstance(grad, Known):
+        g_C = grad.g[idx]
+        if grad.ge is not None:
+            ge_C, c_C = torch.where(ok_C, grad.ge[idx].to(lse_C.dtype), 0.0), lse_C - ent_C
+    elif isinstance(grad, GRPOGrad):
+        g_C = grad.torch_fn(idx, logp_N)
+    else:
+        g_C = grad(idx, logp_N)
+    g_C = torch.where(ok_C, g_C.to(lse_C.dtype), 0.0)
+    dlogits_ref(z_CV, safe_C, lse_C, g_C, inv_temp, d_CV, ge_C, c_C)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,8 +313,8 @@ def _dlogits(z_CV, targets_C, lse_C, g_C, inv_temp, out, interpret: bool, ge_C=N
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out = a @ b with out's (wider) dtype: cuBLAS writes fp32 straight from bf16 operands (torch >= 2.8, CUDA);
-    older CUDA builds round through a low-precision temporary; CPU (tests) multiplies upcast copies, which gives
-    the fp32 products cuBLAS gives."""
+    older CUDA builds round through a low-precision temporary (logged once); CPU (tests) multiplies upcast copies,
+    which gives the fp32 products cuBLAS gives."""
     if a.dtype == out.dtype:
         torch.mm(a, b, out=out)
     elif not a.is_cuda:
@@ -194,84 +322,66 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     else:
         try:
             torch.mm(a, b, out_dtype=out.dtype, out=out)
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            log_once("mm-out-dtype", "kernels: torch.mm(out_dtype=%s) is not available (%s): logits are computed "
+                     "in %s and then upcast, which rounds them (torch >= 2.8 avoids this)", out.dtype, e, a.dtype)
             out.copy_(a @ b)
 
 
 def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, groups: Sequence[Index],
-            grad_fn: Callable[[Index, torch.Tensor], torch.Tensor], *, temperature: float = 1.0,
-            ignore_index: int = -100, return_entropy: bool = False, need_hidden_grad: bool = True,
-            need_weight_grad: bool = True, backend: str = "ref"):
-    """Log-probs and the gradients of sum_n g_n * logp_n, chunk by chunk, where g comes from the loss itself.
+            grad: GradSpec, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+            need_hidden_grad: bool = True, need_weight_grad: bool = True, backend: str = "ref"):
+    """Log-probs and the gradients of sum_n g_n * logp_n (+ ge_n * entropy_n), chunk by chunk.
 
     Args:
-        hidden [N, H], weight [V, H], targets [N]: validated and contiguous (the callers' `_check`).
-        groups: chunks of rows (slices or int64 index tensors) that together cover every token once; the buffers
-            are sized by the largest. A chunk must hold every token grad_fn needs to know the chunk's gradient.
-        grad_fn(idx, logp): dLoss/dlogp [C] (fp32) for rows idx, given logp [N] fp32 whose rows idx (and the
-            rows of all earlier chunks) are filled in; or a pair (dLoss/dlogp, dLoss/dentropy), which needs
-            return_entropy. Not called when no gradient is needed.
-        backend: "ref" (torch row kernels) or "triton" (CUDA, or the interpreter under TRITON_INTERPRET=1).
+        hidden [N, H], weight [V, H], targets [N]: validated and contiguous (the callers' checks).
+        groups: chunks of rows (slices or int64 index tensors) that together cover every token once; the buffer
+            is sized by the largest. With a callable grad, a chunk must hold every token the callable needs.
+        grad: `Known`, `GRPOGrad`, a callable grad_fn(idx, logp_N) -> dLoss/dlogp [C] (logp_N has the rows of
+            this and all earlier chunks filled in), or None (statistics only). Known.ge needs return_entropy.
+        backend: "ref" (torch row math, fp32/fp64 gradient matmuls) or "triton" (CUDA, or the interpreter under
+            TRITON_INTERPRET=1; matmuls in the input dtype, as on a GPU).
     Returns:
         (logp [N], lse [N], entropy [N] or None, grad_hidden [N, H] in hidden.dtype or None, grad_weight [V, H]
         in weight.dtype or None); ignored targets give logp 0, entropy 0 and no gradient.
     """
-    n = hidden.shape[0]
-    v = weight.shape[0]
+    n, v = hidden.shape[0], weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if backend == "triton" and not (hidden.is_cuda or interpret):
         raise RuntimeError("the Triton one-pass path needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-    # The reference does its gradient matmuls in fp32 (exact); the Triton path mirrors cuBLAS's use on a GPU.
+    if isinstance(grad, Known) and grad.ge is not None and not return_entropy:
+        raise ValueError("an entropy gradient (Known.ge) needs return_entropy=True")
+    if not (need_hidden_grad or need_weight_grad):
+        grad = None
     mm_dtype = hidden.dtype if backend == "triton" else acc
-    need_grad = need_hidden_grad or need_weight_grad
     cmax = max((_size(idx, n) for idx in groups), default=0)
     z_buf = torch.empty(cmax, v, dtype=acc, device=hidden.device)
-    d_buf = torch.empty(cmax, v, dtype=mm_dtype, device=hidden.device) if need_grad else None
-    w_mm = weight.to(mm_dtype)
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, 0)
+    # dlogits in place: the input dtype's view of the same bytes (row stride 2V for bf16/fp16, V for fp32)
+    d_buf = z_buf if mm_dtype == acc else z_buf.view(mm_dtype)[:, :v]
+    w_mm = weight.to(mm_dtype)  # a no-op on the Triton path
     logp = torch.zeros(n, dtype=acc, device=hidden.device)
     lse = torch.zeros(n, dtype=acc, device=hidden.device)
     entropy = torch.zeros(n, dtype=acc, device=hidden.device) if return_entropy else None
-    dx = torch.zeros_like(hidden) if need_hidden_grad else None
-    dw = torch.zeros(weight.shape, dtype=weight.dtype if backend == "triton" else acc,
-                     device=hidden.device) if need_weight_grad else None
+    dx = torch.zeros_like(hidden) if grad is not None and need_hidden_grad else None
+    dw = None
+    if grad is not None and need_weight_grad:
+        dw = torch.zeros(weight.shape, dtype=weight.dtype if backend == "triton" else acc, device=hidden.device)
     inv_temp = 1.0 / temperature
     for idx in groups:
         c = _size(idx, n)
         if c == 0:
             continue
-        x_CH, t_C, ok_C = hidden[idx], safe[idx], valid[idx]
-        z_CV = z_buf[:c]
-        x_mm = x_CH.to(mm_dtype)  # a no-op on the Triton path (mm_dtype is the input dtype there)
+        x_mm, t_C, z_CV = hidden[idx].to(mm_dtype), targets[idx].contiguous(), z_buf[:c]
         _mm_into(z_CV, x_mm, w_mm.T)
-        if backend == "triton":
-            lse_C, zt_C, ent_C = _row_stats(z_CV, t_C, inv_temp, return_entropy, interpret)
-        else:
-            lse_C, zt_C, ent_C = row_stats_ref(z_CV, t_C, inv_temp, return_entropy)
-        logp[idx] = torch.where(ok_C, zt_C - lse_C, 0.0)
-        lse[idx] = lse_C
-        if return_entropy:
-            entropy[idx] = torch.where(ok_C, ent_C, 0.0)
-        if not need_grad:
-            continue
-        g_C, ge_C, c_C = grad_fn(idx, logp), None, None
-        if isinstance(g_C, tuple):  # (dLoss/dlogp, dLoss/dentropy)
-            if ent_C is None:
-                raise ValueError("grad_fn returned an entropy gradient, which needs return_entropy=True")
-            g_C, ge_C = g_C
-            ge_C = torch.where(ok_C, ge_C.to(acc), 0.0).contiguous()
-            c_C = (lse_C - ent_C).contiguous()  # sum_v p s
-        g_C = torch.where(ok_C, g_C.to(acc), 0.0).contiguous()
         d_CV = d_buf[:c]
         if backend == "triton":
-            _dlogits(z_CV, t_C, lse_C, g_C, inv_temp, d_CV, interpret, ge_C, c_C)
+            _rows_triton(z_CV, d_CV, t_C, idx, grad, logp, lse, entropy, inv_temp, ignore_index, interpret)
         else:
-            dlogits_ref(z_CV, t_C, lse_C, g_C, inv_temp, d_CV, ge_C, c_C)
-        if need_hidden_grad:
+            _rows_ref(z_CV, d_CV, t_C, idx, grad, logp, lse, entropy, inv_temp, ignore_index)
+        if dx is not None:
             dx[idx] = (d_CV @ w_mm).to(hidden.dtype)
-        if need_weight_grad:
+        if dw is not None:
             dw.addmm_(d_CV.T, x_mm)
     if dw is not None:
         dw = dw.to(weight.dtype)

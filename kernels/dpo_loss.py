@@ -21,20 +21,19 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _onepass
-from kernels.fused_logprobs import _LOGGED, fused_logprobs_ref, logger, logprobs_fwd
-from kernels.grpo_loss import (
-    IMPLS,
+from kernels._common import (
     acc_dtype,
     check_common,
     check_cu_seqlens,
     check_vector,
-    grads_in_forward,
-    onepass_forward,
+    log_once,
     scale_saved_grads,
     segment_ids,
     sequence_logps,
     sequence_sums,
 )
+from kernels.fused_logprobs import fused_logprobs_ref, grads_in_forward, logprobs_fwd, onepass_forward
+from kernels.grpo_loss import IMPLS
 
 SFT_NORMS = ("token-mean", "seq-mean")
 
@@ -167,18 +166,17 @@ class DPOLossFunction(torch.autograd.Function):
 
         groups = None
         if impl == "onepass":
-            v, itemsize = weight.shape[0], hidden.element_size()
-            chunk = _onepass.chunk_tokens(v, itemsize)
-            max_pair = max(chunk, _onepass.chunk_tokens(v, itemsize, _onepass.MAX_PAIR_BUFFER_BYTES))
+            v, elem_bytes = weight.shape[0], 8 if hidden.dtype == torch.float64 else 4
+            chunk = _onepass.chunk_tokens(v, elem_bytes=elem_bytes)
+            max_pair = max(chunk, _onepass.chunk_tokens(v, _onepass.MAX_PAIR_BUFFER_BYTES, elem_bytes))
             groups = pair_groups(cu_seqlens, chosen_idx, rejected_idx, chunk, max_pair)
-            if groups is None and "dpo-onepass-fallback" not in _LOGGED:
-                _LOGGED.add("dpo-onepass-fallback")
-                logger.warning("dpo_loss(impl='onepass'): a pair is longer than the one-pass buffer may grow for it "
-                               "(kernels._onepass.MAX_PAIR_BUFFER_BYTES); using impl='recompute'")
+            if groups is None:
+                log_once("dpo-onepass-fallback", "dpo_loss(impl='onepass'): a pair is longer than the one-pass "
+                         "buffer may grow for it (kernels._onepass.MAX_PAIR_BUFFER_BYTES); using impl='recompute'")
         if groups is not None:
             logp, _, ctx.grads = onepass_forward(ctx, hidden, weight, targets, groups, grad_fn, temperature, False)
         else:
-            logp, lse, _ = logprobs_fwd(hidden, weight, targets, temperature=temperature)
+            logp, lse, _ = logprobs_fwd(hidden, weight, targets, temperature=temperature, _check_range=False)
         seq_logp, pi_c, pi_r, dpo, _ = _dpo_terms(logp, m, cu_seqlens, chosen_idx, rejected_idx, ref_c, ref_r, beta,
                                                   label_smoothing)
         sft = -(w_seq * seq_logp).sum()

@@ -15,15 +15,13 @@ Backend: CUDA tensors -> Triton; CPU tensors -> torch reference, or Triton's int
 Shapes: N tokens, H hidden size, V vocabulary size, C tokens per chunk.
 """
 
-import logging
 import os
 
 import torch
 
 from kernels import _onepass
+from kernels._common import check_targets, log_once
 
-logger = logging.getLogger("kernels")
-_LOGGED: set[str] = set()
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -33,15 +31,14 @@ def _backend(device: torch.device, backend: str | None) -> str:
     if backend is None:
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
         backend = "triton" if device.type == "cuda" or interpret else "ref"
-        if backend not in _LOGGED:
-            _LOGGED.add(backend)
-            why = "CUDA tensors" if device.type == "cuda" else ("TRITON_INTERPRET=1" if interpret else "CPU tensors")
-            logger.info("fused_logprobs: backend %s (%s)", backend, why)
+        why = "CUDA tensors" if device.type == "cuda" else ("TRITON_INTERPRET=1" if interpret else "CPU tensors")
+        log_once(f"backend-{backend}", "fused_logprobs: backend %s (%s)", backend, why, level=20)
     return backend
 
 
-def _check(hidden, weight, targets, temperature, backend):
-    """Validate the common arguments; return contiguous hidden, weight, targets (copies only if needed)."""
+def _check(hidden, weight, targets, temperature, backend, ignore_index=-100, check_range=True):
+    """Validate the common arguments; return contiguous hidden, weight, targets (copies only if needed).
+    check_range: targets in [0, V) or ignore_index (one host sync; callers that checked already pass False)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be a [N, H] tensor, got shape {tuple(getattr(hidden, 'shape', ()))}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -62,6 +59,8 @@ def _check(hidden, weight, targets, temperature, backend):
         raise ValueError(f"weight must be non-empty [V, H], got shape {tuple(weight.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if check_range:
+        check_targets(targets, weight.shape[0], ignore_index)
     # The kernels index rows by stride with unit inner stride; a non-contiguous input is copied once here.
     return hidden.contiguous(), weight.contiguous(), targets.contiguous()
 
@@ -137,7 +136,8 @@ def _ref_bwd(hidden_NH, weight_VH, targets_N, lse_N, g_N, ge_N, ent_N, temperatu
 
 def logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                  ignore_index: int = -100, return_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 _backend_override: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 _backend_override: str | None = None, _check_range: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward without autograd.
 
     Args:
@@ -145,9 +145,11 @@ def logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         chunk_tokens: tokens per chunk on the torch path (bounds its temporary logits to C x V); unused by Triton.
     Returns:
         (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None); ignored positions give logp 0 and entropy 0.
+    Raises:
+        ValueError: a target outside [0, V) other than ignore_index (checked with one host sync).
     """
     backend = _backend(hidden.device, _backend_override)
-    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend)
+    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend, ignore_index, _check_range)
     with torch.no_grad():
         if backend == "ref" or hidden.shape[0] == 0:
             return _ref_fwd(hidden, weight, targets, float(temperature), ignore_index, return_entropy,
@@ -168,10 +170,11 @@ def logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         grad_entropy, entropy: [N] fp32, both or neither (entropy from `logprobs_fwd(return_entropy=True)`).
         need_weight_grad: False skips the grad_weight matmul (and its [V, H] fp32 buffer).
     Returns:
-        (grad_hidden [N, H] in hidden.dtype, grad_weight [V, H] fp32 or None).
+        (grad_hidden [N, H] in hidden.dtype, grad_weight [V, H] fp32 or None). Targets are not range-checked here
+        (they went through `logprobs_fwd`, which produced lse).
     """
     backend = _backend(hidden.device, _backend_override)
-    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend)
+    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend, ignore_index, False)
     n = hidden.shape[0]
     lse = _check_vec("lse", lse, n, hidden.device)
     grad_logp = _check_vec("grad_logp", grad_logp, n, hidden.device)
@@ -192,8 +195,8 @@ def logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 class FusedLogprobsFunction(torch.autograd.Function):
     """forward = logprobs_fwd, backward = logprobs_bwd; saves only lse (and entropy), O(N).
 
-    impl="onepass": both directions through kernels/_onepass.py instead (cuBLAS logits per chunk + Triton row
-    kernels; 8NVH in all, every matmul in cuBLAS), entropy gradients included."""
+    impl="onepass": both directions through kernels/_onepass.py instead (cuBLAS logits per chunk + the Triton row
+    kernel; 8NVH in all, every matmul in cuBLAS), entropy gradients included."""
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, ignore_index, return_entropy, chunk_tokens,
@@ -219,16 +222,13 @@ class FusedLogprobsFunction(torch.autograd.Function):
             grad_logp_N = torch.zeros_like(lse_N)
         if impl == "onepass":
             n = lse_N.shape[0]
-            g_N = _check_vec("grad_logp", grad_logp_N, n, hidden_NH.device)
-            ge_N = None if grad_ent_N is None else _check_vec("grad_entropy", grad_ent_N, n, hidden_NH.device)
-
-            def grad_fn(idx, _):
-                return g_N[idx] if ge_N is None else (g_N[idx], ge_N[idx])
-
+            grad = _onepass.Known(_check_vec("grad_logp", grad_logp_N, n, hidden_NH.device),
+                                  None if grad_ent_N is None else
+                                  _check_vec("grad_entropy", grad_ent_N, n, hidden_NH.device))
             _, _, _, grad_hidden, grad_weight = onepass_call(
-                hidden_NH, weight_VH, targets_N, grad_fn, temperature=temperature, need_h=ctx.needs_input_grad[0],
-                need_w=ctx.needs_input_grad[1], ignore_index=ignore_index, return_entropy=ge_N is not None,
-                backend=backend)
+                hidden_NH, weight_VH, targets_N, grad, temperature=temperature, need_h=ctx.needs_input_grad[0],
+                need_w=ctx.needs_input_grad[1], ignore_index=ignore_index, return_entropy=grad.ge is not None,
+                backend=backend, check_range=False)
         else:
             grad_hidden, grad_weight = logprobs_bwd(
                 hidden_NH, weight_VH, targets_N, lse_N, grad_logp_N, grad_entropy=grad_ent_N,
@@ -240,18 +240,47 @@ class FusedLogprobsFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-def onepass_call(hidden, weight, targets, grad_fn, *, temperature: float, need_h: bool, need_w: bool,
-                 ignore_index: int = -100, return_entropy: bool = False, backend: str | None = None, groups=None):
+def onepass_call(hidden, weight, targets, grad, *, temperature: float, need_h: bool, need_w: bool,
+                 ignore_index: int = -100, return_entropy: bool = False, backend: str | None = None, groups=None,
+                 check_range: bool = True):
     """kernels._onepass.onepass after the usual checks and backend choice; groups None: consecutive chunks sized
-    by its buffer budget. Used by FusedLogprobsFunction and the losses (kernels/grpo_loss.py, dpo_loss.py)."""
+    by its buffer budget. `grad`: see `_onepass.onepass`. Used by FusedLogprobsFunction and the losses."""
     backend = _backend(hidden.device, backend)
-    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend)
+    hidden, weight, targets = _check(hidden, weight, targets, temperature, backend, ignore_index, check_range)
     if groups is None:
-        groups = _onepass.token_chunks(hidden.shape[0], _onepass.chunk_tokens(weight.shape[0], hidden.element_size()))
+        elem_bytes = 8 if hidden.dtype == torch.float64 else 4
+        groups = _onepass.token_chunks(hidden.shape[0], _onepass.chunk_tokens(weight.shape[0], elem_bytes=elem_bytes))
     with torch.no_grad():
-        return _onepass.onepass(hidden, weight, targets, groups, grad_fn, temperature=temperature,
+        return _onepass.onepass(hidden, weight, targets, groups, grad, temperature=temperature,
                                 ignore_index=ignore_index, return_entropy=return_entropy, need_hidden_grad=need_h,
                                 need_weight_grad=need_w, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# "Gradient in the forward" (Liger's approach) for losses whose dLoss/dlogp is closed form: kernels/grpo_loss.py,
+# dpo_loss.py, nll_loss.py compute the gradients in their forward and scale them in backward (scale_saved_grads).
+
+
+def grads_in_forward(ctx, hidden, weight, targets, lse, grad_logp, temperature, ignore_index=-100):
+    """Run logprobs_bwd now (only if hidden or weight needs a gradient); weight's grad is kept in weight.dtype."""
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_h or need_w):
+        return None, None
+    gh, gw = logprobs_bwd(hidden, weight, targets, lse, grad_logp, temperature=temperature, need_weight_grad=need_w,
+                          ignore_index=ignore_index)
+    # Autograd would cast to weight.dtype anyway; doing it now halves what is held until backward (bf16 weights).
+    return (gh if need_h else None), (gw.to(weight.dtype) if need_w else None)
+
+
+def onepass_forward(ctx, hidden, weight, targets, groups, grad, temperature, return_entropy, ignore_index=-100):
+    """`kernels._onepass.onepass` for a loss's forward: (logp, entropy, (grad_hidden, grad_weight)) with only the
+    gradients autograd asked for. groups None: consecutive chunks of tokens sized by the buffer budget. The
+    caller has range-checked the targets."""
+    logp, _, entropy, gh, gw = onepass_call(hidden, weight, targets, grad, temperature=temperature,
+                                            need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1],
+                                            return_entropy=return_entropy, groups=groups, check_range=False,
+                                            ignore_index=ignore_index)
+    return logp, entropy, (gh, gw)
 
 
 def fused_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -275,8 +304,10 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         return_entropy: also return the entropy of the full distribution per token.
         chunk_tokens: tokens per chunk on the torch path (CPU); the Triton path tiles by itself.
         impl: "recompute" (Triton logits tiles in the forward and again in the backward; O(N + tile) memory) or
-            "onepass" (cuBLAS logits per chunk into a [C, V] buffer plus Triton row kernels, kernels/_onepass.py;
-            faster where cuBLAS beats the Triton tiles; not yet timed on a GPU).
+            "onepass" (cuBLAS logits per chunk into a [C, V] fp32 buffer plus the Triton row kernel,
+            kernels/_onepass.py: every matmul in cuBLAS). Which is faster on a GPU: bench/bench_kernels_gpu.py.
+    Raises:
+        ValueError: bad shapes/dtypes/devices, or a target outside [0, V) other than ignore_index.
     Returns:
         logp [N] fp32, or (logp, entropy) [N] fp32 each; differentiable w.r.t. hidden and weight.
     """

@@ -25,7 +25,17 @@ Shapes: N tokens (all sequences concatenated), H hidden size, V vocabulary size,
 
 import torch
 
-from kernels.fused_logprobs import fused_logprobs_ref, logprobs_bwd, logprobs_fwd, onepass_call
+from kernels import _onepass
+from kernels._common import (
+    acc_dtype,
+    check_common,
+    check_cu_seqlens,
+    check_vector,
+    scale_saved_grads,
+    segment_ids,
+    sequence_sums,
+)
+from kernels.fused_logprobs import fused_logprobs_ref, grads_in_forward, logprobs_fwd, onepass_forward
 
 IMPLS = ("recompute", "onepass")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -34,53 +44,6 @@ _LOG_RATIO_CLAMP = 20.0  # verl clamps log-ratios before exp so one stale token 
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def check_vector(name: str, t: torch.Tensor | None, n: int, device: torch.device, *, allow_bool: bool = False):
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape [N={n}], got {type(t).__name__}")
-    if t.shape != (n,):
-        raise ValueError(f"{name} must have shape [N={n}], got {tuple(t.shape)}")
-    if not (t.is_floating_point() or (allow_bool and t.dtype == torch.bool)):
-        allowed = "bool or floating point" if allow_bool else "floating point"
-        raise ValueError(f"{name} must be {allowed}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device} (the device of hidden), got {t.device}")
-
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int, device: torch.device) -> None:
-    """cu_seqlens: int32/int64 [B+1], 0 first, N last, non-decreasing. Reads values back: one host sync."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        got = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
-        raise ValueError(f"cu_seqlens must be a 1-D tensor [B+1] with B >= 1, got {got}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be int32/int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens must be on {device} (the device of hidden), got {cu_seqlens.device}")
-    cu = cu_seqlens.tolist()  # host sync: boundaries are small and must be checked before any indexing
-    if cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:], strict=False)):
-        raise ValueError(f"cu_seqlens must start at 0, end at N={n} and be non-decreasing, got {cu}")
-
-
-def check_common(hidden, weight, targets, temperature) -> None:
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a 2-D floating-point tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [V, H={hidden.shape[1]}], got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"weight must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), got "
-                         f"{weight.dtype}, {weight.device}")
-    if not isinstance(targets, torch.Tensor) or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must have shape [N={hidden.shape[0]}], got "
-                         f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
-    if targets.dtype not in (torch.int32, torch.int64) or targets.device != hidden.device:
-        raise ValueError(f"targets must be int32/int64 on {hidden.device}, got {targets.dtype} on {targets.device}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
 def _check_grpo(hidden, weight, targets, advantages, old_logprobs, mask, cu_seqlens, ref_logprobs, clip_low,
                 clip_high, dual_clip, kl_coef, kl_estimator, temperature, agg, norm_len) -> None:
     check_common(hidden, weight, targets, temperature)
@@ -111,28 +74,6 @@ def _check_grpo(hidden, weight, targets, advantages, old_logprobs, mask, cu_seql
 
 
 # ------------------------------------------------------------------------------------ sequences and agg
-def acc_dtype(hidden: torch.Tensor) -> torch.dtype:
-    """Dtype of the [N] loss vectors: fp32 (logprobs_fwd's output), fp64 for fp64 inputs (reference, gradcheck)."""
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-
-def segment_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
-    """[N] int64 index of the sequence holding each token; no host sync (empty sequences allowed)."""
-    pos = torch.arange(n, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)
-
-
-def sequence_sums(x_N: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[B] per-sequence sums of x (differentiable)."""
-    b = cu_seqlens.numel() - 1
-    return x_N.new_zeros(b).index_add(0, segment_ids(cu_seqlens, x_N.shape[0]), x_N)
-
-
-def sequence_logps(logp: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[B] fp32 sequence log-probs: sum of masked token log-probs per sequence (differentiable)."""
-    return sequence_sums(logp * mask.to(logp.dtype), cu_seqlens)
-
-
 def aggregate_ref(loss_N, m_N, cu_seqlens, agg, norm_len=None) -> torch.Tensor:
     """The aggregations, written per sequence (the spec; `token_weights` is the fused path's linear form)."""
     if agg == "token-mean":
@@ -295,11 +236,13 @@ class GRPOLossFunction(torch.autograd.Function):
                     clip_high, dual_clip, kl_estimator)
                 return w[idx] * (dpg + kl_coef * dkl if kl_coef > 0 else dpg)
 
-            logp, entropy, ctx.grads = onepass_forward(ctx, hidden, weight, targets, None, grad_fn, temperature,
+            # the Triton row kernel evaluates the same closed form per row; grad_fn is its torch twin
+            grad = _onepass.GRPOGrad(adv, old, ref, w, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, grad_fn)
+            logp, entropy, ctx.grads = onepass_forward(ctx, hidden, weight, targets, None, grad, temperature,
                                                        return_entropy)
         else:
             logp, lse, entropy = logprobs_fwd(hidden, weight, targets, temperature=temperature,
-                                              return_entropy=return_entropy)
+                                              return_entropy=return_entropy, _check_range=False)
         if old is None:
             old = logp
         pg, dpg, kl, dkl, clipped, dual_active = _grpo_terms_closed_form(logp, old, adv, ref, clip_low, clip_high,
@@ -319,41 +262,6 @@ class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return (*scale_saved_grads(ctx, grad_output), *([None] * 15))
-
-
-def grads_in_forward(ctx, hidden, weight, targets, lse, grad_logp, temperature):
-    """Run logprobs_bwd now (only if hidden or weight needs a gradient); weight's grad is kept in weight.dtype."""
-    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_h or need_w):
-        return None, None
-    gh, gw = logprobs_bwd(hidden, weight, targets, lse, grad_logp, temperature=temperature,
-                               need_weight_grad=need_w)
-    # Autograd would cast to weight.dtype anyway; doing it now halves what is held until backward (bf16 weights).
-    return (gh if need_h else None), (gw.to(weight.dtype) if need_w else None)
-
-
-def onepass_forward(ctx, hidden, weight, targets, groups, grad_fn, temperature, return_entropy):
-    """`kernels._onepass.onepass` for a loss's forward: (logp, entropy, (grad_hidden, grad_weight)) with only the
-    gradients autograd asked for. groups None: consecutive chunks of tokens sized by the buffer budget."""
-    logp, _, entropy, gh, gw = onepass_call(hidden, weight, targets, grad_fn, temperature=temperature,
-                                            need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1],
-                                            return_entropy=return_entropy, groups=groups)
-    return logp, entropy, (gh, gw)
-
-
-def scale_saved_grads(ctx, grad_output):
-    """Scale the saved grads in place (no second [V, H] copy), so the graph supports one backward only."""
-    if ctx.grads is None:
-        raise RuntimeError("this loss supports a single backward (the saved gradients are scaled in place); "
-                           "do not use retain_graph=True for a second backward through it")
-    gh, gw = ctx.grads
-    ctx.grads = None
-    g = grad_output.detach()
-    if gh is not None:
-        gh = gh.mul_(g.to(gh.dtype))
-    if gw is not None:
-        gw = gw.mul_(g.to(gw.dtype))
-    return gh, gw
 
 
 def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, cu_seqlens=None, ref_logprobs=None,

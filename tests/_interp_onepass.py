@@ -9,45 +9,75 @@ import torch
 from kernels import _onepass, fused_logprobs, fused_logprobs_ref
 from kernels._testing import assert_close, tolerance
 from kernels.dpo_loss import dpo_loss, dpo_loss_ref
-from kernels.grpo_loss import grpo_loss, grpo_loss_ref
+from kernels.grpo_loss import _grpo_terms_closed_form, grpo_loss, grpo_loss_ref
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="run by tests/test_onepass.py")
 
 
-@pytest.mark.parametrize("c,v", [(1, 13), (7, 257), (33, 1000), (5, 64)])
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_row_kernels_match_reference(c, v, out_dtype):
-    g = torch.Generator().manual_seed(c * v)
-    z = torch.randn(c, v, generator=g) * 6  # large logits: the online max matters
+def _grpo_grad(z, targets, inv_temp, kl, dual, on_policy, gen):
+    """A GRPOGrad whose old log-probs sit near the rows' log-probs, so ratios land on both sides of the clips."""
+    c = z.shape[0]
+    lse, zt, _ = _onepass.row_stats_ref(z, targets.clamp(min=0), inv_temp, False)
+    logp = zt - lse
+    adv, w = torch.randn(c, generator=gen), torch.rand(c, generator=gen)
+    old = None if on_policy else logp + 0.3 * torch.randn(c, generator=gen)
+    ref = logp + 0.5 * torch.randn(c, generator=gen) if kl else None
+    kl_coef = 0.1 if kl else 0.0
+
+    def torch_fn(idx, logp_n):
+        lp = logp_n[idx]
+        _, dpg, _, dkl, _, _ = _grpo_terms_closed_form(lp, lp if old is None else old[idx], adv[idx],
+                                                       None if ref is None else ref[idx], 0.2, 0.28, dual, kl or "k3")
+        return w[idx] * (dpg + kl_coef * dkl if kl else dpg)
+
+    return _onepass.GRPOGrad(adv, old, ref, w, 0.2, 0.28, dual, kl_coef, kl or "k3", torch_fn)
+
+
+MODES = ["stats", "known", "known-entropy", "callable", "grpo-k3", "grpo-k1-dual", "grpo-k2-on-policy",
+         "grpo-low-var", "grpo-no-kl"]
+
+
+# every mode in bf16 (the training dtype) on two awkward shapes; fp32 and fp16 on the entropy and GRPO modes
+CASES = [(c, v, torch.bfloat16, m) for m in MODES for c, v in ((1, 13), (33, 1000))] + \
+    [(7, 257, dt, m) for dt in (torch.float32, torch.float16) for m in ("known-entropy", "grpo-k3")]
+
+
+@pytest.mark.parametrize("c,v,d_dtype,mode", CASES)
+def test_row_kernel_matches_reference(c, v, d_dtype, mode):
+    """`_rows_triton` (the row kernel, dlogits written in place over a row-padded fp32 buffer) against `_rows_ref`:
+    statistics, and d for each way the gradient is given (GRPO's closed form evaluated in the kernel)."""
+    gen = torch.Generator().manual_seed(c * v)
+    z = torch.randn(c, v, generator=gen) * 6  # large logits: the online max matters
     z[0, v // 2] = 40.0
-    targets = torch.randint(0, v, (c,), generator=g)
+    targets = torch.randint(0, v, (c,), generator=gen)
     targets[-1] = v - 1  # the last column, in the last (partial) tile
-    grad = torch.randn(c, generator=g)
-    grad[0] = 0.0  # an ignored row: no gradient at all
+    if c > 2:
+        targets[1] = -100  # an ignored row: logp 0, no gradient
     inv_temp = 1 / 0.7
-    for ent in (False, True):
-        lse, zt, e = _onepass._row_stats(z, targets, inv_temp, ent, interpret=True)
-        r_lse, r_zt, r_e = _onepass.row_stats_ref(z, targets, inv_temp, ent)
-        assert_close(lse, r_lse, atol=1e-5, rtol=1e-6, name="lse")
-        assert_close(zt, r_zt, atol=1e-6, rtol=1e-6, name="target logit")
-        if ent:
-            assert_close(e, r_e, atol=1e-5, rtol=1e-5, name="entropy")
-    # a row buffer wider than V (as the chunk buffers are): strides, not shapes, locate the rows
-    wide = torch.zeros(c, v + 3)
-    wide[:, :v] = z
-    d, r_d = torch.full((c, v + 5), 7.0, dtype=out_dtype), torch.empty(c, v, dtype=out_dtype)
-    _onepass._dlogits(wide[:, :v], targets, r_lse, grad, inv_temp, d[:, :v], interpret=True)
-    _onepass.dlogits_ref(z, targets, r_lse, grad, inv_temp, r_d)
-    assert_close(d[:, :v], r_d, atol=1e-6 if out_dtype == torch.float32 else 1e-3, rtol=1e-2, name="dlogits")
-    assert (d[:, v:] == 7.0).all(), "dlogits wrote past V"
-    assert (d[0, :v] == 0).all()
-    # with an entropy gradient: ge * d entropy / d z on top
-    ge = torch.randn(c, generator=g)
-    ge[0] = 0.0
-    c_row = r_lse - r_e
-    _onepass._dlogits(wide[:, :v], targets, r_lse, grad, inv_temp, d[:, :v], interpret=True, ge_C=ge, c_C=c_row)
-    _onepass.dlogits_ref(z, targets, r_lse, grad, inv_temp, r_d, ge, c_row)
-    assert_close(d[:, :v], r_d, atol=1e-6 if out_dtype == torch.float32 else 1e-3, rtol=1e-2, name="dlogits ent")
+    g_n, ge_n = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    grad = {"stats": None, "known": _onepass.Known(g_n), "known-entropy": _onepass.Known(g_n, ge_n),
+            "callable": lambda idx, logp_n: g_n[idx] * logp_n[idx]}.get(mode)
+    if mode.startswith("grpo"):
+        kl = {"grpo-k3": "k3", "grpo-k1-dual": "k1", "grpo-k2-on-policy": "k2", "grpo-low-var": "low_var_kl"}.get(mode)
+        grad = _grpo_grad(z, targets, inv_temp, kl, 3.0 if "dual" in mode else None, "on-policy" in mode, gen)
+    ent = mode != "stats"
+    buf = torch.full((c, v + 3), 7.0)
+    buf[:, :v] = z
+    z_cv = buf[:, :v]
+    d_cv = z_cv if d_dtype == torch.float32 else buf.view(d_dtype)[:, :v]  # in place, as the driver does
+    out = [torch.zeros(c), torch.zeros(c), torch.zeros(c) if ent else None]
+    _onepass._rows_triton(z_cv, d_cv if grad else None, targets, slice(0, c), grad, *out, inv_temp, -100, True)
+    ref, r_d = [torch.zeros(c), torch.zeros(c), torch.zeros(c) if ent else None], torch.zeros(c, v)
+    _onepass._rows_ref(z.clone(), r_d, targets, slice(0, c), grad, *ref, inv_temp, -100)
+    for name, a, b in zip(("logp", "lse", "entropy"), out, ref, strict=True):
+        if a is not None:
+            assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"{name} ({mode})")
+    assert (buf[:, v:] == 7.0).all(), "the row kernel wrote past V"
+    if grad is not None:
+        assert_close(d_cv.float(), r_d, atol=1e-6 if d_dtype == torch.float32 else 1e-3, rtol=1e-2,
+                     name=f"dlogits ({mode}, {d_dtype})")
+        if c > 2:
+            assert (d_cv[1] == 0).all(), "an ignored row got a gradient"
 
 
 def _grpo_inputs(lens, v, h, dtype, seed=0):
@@ -74,7 +104,7 @@ def _grpo(fn, x, **kw):
 
 @pytest.mark.parametrize("lens,v,h,chunk", [([5, 9, 3], 257, 24, 7), ([40, 90], 1000, 16, 33), ([1], 13, 96, 1)])
 def test_grpo_onepass_fp32(monkeypatch, lens, v, h, chunk):
-    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", chunk * v * 8)
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", chunk * v * 4)
     x = _grpo_inputs(lens, v, h, torch.float32)
     got = _grpo(grpo_loss, x, impl="onepass")
     want = _grpo(grpo_loss_ref, x)
@@ -86,7 +116,7 @@ def test_grpo_onepass_fp32(monkeypatch, lens, v, h, chunk):
 def test_grpo_onepass_low_precision_within_twice_the_references_error(monkeypatch, dtype):
     """STYLE section 8: ours in bf16/fp16 vs the fp32 reference, allowing twice the low-precision reference's own
     error. Four chunks, so the weight gradient is accumulated in the low dtype four times."""
-    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 32 * 1000 * 6)
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 32 * 1000 * 4)
     xlo = _grpo_inputs([50, 78], 1000, 64, dtype, seed=1)
     # the fp32 reference sees the same (rounded) inputs, so the errors measured are the computation's alone
     x32 = {k: (t.detach().float().requires_grad_() if k in ("hidden", "weight") else t) for k, t in xlo.items()}
@@ -117,7 +147,7 @@ def _dpo(fn, x, **kw):
 
 
 def test_dpo_onepass_fp32(monkeypatch):
-    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 30 * 257 * 8)  # 30 tokens: one or two pairs a chunk
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 30 * 257 * 4)  # 30 tokens: one or two pairs a chunk
     x = _dpo_inputs([5, 9, 7, 2, 11, 6], [False, True, True, False, True, False], 257, 24)
     got, want = _dpo(dpo_loss, x, impl="onepass"), _dpo(dpo_loss_ref, x)
     for name, a, b in zip(("loss", "reward_margin", "grad_hidden", "grad_weight"), got, want, strict=True):
@@ -126,7 +156,7 @@ def test_dpo_onepass_fp32(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_logprobs_onepass(monkeypatch, dtype):
-    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 9 * 257 * 8)  # several chunks
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 9 * 257 * 4)  # several chunks
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(40, 24, generator=g).to(dtype).requires_grad_()
     weight = (torch.randn(257, 24, generator=g) * 0.5).to(dtype).requires_grad_()

@@ -70,7 +70,7 @@ def _grpo_args(n, seqs, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_grpo_loss_matches_reference(dtype, agg, impl, monkeypatch):
-    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 300 * 3000 * 6)  # onepass: 256-token chunks
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 300 * 3000 * 4)  # onepass: 256-token chunks
     hidden, weight, targets, adv, old, mask, cu, ref = _grpo_args(1031, 5, dtype)
     kw = dict(cu_seqlens=cu, ref_logprobs=ref, kl_coef=0.05, agg=agg)
     _compare(lambda h, w: grpo_loss(h, w, targets, adv, old, mask, impl=impl, **kw)[0],
@@ -94,7 +94,7 @@ def _compare(ours, ref, hidden, weight, floor=1e-4):
 @pytest.mark.parametrize("impl", ["recompute", "onepass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dpo_loss_matches_reference(dtype, impl, monkeypatch):
-    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 700 * 3000 * 6)  # onepass: chunks of 512 (fp32) or 640
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 700 * 3000 * 4)  # onepass: chunks of 640
     hidden, weight, targets = _inputs(1100, 3000, 256, dtype, seed=4)
     targets = targets.clamp(min=0)
     mask = torch.ones(1100, dtype=torch.bool, device="cuda")
@@ -103,7 +103,7 @@ def test_dpo_loss_matches_reference(dtype, impl, monkeypatch):
     is_chosen = torch.tensor([True, True, True, False, False, False], device="cuda")
     ref_c, ref_r = -torch.rand(3, device="cuda") * 200, -torch.rand(3, device="cuda") * 200
     args = (targets, mask, cu, is_chosen, ref_c, ref_r)
-    max_pair = _onepass.chunk_tokens(3000, hidden.element_size())
+    max_pair = _onepass.chunk_tokens(3000)
     assert pair_groups(cu, is_chosen.nonzero()[:, 0], (~is_chosen).nonzero()[:, 0], max_pair) is not None  # no fallback
     _compare(lambda h, w: dpo_loss(h, w, *args, beta=0.1, impl=impl)[0],
              lambda h, w: dpo_loss_ref(h, w, *args, beta=0.1)[0],

@@ -18,11 +18,11 @@ from kernels.grpo_loss import grpo_loss, grpo_loss_ref
 
 
 def test_chunk_tokens_fits_the_buffer():
-    # Qwen2.5-VL's vocabulary in bf16: 512 MiB holds 576 rows of fp32 logits + bf16 dlogits, rounded down to 64s
-    assert _onepass.chunk_tokens(152_064, 2) == 576
-    assert 576 * 152_064 * 6 <= 512 << 20
-    assert _onepass.chunk_tokens(152_064, 2, 1 << 20) == 1  # never zero
-    assert _onepass.chunk_tokens(100, 4, 100 * 8 * 50) == 50  # below 64: not rounded
+    # Qwen2.5-VL's vocabulary: 512 MiB holds 832 rows of fp32 logits (dlogits are written over them), in 64s
+    assert _onepass.chunk_tokens(152_064) == 832
+    assert 832 * 152_064 * 4 <= 512 << 20 < 896 * 152_064 * 4
+    assert _onepass.chunk_tokens(152_064, 1 << 20) == 1  # never zero
+    assert _onepass.chunk_tokens(100, 100 * 4 * 50) == 50  # below 64: not rounded
     assert _onepass.token_chunks(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
 
 
@@ -63,8 +63,8 @@ def _dpo(fn, x, **kw):
 
 def test_dpo_pair_longer_than_the_buffer_falls_back_with_a_warning(monkeypatch, caplog):
     x = _dpo_inputs()  # pairs of 9 + 3 and 4 + 8 tokens
-    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 10 * 31 * 12)  # 10 tokens: no pair fits
-    monkeypatch.setattr(_onepass, "MAX_PAIR_BUFFER_BYTES", 11 * 31 * 12)  # and none may grow the buffer enough
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 10 * 31 * 8)  # 10 tokens: no pair fits
+    monkeypatch.setattr(_onepass, "MAX_PAIR_BUFFER_BYTES", 11 * 31 * 8)  # and none may grow the buffer enough
     calls = []
     monkeypatch.setattr(_onepass, "onepass", lambda *a, **k: calls.append(1))
     with caplog.at_level(logging.WARNING, logger="kernels"):
@@ -89,7 +89,7 @@ def _grpo(fn, x, hidden, weight, **kw):
 
 
 def test_grpo_partial_and_no_gradients(monkeypatch):
-    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 5 * 19 * 12)  # 5 tokens a chunk
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 5 * 19 * 8)  # 5 tokens a chunk
     x = _grpo_inputs()
     h, w = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
     r_loss, r_m = _grpo(grpo_loss_ref, x, h, w)
@@ -116,7 +116,7 @@ def test_grpo_partial_and_no_gradients(monkeypatch):
 def test_fused_logprobs_onepass_matches_full_logits(monkeypatch, n, v, h, chunk, with_entropy_grad):
     """fused_logprobs(impl="onepass") in fp64 against log_softmax of the full logits, gradients through the
     log-probs and the entropy; the recompute backward is never used."""
-    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", chunk * v * 12)
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", chunk * v * 8)
 
     def no_recompute(*args, **kwargs):
         raise AssertionError("impl='onepass' fell back to logprobs_bwd")
