@@ -21,7 +21,7 @@ def log_once(key: str, msg: str, *args, level: int = logging.WARNING) -> None:
 
 def check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "targets") -> None:
     """Every target is in [0, V) or equal to ignore_index; one host sync (targets are read back once)."""
-    bad = (targets >= vocab_size) | ((targets < 0) & (targets != ignore_index))
+    bad = ((targets >= vocab_size) | (targets < 0)) & (targets != ignore_index)
     if bool(bad.any()):  # host sync
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name} must be token ids in [0, V={vocab_size}) or ignore_index={ignore_index}; "
