@@ -20,11 +20,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
             f"expected {[e[tuple(i)].item() for i in idx]}")
 
 
-def tolerance(out_lowp: torch.Tensor, ref_lowp: torch.Tensor, ref32: torch.Tensor, floor: float) -> float:
-    """flash-attention's rule: allow twice the error the reference itself makes in the low dtype, plus a floor."""
-    return 2 * (ref_lowp.double() - ref32.double()).abs().max().item() + floor
-
-
 # Fixed tolerances for ours on bf16/fp16/fp32 inputs against the fp32 reference on the same (rounded) inputs, as
 # max|ours - ref32| / max|ref32| per output. "value": log-probs, entropies, losses, which come from fp32 statistics
 # of fp32-accumulated logits (only the summation order differs). "grad": gradients, whose dlogits are rounded to

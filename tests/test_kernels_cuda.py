@@ -1,12 +1,13 @@
 """The Triton paths on a real GPU against the torch references, in fp32, bf16 and fp16 (bf16 cannot be checked
 through the CPU interpreter). Skipped without CUDA; the same comparisons run on CPU through the interpreter in
-test_fused_logprobs*.py, test_grpo_loss.py and test_dpo_loss.py. Run by bench/gpu_check.sh on the lent GPU."""
+tests/_interp_*.py. Tolerances: kernels/_testing.REL_TOL, fixed per dtype, against the fp32 reference on the same
+rounded inputs. Run by bench/gpu_check.sh on the lent GPU."""
 
 import pytest
 import torch
 
-from kernels import _onepass, dpo_loss, fused_logprobs, fused_logprobs_ref, grpo_loss
-from kernels._testing import assert_close, tolerance
+from kernels import _onepass, dpo_loss, fused_logprobs, fused_logprobs_ref, fused_nll, fused_nll_ref, grpo_loss
+from kernels._testing import assert_rel_close, grpo_clip_flips
 from kernels.dpo_loss import dpo_loss_ref, pair_groups
 from kernels.grpo_loss import grpo_loss_ref
 
@@ -42,22 +43,38 @@ def _run(fn, hidden, weight, *args, **kw):
 @needs_cuda
 @pytest.mark.parametrize("n,v,h", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_logprobs_matches_reference(n, v, h, dtype):
+@pytest.mark.parametrize("impl", ["recompute", "onepass"])
+def test_fused_logprobs_matches_reference(n, v, h, dtype, impl, monkeypatch):
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 300 * v * 4)  # onepass: 256-token chunks
     hidden, weight, targets = _inputs(n, v, h, dtype)
     kw = dict(return_entropy=True, temperature=0.9)
-    out, gh, gw = _run(fused_logprobs, hidden, weight, targets, **kw)
-    ref_lp, rgh_lp, rgw_lp = _run(fused_logprobs_ref, hidden, weight, targets, **kw)
+    out, gh, gw = _run(fused_logprobs, hidden, weight, targets, impl=impl, **kw)
     ref32, rgh32, rgw32 = _run(fused_logprobs_ref, hidden.float(), weight.float(), targets, **kw)
-    floor = 1e-4 if dtype == torch.float32 else 1e-2
-    for name, a, lp, r32 in [("logp", out[0], ref_lp[0], ref32[0]), ("entropy", out[1], ref_lp[1], ref32[1]),
-                             ("grad_hidden", gh, rgh_lp, rgh32), ("grad_weight", gw, rgw_lp, rgw32)]:
-        assert_close(a, r32, atol=tolerance(a, lp, r32, floor), rtol=1e-3, name=name)
+    for name, kind, a, r in [("logp", "value", out[0], ref32[0]), ("entropy", "value", out[1], ref32[1]),
+                             ("grad_hidden", "grad", gh, rgh32), ("grad_weight", "grad", gw, rgw32)]:
+        assert_rel_close(a, r, dtype, kind, name=f"{name} {impl}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["recompute", "onepass"])
+def test_fused_nll_matches_reference(dtype, impl, monkeypatch):
+    monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 300 * 32000 * 4)  # onepass: 256-token chunks
+    hidden, weight, targets = _inputs(1000, 32000, 512, dtype, seed=5)
+    weights = torch.rand(1000, device="cuda") / 1000
+    got = _run(fused_nll, hidden, weight, targets, weights, impl=impl)
+    ref32 = _run(fused_nll_ref, hidden.float(), weight.float(), targets, weights)
+    for name, kind, a, r in zip(("loss", "grad_hidden", "grad_weight"), ("value", "grad", "grad"),
+                                (got[0][0], *got[1:]), (ref32[0][0], *ref32[1:]), strict=True):
+        assert_rel_close(a, r, dtype, kind, name=f"{name} {impl}")
 
 
 def _grpo_args(n, seqs, dtype):
     hidden, weight, targets = _inputs(n, 3000, 256, dtype, seed=2)
     g = torch.Generator(device="cuda").manual_seed(3)
-    old = -torch.rand(n, device="cuda", generator=g) * 3
+    # old log-probs near the real ones, so ratios fall on both sides of the clip bounds
+    lp32 = fused_logprobs_ref(hidden.float(), weight.float(), targets.clamp(min=0))
+    old = lp32 + 0.3 * torch.randn(n, device="cuda", generator=g)
     ref = old + 0.1 * torch.randn(n, device="cuda", generator=g)
     adv = torch.randn(n, device="cuda", generator=g)
     mask = torch.rand(n, device="cuda", generator=g) > 0.2
@@ -73,21 +90,26 @@ def test_grpo_loss_matches_reference(dtype, agg, impl, monkeypatch):
     monkeypatch.setattr(_onepass, "DEFAULT_BUFFER_BYTES", 300 * 3000 * 4)  # onepass: 256-token chunks
     hidden, weight, targets, adv, old, mask, cu, ref = _grpo_args(1031, 5, dtype)
     kw = dict(cu_seqlens=cu, ref_logprobs=ref, kl_coef=0.05, agg=agg)
+    with torch.no_grad():
+        flips = grpo_clip_flips(fused_logprobs(hidden, weight, targets, impl=impl),
+                                fused_logprobs_ref(hidden.float(), weight.float(), targets), old, adv, 0.2, 0.28)
+    flips &= mask
+    assert int(flips.sum()) <= max(2, int(0.005 * mask.sum())), f"{int(flips.sum())} clip-decision flips"
     _compare(lambda h, w: grpo_loss(h, w, targets, adv, old, mask, impl=impl, **kw)[0],
-             lambda h, w: grpo_loss_ref(h, w, targets, adv, old, mask, **kw)[0], hidden, weight)
+             lambda h, w: grpo_loss_ref(h, w, targets, adv, old, mask, **kw)[0], hidden, weight, keep_rows=~flips)
 
 
-def _compare(ours, ref, hidden, weight, floor=1e-4):
-    """STYLE section 8: ours in the low dtype vs the fp32 reference, allowing twice the low-dtype reference's own
-    error. (The bf16 reference rounds logits to bf16; GRPO's exp(ref - logp) amplifies that, so comparing to
-    the bf16 reference with a fixed tolerance blames ours for the reference's error.)"""
+def _compare(ours, ref, hidden, weight, keep_rows=None):
+    """Ours on the low-dtype inputs vs the fp32 reference on the same rounded inputs, fixed tolerances
+    (kernels/_testing.REL_TOL). keep_rows: tokens to compare grad_hidden on (GRPO: those whose clip decision
+    agrees); grad_weight mixes every token, so it is compared only when every row is kept."""
     got = _run(ours, hidden, weight)
-    lowp = _run(ref, hidden, weight)
     ref32 = _run(ref, hidden.float(), weight.float())
-    for name, a, lp, r in zip(("loss", "grad_hidden", "grad_weight"), (got[0][0], *got[1:]),
-                              (lowp[0][0], *lowp[1:]), (ref32[0][0], *ref32[1:]), strict=True):
-        scale = r.abs().max().clamp(min=1e-12)
-        assert_close(a / scale, r / scale, atol=tolerance(a / scale, lp / scale, r / scale, floor), name=name)
+    keep = slice(None) if keep_rows is None else keep_rows
+    assert_rel_close(got[0][0], ref32[0][0], hidden.dtype, "value", name="loss")
+    assert_rel_close(got[1][keep], ref32[1][keep], hidden.dtype, "grad", name="grad_hidden")
+    if keep_rows is None or bool(keep_rows.all()):
+        assert_rel_close(got[2], ref32[2], hidden.dtype, "grad", name="grad_weight")
 
 
 @needs_cuda
