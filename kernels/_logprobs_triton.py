@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._common import log_once
+
 # Fixed configs (one config: >1 autotune config fails in the interpreter; tuned by hand on the GPU instead).
 # CUDA: sized for H100 (228 KiB smem, wgmma needs BLOCK_N >= 64); interpreter: large tiles = fewer Python ops.
 # H200 sweep at N=4096, H=3584, V=152064 bf16 (forward): 128x256x64 w8 s3 9.7 ms; 128x128x64 w8 s3 12.2 ms;
@@ -227,5 +229,8 @@ def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         return
     try:
         torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-    except (TypeError, RuntimeError, NotImplementedError):
+    except (TypeError, RuntimeError, NotImplementedError) as e:
+        log_once("addmm-out-dtype", "kernels: torch.addmm(out_dtype=float32) is not available (%s): the weight "
+                 "gradient goes through a %s [V, H] temporary per chunk, which rounds it (torch >= 2.8 avoids this)",
+                 e, a.dtype)
         out += (a @ b).float()
