@@ -2,7 +2,7 @@
 table, in one run sized for a short device window (about 1.5 minutes on an H100/H200, see ESTIMATE below).
 
     bash bench/gpu_check.sh kernels                     # on the lent GPU: CUDA tests, then this script
-    python bench/bench_kernels_gpu.py [--out DIR] [--ops grpo-8x1k dpo-4x2x1k] [--compile] [--budget-s 170]
+    python bench/bench_kernels_gpu.py [--out DIR] [--ops grpo-8x1k dpo-4x2x1k] [--compile] [--budget-s 160]
     python bench/bench_kernels_gpu.py --cpu --out /tmp/x   # CPU mode: same code paths at H=64, V=1000, N/32
 
 Steps, in order (every row is printed as soon as it is measured, so a killed run still leaves its rows):
@@ -24,6 +24,9 @@ Steps, in order (every row is printed as soon as it is measured, so a killed run
    V / 152064 so the chunk count matches the GPU's), compile (torch.compile of eager; only with --compile, about a
    minute of compiling per op). DPO's reference pass follows the config: recompute uses logprobs_fwd (the Triton
    forward, as bench_dpo), onepass uses fused_logprobs(impl="onepass") under no_grad (cuBLAS logits per chunk).
+   DPO's one-pass chunks hold whole pairs: a 2,048-token pair is more than even the 1024 MiB buffer holds, so
+   the buffer grows to one pair (up to kernels._onepass.MAX_PAIR_BUFFER_BYTES) and the four onepass-<S>M DPO
+   rows run the same chunks (expect equal times; they are kept to show it).
 3. Phase times: the fastest recompute/onepass config of each op run once under torch.profiler; kernel time
    grouped into matmul (cuBLAS/cutlass gemm kernels), each Triton kernel of kernels/ by name (found by grepping
    `def _*_kernel` there), casts/copies/elementwise, other (with its largest kernel named). A profiler failure
@@ -32,9 +35,11 @@ Steps, in order (every row is printed as soon as it is measured, so a killed run
    (how the defaults get chosen), and PASS/FAIL.
 
 Columns of the row table:
-  ms p50          median of 5 timed steps after 2 warmups (CUDA events, kernels/_bench.time_ms); one step =
-                  forward + backward of both gradients (autograd.grad w.r.t. hidden and weight)
-  useful TF/s     useful FLOPs / time: 6NVH (logits, dH, dW) for logprobs/NLL/GRPO; DPO 8NVH (+2NVH reference)
+  ms p50          median of 5 timed steps after 2 warmups (CPU mode: 3 after 1; CUDA events on a GPU,
+                  kernels/_bench.time_ms); one step = forward + backward of both gradients (autograd.grad w.r.t.
+                  hidden and weight)
+  useful TF/s     useful FLOPs / time: 6NVH (logits, dH, dW) for logprobs/NLL/GRPO; DPO 8NVH (+2NVH for the
+                  forward-only reference pass; no row is forward-only otherwise)
   exec TF/s       FLOPs the config executes / time: eager 6NVH; recompute 8NVH (its backward recomputes the
                   logits); onepass 6NVH for NLL/GRPO/DPO and 8NVH for logprobs (a generic autograd op: the
                   upstream gradient arrives in backward, so the logits are computed twice); DPO +2NVH everywhere
@@ -66,10 +71,11 @@ memory is freed between rows, and a time budget (--budget-s) stops adding rows a
 what it skipped. Exit status: 0, or 2 when a row raised (a bug or an OOM to look at) or the CPU self-check of the
 fp32 reference failed; goal FAILs are results, not errors.
 
-ESTIMATE (H100/H200, from the measured H200 times in docs/LOG.md and ENVIRONMENT.md): 31 rows x 9 steps
-(1 error check + 2 warmup + 5 timed + 1 memory) of 25-140 ms each ~ 35 s; fp32 references (8-10NVH at ~50
-TFLOP/s fp32, plus one rerun per GRPO config with flips) ~ 15 s; Triton JIT, CUDA/cuBLAS start, input setup
-and 5 profiles ~ 30 s; python/torch import ~ 10 s: about 90 s, under the 170 s default budget.
+ESTIMATE (H100/H200, from the H200 times in docs/LOG.md and the H100 ones in ENVIRONMENT.md): 30 rows x 9
+steps (1 error check + 2 warmup + 5 timed + 1 memory) of 25-140 ms each ~ 25 s; fp32 references (8-10NVH in
+fp32 at ~50 TFLOP/s, TF32 off, plus a 6NVH rerun per GRPO config with clip flips) ~ 10 s; Triton JIT (mostly
+cached by the CUDA tests that run first), CUDA/cuBLAS start, input setup and 5 profiles ~ 30 s; python/torch
+import ~ 10 s: about 75 s, half the 160 s default budget. --compile adds about a minute per op.
 """
 
 import argparse
@@ -95,14 +101,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
-from bench.bench_dpo import BETA, SFT_WEIGHT, _seq_sums, eager_dpo, ours_dpo  # noqa: E402
-from bench.bench_dpo import make_inputs as dpo_inputs  # noqa: E402
-from bench.bench_grpo import CLIP_HIGH, CLIP_LOW, KL_COEF, eager_grpo, ours_grpo  # noqa: E402
-from bench.bench_grpo import make_inputs as grpo_inputs  # noqa: E402
 from bench.bench_logprobs import eager as eager_logp  # noqa: E402
 from kernels import _onepass, dpo_loss, fused_logprobs  # noqa: E402
 from kernels._bench import device_name, peak_extra_gib, time_ms  # noqa: E402
-from kernels.grpo_loss import sequence_logps  # noqa: E402
+
+# bench_grpo and bench_dpo are imported inside their ops: if kernels/ changes under one of them (a moved helper),
+# that op becomes a FAIL row instead of the whole device run dying at import.
 
 GPU_H, GPU_V = 3584, 152064
 CPU_H, CPU_V, CPU_DIV = 64, 1000, 32  # CPU mode: reduced H and V, tokens divided by CPU_DIV
@@ -156,8 +160,11 @@ def clean(x):
     return x
 
 
-def free_memory() -> None:
-    gc.collect()
+def free_memory(collect: bool = False) -> None:
+    """Return cached CUDA blocks between rows. `collect`: also break reference cycles (an exception's traceback
+    holds the failed step's tensors); only then, since gc.collect costs ~0.35 s a call once dynamo is imported."""
+    if collect:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -320,12 +327,16 @@ def nll_op(name, n, h, v, dtype, dev, seed) -> Op:
 
 def clip_decision(logp, old, adv):
     """bench_grpo's clip: True where the clipped branch wins (the token then gets no policy gradient)."""
+    from bench.bench_grpo import CLIP_HIGH, CLIP_LOW
+
     ratio = torch.exp((logp - old).clamp(-20, 20))
     return -adv * ratio.clamp(1 - CLIP_LOW, 1 + CLIP_HIGH) > -adv * ratio
 
 
 def grpo_tail(old, ref, mask):
     """bench_grpo.eager_grpo after its log-probs (kept identical; the CPU self-check compares the two)."""
+    from bench.bench_grpo import CLIP_HIGH, CLIP_LOW, KL_COEF
+
     def tail(adv):
         def loss(lp):
             ratio = torch.exp((lp - old).clamp(-20, 20))
@@ -338,6 +349,9 @@ def grpo_tail(old, ref, mask):
 
 
 def grpo_op(name, b, t, h, v, dtype, dev, seed, boundary_tokens: int = 0) -> Op:
+    from bench.bench_grpo import CLIP_HIGH, CLIP_LOW, eager_grpo, ours_grpo
+    from bench.bench_grpo import make_inputs as grpo_inputs
+
     n = b * t
     hidden, weight, targets, adv, old, ref, mask = grpo_inputs(n, h, v, dtype, dev, seed)
     if boundary_tokens:
@@ -369,14 +383,19 @@ def grpo_op(name, b, t, h, v, dtype, dev, seed, boundary_tokens: int = 0) -> Op:
 
 def onepass_dpo(hidden, weight, ref_weight, targets, mask, cu, is_chosen):
     """bench_dpo.ours_dpo with impl="onepass" for the reference pass too (cuBLAS logits per chunk, no grad)."""
+    from bench.bench_dpo import BETA, SFT_WEIGHT, _seq_sums
+
     with torch.no_grad():
         ref_lp = fused_logprobs(hidden, ref_weight, targets, impl="onepass")
-    ref_seq = sequence_logps(ref_lp, mask, cu)
+    ref_seq = _seq_sums(ref_lp * mask, cu)  # the masked sequence sums (the bench's sequences are all T long)
     return dpo_loss(hidden, weight, targets, mask, cu, is_chosen, ref_seq[is_chosen], ref_seq[~is_chosen],
                     beta=BETA, sft_weight=SFT_WEIGHT, sft_norm="token-mean", impl="onepass")[0]
 
 
 def dpo_op(name, pairs, t, h, v, dtype, dev, seed, ref_chunk) -> Op:
+    from bench.bench_dpo import BETA, SFT_WEIGHT, _seq_sums, eager_dpo, ours_dpo
+    from bench.bench_dpo import make_inputs as dpo_inputs
+
     b = 2 * pairs
     hidden, weight, ref_weight, targets, mask, cu, is_chosen = dpo_inputs(b, t, h, v, dtype, dev, seed)
     rest = (targets, mask, cu, is_chosen)
@@ -446,10 +465,10 @@ def ceiling_at(c: int, w: torch.Tensor, g: torch.Generator, warmup: int, reps: i
     z = torch.empty(c, v, device=w.device, dtype=torch.float32)
     dx = torch.empty(c, h, device=w.device, dtype=w.dtype)
     dw = torch.zeros(v, h, device=w.device, dtype=w.dtype)
-    # The one-pass path asks cuBLAS for fp32 logits straight from bf16 operands (torch >= 2.8 on CUDA, what
-    # kernels/_onepass._mm_into calls); where that is missing, time the bf16 output instead and say so.
+    # The one-pass path asks cuBLAS for fp32 logits straight from bf16 operands (torch >= 2.8 on CUDA, the call
+    # kernels/_onepass._mm_into makes); where that is missing, time its fallback (bf16 output, then upcast).
     logits_calls = [("fp32 (out_dtype)", lambda: torch.mm(x, w.T, out_dtype=torch.float32, out=z)),
-                    ("bf16 (fp32 out_dtype unsupported)", lambda: torch.mm(x, w.T))]
+                    ("bf16, then copy to fp32 (no out_dtype)", lambda: z.copy_(torch.mm(x, w.T)))]
     logits_out, logits = next((kind, fn) for kind, fn in logits_calls if runs(fn))
     products = [("logits x @ W^T", logits_out, logits), ("dx = d @ W", "bf16", lambda: torch.mm(d, w, out=dx)),
                 ("dW += d^T @ x", "bf16 (addmm_)", lambda: dw.addmm_(d.T, x))]
@@ -657,7 +676,7 @@ def run_op(name: str, args, cpu: bool, dev, ceiling: float, sink: Sink, guard: G
             row["verdict"] = verdict(row, name, cpu)
             result["errors"] += 1
             del e
-        free_memory()
+        free_memory(collect="error" in row)
         if cfg.impl == "eager" and row.get("ms_p50"):
             eager_ms = row["ms_p50"]
         print_row(row)
@@ -687,14 +706,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for kernels_gpu.jsonl")
     p.add_argument("--ops", nargs="+", default=list(GOALS), choices=list(GOALS), help="goal rows to run")
     p.add_argument("--compile", action="store_true", help="add torch.compile of eager (about a minute per op)")
-    p.add_argument("--budget-s", type=float, default=None, help="start nothing new after this (default 170, CPU 100)")
+    p.add_argument("--budget-s", type=float, default=None, help="start nothing new after this (default 160, CPU 100)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before timing (default 2, CPU 1)")
     p.add_argument("--reps", type=int, default=None, help="timed steps, the median is reported (default 5, CPU 3)")
     p.add_argument("--ref-chunk", type=int, default=None, help="tokens per chunk of the fp32 reference")
     args = p.parse_args()
     cpu = args.cpu or not torch.cuda.is_available()
     dev = "cpu" if cpu else "cuda"
-    args.budget_s = args.budget_s or (100.0 if cpu else 170.0)
+    args.budget_s = args.budget_s or (100.0 if cpu else 160.0)
     args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 2)
     args.reps = args.reps or (3 if cpu else 5)
     if cpu:  # two shared cores here: more threads than cores only adds contention to tiny matmuls
@@ -721,13 +740,13 @@ def main() -> int:
             continue
         try:
             results[name] = run_op(name, args, cpu, dev, ceiling, sink, guard, triton_names)
-            free_memory()
+            free_memory(collect=True)
         except Exception as e:  # noqa: BLE001 - e.g. an OOM building the inputs or the reference
             print(f"| {name} | (setup) | FAIL (error: {short(e)}) |", flush=True)
             sink.write("row", op=name, config="(setup)", error=short(e), verdict="FAIL (error)")
             results[name] = dict(rows=[], phase=None, errors=1, selfcheck_ok=True)
             del e
-            free_memory()
+            free_memory(collect=True)
     print_phases(results, cpu)
     print_goals(results, cpu)
     if guard.skipped:
