@@ -751,6 +751,7 @@ def main() -> int:
     print_goals(results, cpu)
     if guard.skipped:
         print(f"\nskipped after the {args.budget_s:.0f} s budget: {', '.join(guard.skipped)}")
+        sink.write("skip", what=guard.skipped, why=f"time budget {args.budget_s:.0f} s spent")
     errors = sum(r["errors"] for r in results.values())
     selfcheck = all(r["selfcheck_ok"] for r in results.values())
     print(f"\n{sink.count} records appended to {sink.path}; {guard.elapsed():.0f} s; "
