@@ -22,9 +22,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels._bench import Results, check_against_eager, peak_extra_gib, time_ms  # noqa: E402
+from kernels._common import sequence_logps  # noqa: E402
 from kernels.dpo_loss import dpo_loss  # noqa: E402
 from kernels.fused_logprobs import logprobs_fwd  # noqa: E402
-from kernels.grpo_loss import sequence_logps  # noqa: E402
 
 BETA, SFT_WEIGHT = 0.1, 1.0
 
