@@ -13,8 +13,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from engine.config_stages import OptimConfig
 from engine.dist import DistInfo
+from engine.sections import OptimConfig
 
 
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:

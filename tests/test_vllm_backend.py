@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config_stages import RolloutConfig
 from engine.data import Processor, encode_rows
 from engine.rollout import BuiltinBackend, Completion, SamplingParams
 from engine.rollout.vllm_backend import collapse_image_pads, images_from_pixel_values
+from engine.sections import RolloutConfig
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (make test-vllm)")
 
