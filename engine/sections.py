@@ -166,7 +166,7 @@ class RolloutConfig:
     """Longest completion, in tokens."""
     compile_decode: bool = False
     """builtin: compile the decode step (torch.compile; on CUDA "reduce-overhead", i.e. CUDA graphs). Costs a
-    compile per (rows, cache-length bucket) shape; checked on CPU, not yet measured on a GPU."""
+    compile per (rows, cache-length bucket) shape."""
     max_batch_rows: int = 64
     """builtin: most sequences (prompts x n) decoded together; its static KV cache holds this many rows of
     prompt + max_new_tokens (7B: ~57 KB a token, so 64 rows x 11K tokens is ~40 GB). Lower it for long responses."""
