@@ -22,7 +22,7 @@ from bench._synthetic import qwen_vl_config, random_model, special_ids  # noqa: 
 from engine.attention import register  # noqa: E402
 from engine.data import Sample, collate  # noqa: E402
 from engine.model import Policy  # noqa: E402
-from engine.packing import pack_samples  # noqa: E402
+from engine.packed_rows import pack_samples  # noqa: E402
 from kernels._bench import Results, time_ms  # noqa: E402
 
 PRESETS = {

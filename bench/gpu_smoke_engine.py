@@ -21,10 +21,10 @@ from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 from bench._synthetic import qwen_vl_config, random_model, special_ids  # noqa: E402
 from engine.checkpoint import export_hf  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.config_stages import CheckpointConfig, OptimConfig, TrainConfig  # noqa: E402
 from engine.dist import destroy_distributed, init_distributed  # noqa: E402
 from engine.log import setup_logging  # noqa: E402
 from engine.model import Policy  # noqa: E402
+from engine.sections import CheckpointConfig, OptimConfig, TrainConfig  # noqa: E402
 from engine.stages.common import build_policy  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 

@@ -126,7 +126,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None and kwargs.get("position_ids") is None:
         # No boundaries at all: an unpacked single sequence (a padded batch of one, whose 3-D M-RoPE ids
-        # transformers does not forward). Packed rows always carry cu_seq_lens_q (engine/packing.py).
+        # transformers does not forward). Packed rows always carry cu_seq_lens_q (engine/packed_rows.py).
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if cu is None:

@@ -27,9 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from engine.config_stages import CheckpointConfig
 from engine.dist import DistInfo, barrier
 from engine.log import log0
+from engine.sections import CheckpointConfig
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Files of a checkpoint directory that are not weights: tokenizer, chat template, image processor, generation.

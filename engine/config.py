@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.config_stages import STAGE_KINDS, StageConfig
+from engine.stages.config import STAGE_KINDS, StageConfig
 
 
 class ConfigError(ValueError):

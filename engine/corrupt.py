@@ -17,7 +17,7 @@ says it uses five corruption types but does not list them; the five below are ou
 sha256 of the response, so every function stays pure (same input, same output) while a data set gets
 both variants in about equal shares.
 
-Guarantees, checked by tests/test_corrupt.py on a few hundred varied responses: the result fails
+Guarantees (tests/test_corrupt.py checks them on a few hundred varied responses): the result fails
 `format_ok`, and R.strip() then A.strip() appear in it as substrings, in that order. `format_ok` is the
 reward's check (engine.rewards.format_ok, default tags) when that module imports, else the local twin
 `format_ok_local` with the same rule; inputs must pass both.

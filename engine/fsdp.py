@@ -13,8 +13,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from engine.config_stages import OptimConfig
 from engine.dist import DistInfo
+from engine.sections import OptimConfig
 
 
 def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
@@ -61,7 +61,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach=False: the foreach kernels do not all accept DTensor mixes on CPU; the cost is negligible here.
+    # foreach on CUDA only: on CPU the foreach kernels do not all accept DTensor mixes, and the per-tensor loop
+    # costs little at the model sizes run there.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              foreach=torch.cuda.is_available())
 

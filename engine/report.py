@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engine import benchmarks
 from engine.gf import generalization_factor, group_gain
+from engine.predictions import predictions_path, read_predictions
 
 CURVES = (("reward", "reward"), ("format_acc", "format accuracy"), ("accuracy", "accuracy"),
           ("response_len", "response length (tokens)"))
@@ -20,15 +21,13 @@ CURVES = (("reward", "reward"), ("format_acc", "format accuracy"), ("accuracy", 
 
 def summarise(cfg, ctx, benches) -> dict:
     """Scores in percent from the prediction files; group means, gains over the base and GF per model."""
-    from engine.stages.eval import read_predictions
-
     base = cfg.base or cfg.models[0]
     groups = {g: [b.name for b, *_ in benches if b.group == g] for g in ("id", "ood")}
     out = {"base": base, "gf_beta": cfg.gf_beta, "groups": groups, "models": {}}
     for model in cfg.models:
         per_bench = {}
         for b, module, rows, left_out in benches:
-            preds = read_predictions(ctx.stage_dir / "predictions" / model / f"{b.name}.jsonl")
+            preds = read_predictions(predictions_path(ctx.stage_dir, model, b.name))
             got = [preds[r.id] for r in rows if r.id in preds]
             if len(got) != len(rows):
                 raise ValueError(f"eval: {model} on {b.name}: {len(rows) - len(got)} rows have no prediction")

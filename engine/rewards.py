@@ -69,13 +69,8 @@ _lock = threading.Lock()
 
 
 def num_gold_unparseable() -> int:
-    """How many gold answers this process could not parse (since start or `reset_counts`)."""
+    """How many gold answers this process has not been able to parse."""
     return _counts["gold_unparseable"]
-
-
-def reset_counts() -> None:
-    with _lock:
-        _counts["gold_unparseable"] = 0
 
 
 # ---------------------------------------------------------------- format and answer extraction
@@ -365,21 +360,3 @@ def score(
     f = cfg.format_weight if fmt else 0.0
     a = cfg.accuracy_weight if correct else 0.0
     return Reward(format=f, accuracy=a, total=f + a, gold_unparseable=gold_bad, extracted=extracted, method=method)
-
-
-def batch_score(
-    responses: Sequence[str],
-    answers: Sequence[str],
-    choices_list: Sequence[Sequence[str] | None] | None = None,
-    cfg: RewardConfig | None = None,
-    *,
-    judge: Judge | None = None,
-) -> list[Reward]:
-    """`score` over parallel lists; choices_list may be None (no choices anywhere)."""
-    if len(responses) != len(answers) or (choices_list is not None and len(choices_list) != len(responses)):
-        raise ValueError(
-            f"batch_score: responses ({len(responses)}), answers ({len(answers)}) and choices_list "
-            f"({None if choices_list is None else len(choices_list)}) must have the same length"
-        )
-    choices_list = choices_list if choices_list is not None else [None] * len(responses)
-    return [score(r, a, c, cfg=cfg, judge=judge) for r, a, c in zip(responses, answers, choices_list, strict=True)]

@@ -25,7 +25,6 @@ import logging
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +36,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from engine.corrupt import corrupt
 from engine.rewards import format_ok
-from engine.toy_draw import CELL_PX, OOD_TASKS, TASKS, ToySample, make_response, make_sample, png_bytes
+from engine.toy_draw import OOD_TASKS, TASKS, ToySample, make_response, make_sample, png_bytes
+from engine.toy_spec import SPECIAL_TOKENS, TAG_TOKENS, ToySpec
 
 logger = logging.getLogger("engine.toy")
 
@@ -49,11 +49,6 @@ FORMAT_PROMPT = (
 )
 """Instruction a recipe may append to each problem; part of the tokenizer's training text."""
 SYSTEM_PROMPT = "You are a helpful assistant."
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>")
-"""Special tokens, in id order, right after the BPE vocabulary (as in Qwen2.5-VL)."""
-TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
-"""Added as ordinary (non-special) tokens: single ids, yet kept by decode(skip_special_tokens=True)."""
 
 # Qwen2's pre-tokenizer split: single digits, words with one leading non-letter, punctuation runs, newlines.
 _PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -92,63 +87,6 @@ def _features(extra: list[str]):
         "images": datasets.List(datasets.Image()),
         **{k: datasets.Value("string") for k in extra},
     })
-
-
-@dataclass(kw_only=True, slots=True)
-class ToySpec:
-    """Everything that determines the toy world; the same spec gives byte-identical files.
-
-    `build_toy_world` takes these fields as keyword arguments with the same defaults (a test keeps them equal).
-    """
-
-    seed: int = 0
-    """Seeds the pictures, questions, response wording, formatted-row choice and model init."""
-    num_train: int = 512
-    """Rows in train.parquet (and sft.parquet); task families cycle count_color, major_color, digit_sum."""
-    num_test: int = 128
-    """Rows in test.parquet, drawn from an independent stream of the same seed."""
-    format_share: float = 0.4
-    """Share of sft rows whose response is <think>..</think><answer>..</answer>; exactly round(share * num_train)."""
-    image_size: int = 112
-    """Side of the square RGB images in pixels; a multiple of 28, >= 112 (112 -> 8x8 patches -> 16 vision tokens)."""
-    hidden_size: int = 64
-    """Language model width; also the vision merger's output width."""
-    num_layers: int = 2
-    """Language model decoder layers."""
-    num_heads: int = 4
-    """Attention heads; head_dim = hidden_size / num_heads must be even (M-RoPE)."""
-    num_kv_heads: int = 2
-    """Key/value heads (GQA); divides num_heads."""
-    intermediate_size: int = 128
-    """Language model MLP width."""
-    vision_hidden_size: int = 32
-    """Vision tower width (2 heads); its MLP is twice as wide."""
-    vision_depth: int = 2
-    """Vision tower blocks; the last one uses full attention."""
-    vocab_size: int = 1024
-    """Upper bound on the tokenizer size, 11 added tokens included; BPE stops early once the toy corpus has no more
-    pairs to merge (about 480 tokens at the defaults). The model's embedding is len(tokenizer) padded to 64."""
-
-    def check(self) -> list[str]:
-        """Returns one message per invalid field (empty when the spec is usable)."""
-        errors = [f"{k} must be >= 1, got {v}" for k, v in asdict(self).items()
-                  if k not in ("seed", "format_share") and v < 1]
-        if not 0.0 <= self.format_share <= 1.0:
-            errors.append(f"format_share must be in [0, 1], got {self.format_share}")
-        # A picture needs up to 14 free grid cells (major_color), i.e. a 4x4 grid of 28 px cells.
-        if self.image_size % CELL_PX or self.image_size < 4 * CELL_PX:
-            errors.append(f"image_size must be a multiple of {CELL_PX} and >= {4 * CELL_PX}, got {self.image_size}")
-        if self.hidden_size % max(self.num_heads, 1) or (self.hidden_size // max(self.num_heads, 1)) % 2:
-            errors.append(f"hidden_size / num_heads must be an even integer (M-RoPE), got "
-                          f"{self.hidden_size} / {self.num_heads}")
-        if self.num_heads % max(self.num_kv_heads, 1):
-            errors.append(f"num_kv_heads must divide num_heads, got {self.num_kv_heads} and {self.num_heads}")
-        if self.vision_hidden_size % 8:
-            errors.append(f"vision_hidden_size must be a multiple of 8 (2 heads, 2-D RoPE), "
-                          f"got {self.vision_hidden_size}")
-        if self.vocab_size < 256 + len(SPECIAL_TOKENS) + len(TAG_TOKENS):
-            errors.append(f"vocab_size must be >= 267 (256 bytes + 11 added tokens), got {self.vocab_size}")
-        return errors
 
 
 @contextmanager
@@ -312,15 +250,12 @@ def build_toy_model(hf_dir: str | Path, spec: ToySpec) -> tuple[Qwen2Tokenizer, 
     return tokenizer, model
 
 
-def build_toy_world(out_dir: str | Path, *, seed: int = 0, num_train: int = 512, num_test: int = 128,
-                    format_share: float = 0.4, image_size: int = 112, hidden_size: int = 64, num_layers: int = 2,
-                    num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
-                    vision_hidden_size: int = 32, vision_depth: int = 2, vocab_size: int = 1024) -> dict[str, Path]:
+def build_toy_world(out_dir: str | Path, spec: ToySpec | None = None) -> dict[str, Path]:
     """Writes the toy dataset, tokenizer, image processor and model under `out_dir` (see the module docstring).
 
     Args:
         out_dir: created if missing; existing files of the same names are overwritten.
-        seed, num_train, ...: the fields of `ToySpec` (same defaults, documented there).
+        spec: the world's settings (engine/toy_spec.py); None: the defaults.
 
     Returns:
         {"train", "test", "test_ood", "sft", "pairs"}: the parquet files; {"hf"}: the directory for
@@ -329,10 +264,7 @@ def build_toy_world(out_dir: str | Path, *, seed: int = 0, num_train: int = 512,
     Raises:
         ValueError: some settings are invalid (all of them listed).
     """
-    spec = ToySpec(seed=seed, num_train=num_train, num_test=num_test, format_share=format_share,
-                   image_size=image_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                   num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-                   vision_hidden_size=vision_hidden_size, vision_depth=vision_depth, vocab_size=vocab_size)
+    spec = ToySpec() if spec is None else spec
     if errors := spec.check():
         raise ValueError(f"build_toy_world: {len(errors)} invalid setting(s)\n  " + "\n  ".join(errors))
     t0 = time.perf_counter()

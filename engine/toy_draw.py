@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 
+from engine.toy_spec import CELL_PX
+
 TASKS = ("count_color", "major_color", "digit_sum")
 """Task family names of the train and test splits, in the order samples cycle through them."""
 OOD_TASKS = ("count_shape",)
@@ -39,8 +41,6 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (245, 245, 245)
 DIGIT_INK = (20, 20, 20)
-CELL_PX = 28
-"""Grid cell size in pixels; 28 = one merged 2x2 block of 14-pixel vision patches."""
 OPTION_LETTERS = ("A", "B", "C", "D")
 
 

@@ -19,11 +19,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from engine.checkpoint import Checkpointer
-from engine.config_stages import CheckpointConfig, OptimConfig, TrainConfig
 from engine.dist import DistInfo, all_reduce
 from engine.fsdp import build_optimizer, build_scheduler
 from engine.log import log0, logger
 from engine.metrics import Metrics
+from engine.sections import CheckpointConfig, OptimConfig, TrainConfig
 
 MicroBatch = dict[str, torch.Tensor]
 LossFn = Callable[[MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]

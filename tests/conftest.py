@@ -25,10 +25,10 @@ def _seed():
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory) -> Path:
     """The toy world at its default settings, built once per test session (data/ and hf/)."""
-    from engine.toy import build_toy_world
+    from engine.toy import ToySpec, build_toy_world
 
     out = tmp_path_factory.mktemp("toy_world")
-    build_toy_world(out, seed=0, num_train=64, num_test=16)
+    build_toy_world(out, ToySpec(seed=0, num_train=64, num_test=16))
     return out
 
 

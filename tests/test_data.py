@@ -289,7 +289,7 @@ def test_encode_rows_from_path_default_ids(proc, tmp_path):
 def test_pixels_past_the_budget_are_reencoded_on_demand(proc, tmp_path):
     """With a pixel budget, samples keep no pixel_values in memory; `pixels()` re-encodes the same patches from the
     files (relative to the data file), and collate/pack give the same batch as with everything kept."""
-    from engine.packing import pack_samples
+    from engine.packed_rows import pack_samples
 
     sub = tmp_path / "imgs"
     sub.mkdir()

@@ -11,15 +11,16 @@ import pytest
 import torch
 
 from engine.config import ModelConfig, RunConfig
-from engine.config_stages import DataConfig, DistillConfig, DistillStageConfig, RolloutConfig
 from engine.corrupt import split_response
 from engine.data import Processor
 from engine.dist import DistInfo
 from engine.judge import JudgeConfig
 from engine.rewards import format_ok, score
 from engine.rollout import Completion
+from engine.sections import DataConfig, RolloutConfig
 from engine.stages import StageContext
 from engine.stages import distill as distill_stage
+from engine.stages.config import DistillConfig, DistillStageConfig
 from engine.stages.dpo import encode_pairs
 
 from .test_judge import StubGemini
@@ -112,7 +113,7 @@ def test_pairs_schema_counts_and_format_only_difference(tmp_path, toy_world, scr
         assert reasoning in row["rejected"] and answer in row["rejected"]  # same reasoning, same answer text
         assert row["rejected_format"] == 0.0 and row["source_model"] == "model" and row["judge"] == ""
     # The DPO stage reads the file as it is.
-    from engine.config_stages import DPOStageConfig
+    from engine.stages.config import DPOStageConfig
 
     dpo_cfg = DPOStageConfig(name="cs", kind="dpo", init="model", data=DataConfig(train="x"))
     got = encode_pairs(dpo_cfg, Processor.from_pretrained(toy_world / "hf"), ctx.stage_dir / "pairs.parquet")

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from engine.config import ConfigError, ModelConfig, RunConfig, parse_config
-from engine.config_stages import BenchmarkConfig, EvalStageConfig
 from engine.dist import DistInfo
+from engine.predictions import read_predictions
 from engine.rollout import Completion
 from engine.stages import StageContext
 from engine.stages import eval as eval_stage
+from engine.stages.config import BenchmarkConfig, EvalStageConfig
 
 
 class ScriptedBackend:
@@ -94,7 +95,7 @@ def test_scores_gf_and_report(tmp_path, toy_world, scripted):
     assert (m["g_id"], m["g_ood"], m["gf"]) == (0.0, 0.0, 0.0)
     cats = m["benchmarks"]["toy_id"]["categories"]
     assert set(cats) == {"count_color", "major_color", "digit_sum"}
-    preds = eval_stage.read_predictions(ctx.stage_dir / "predictions" / "model" / "toy_id.jsonl")
+    preds = read_predictions(ctx.stage_dir / "predictions" / "model" / "toy_id.jsonl")
     first = preds["test-00000"]
     assert first["score"] == 0.0 and "placeholder" in first["error"] and first["finish_reason"] == "error"
     report = (ctx.stage_dir / "report.md").read_text()

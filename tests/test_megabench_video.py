@@ -131,8 +131,8 @@ def test_load_corrupt_video_names_it(tmp_path):
 
 
 def test_eval_stage_keeps_framed_video_rows(tmp_path):
-    from engine.config_stages import BenchmarkConfig
     from engine.stages import eval as eval_stage
+    from engine.stages.config import BenchmarkConfig
 
     root = _video_release(tmp_path)
     ctx = SimpleNamespace(resolve_path=lambda p: Path(p))

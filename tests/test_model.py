@@ -81,7 +81,7 @@ def test_activation_checkpointing_and_frozen_vision(toy_world, batch):
 
 @pytest.mark.parametrize("attn", ["varlen", "sdpa"])
 def test_packed_row_matches_padded_batch(toy_world, attn):
-    from engine.packing import pack_samples
+    from engine.packed_rows import pack_samples
 
     processor = Processor.from_pretrained(toy_world / "hf")
     samples, _ = encode_rows(toy_world / "data" / "sft.parquet", processor, response_column="response")
@@ -160,7 +160,7 @@ def test_text_only_batch_runs_the_vision_tower_once(toy_world):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (varlen_attn has no CPU kernel); the CPU "
                     "path of the same attention is checked in test_packed_row_matches_padded_batch")
 def test_packed_varlen_on_cuda_matches_padded(toy_hf):
-    from engine.packing import pack_samples
+    from engine.packed_rows import pack_samples
     from engine.toy import ToySpec, _sft_responses, generate_split
 
     processor = Processor.from_pretrained(toy_hf)

@@ -1,7 +1,6 @@
 """engine/rollout: the builtin backend against transformers' own generate and a teacher-forced forward, on the
 toy Qwen2.5-VL (tests/conftest.py `toy_world`), CPU fp32."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -207,46 +206,10 @@ def test_update_weights_roundtrip(backend, prompts):
         backend.update_weights([("lm_head.weight", torch.zeros(3, 3))])
 
 
-def test_stop_strings_and_length(backend, prompts):
-    free = backend.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=24))
-    for (c,) in free:
+def test_length_limit(backend, prompts):
+    for (c,) in backend.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=24)):
         if c.finish_reason == "length":
             assert len(c.token_ids) == 24 and len(c.logprobs) == 24
-    base = next(g[0] for g in free if len(g[0].text.strip()) >= 8)
-    stop = base.text.strip()[4:7]
-    cut = base.text[:base.text.find(stop)]
-    got = backend.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=24, stop=[stop, "\x00never"]))
-    for (c,), (f,) in zip(got, free, strict=True):
-        assert c.token_ids == f.token_ids[:len(c.token_ids)] and len(c.logprobs) == len(c.token_ids)
-        if stop in f.text:
-            assert c.finish_reason == "stop" and stop not in c.text and f.text.startswith(c.text)
-            # the last kept token is the one that completed the stop string
-            text = backend.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-            assert stop in text and stop not in backend.tokenizer.decode(c.token_ids[:-1], skip_special_tokens=True)
-        else:
-            assert c == f
-    assert any(c.text == cut and c.finish_reason == "stop" for (c,) in got)
-
-
-def test_stop_strings_late_in_long_outputs(backend, prompts):
-    """Stop strings found past the decode window of the first tokens (the check decodes only a row's last tokens):
-    each row stops where the first occurrence in its whole text ends, as a whole-text search says."""
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=80, seed=5)
-    free = [g[0] for g in backend.generate(prompts, 1, sampling)]
-    long_texts = [c.text for c in free if len(c.text) >= 60]
-    assert long_texts, "the toy model produced no long sampled text"
-    stops = [long_texts[0][-12:-9], long_texts[-1][40:42]]
-    got = [g[0] for g in backend.generate(prompts, 1, dataclasses.replace(sampling, stop=stops))]
-    for c, f in zip(got, free, strict=True):
-        hits = [j for j in (f.text.find(s) for s in stops) if j >= 0]
-        assert c.token_ids == f.token_ids[:len(c.token_ids)]
-        if hits:
-            assert c.finish_reason == "stop" and c.text == f.text[:min(hits)]
-            kept = backend.tokenizer.decode(c.token_ids[:-1], skip_special_tokens=True)
-            assert not any(s in kept for s in stops)  # the last kept token completed the stop string
-        else:
-            assert c == f
-    assert any(c.finish_reason == "stop" and len(c.token_ids) > 40 for c in got)
 
 
 def test_stop_on_eos(backend, prompts, monkeypatch):

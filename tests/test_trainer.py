@@ -12,10 +12,10 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from engine.checkpoint import Checkpointer, export_hf
 from engine.config import ModelConfig
-from engine.config_stages import CheckpointConfig, OptimConfig, TrainConfig
 from engine.data import Processor, collate, encode_rows
 from engine.dist import init_distributed
 from engine.model import Policy
+from engine.sections import CheckpointConfig, OptimConfig, TrainConfig
 from engine.stages.common import build_policy
 from engine.trainer import NonFiniteError, Trainer
 

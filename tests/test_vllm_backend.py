@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config_stages import RolloutConfig
 from engine.data import Processor, encode_rows
 from engine.rollout import BuiltinBackend, Completion, SamplingParams
 from engine.rollout.vllm_backend import collapse_image_pads, images_from_pixel_values
+from engine.sections import RolloutConfig
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (make test-vllm)")
 
@@ -194,15 +194,10 @@ def test_sampling_logprobs_and_seed(vllm_backend, builtin, prompts, temperature)
 
 
 @needs_vllm
-def test_stop_strings_and_length_match_builtin(vllm_backend, builtin, prompts):
-    free = builtin.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=24))
-    assert any(c.finish_reason == "length" and len(c.token_ids) == 24 for (c,) in free)
-    base = next(g[0] for g in free if len(g[0].text.strip()) >= 8)
-    stop = base.text.strip()[4:7]
-    sampling = SamplingParams(temperature=0, max_new_tokens=24, stop=[stop, "\x00never"])
+def test_length_limit_matches_builtin(vllm_backend, builtin, prompts):
+    sampling = SamplingParams(temperature=0, max_new_tokens=24)
     got = vllm_backend.generate(prompts, 1, sampling)
     _assert_same(got, builtin.generate(prompts, 1, sampling))
-    assert any(c.finish_reason == "stop" and c.text == base.text[:base.text.find(stop)] for (c,) in got)
     short = vllm_backend.generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=5))
     assert all(len(c.token_ids) == 5 and c.finish_reason == "length" for (c,) in short)
 

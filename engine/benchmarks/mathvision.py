@@ -26,9 +26,7 @@ evaluates `str(latex2sympy(x))` with Python `eval` after `from math import *`, u
 (whose antlr4 4.7 pin conflicts with math-verify's). We parse with latex2sympy2_extended, bent towards the
 original where they differ (see `_latex2sympy`), and evaluate the string with a restricted evaluator that allows
 the same names (math's functions and constants, a few builtins), so e.g. sympy's `E` or `oo` fail as they do
-there. On the 48,640 responses of the 16 model output files the repository ships, our verdict equals the
-committed official one on all but one (id 3013 of Gemini-Pro, where running the official code today agrees with
-us).
+there.
 """
 
 from __future__ import annotations

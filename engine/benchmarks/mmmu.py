@@ -26,8 +26,7 @@ for multiple choice (a letter in parentheses, else a bare letter, else an option
 rounded to 2 decimals, substring match). When nothing parses, the official code guesses a random letter with the
 process-wide generator seeded once (`random.seed(42)` at import), so its k-th guess in a run is the k-th draw. We
 draw from a fresh `random.Random(42)` for every response: the same letter as the official run's first guess, and
-a score that never depends on what was scored before it (on the shipped LLaVA-1.5-13B outputs both guesses, in
-Design and Psychology, equal the official ones). Pass one shared `random.Random(42)` as `rng` to replay the
+a score that never depends on what was scored before it. Pass one shared `random.Random(42)` as `rng` to replay the
 official stream in the official order. Category = subject (from the id); accuracy per subject, and discipline and
 overall accuracy weighted by instances, as the official report.
 """

@@ -8,7 +8,7 @@ GRPO stage calls `generate`, scores the completions, trains, then streams the ne
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -26,8 +26,6 @@ class SamplingParams:
     """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p (1.0 = off)."""
     max_new_tokens: int = 256
     """Most tokens generated per completion (the stop token included)."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end a completion; text and token_ids are cut at the first occurrence."""
     seed: int = 0
     """Seed of the sampling RNG: the same seed, prompts and weights give the same completions."""
 
@@ -39,8 +37,6 @@ class SamplingParams:
             errors.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             errors.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if any(not s for s in self.stop):
-            errors.append(f"stop strings must be non-empty, got {self.stop!r}")
         return errors
 
 

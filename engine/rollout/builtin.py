@@ -12,12 +12,11 @@ The loop: left-pad the batch's distinct prompts, one prefill forward with the im
 uses a DynamicCache, checks it), copy each prompt's K/V to its n rows of the decode cache (so the vision tower
 and the prefill run once per prompt, not n times; the decode cache is kept and refilled while the batch shape
 stays, see `_decode_cache`), then one single-token forward per step. Positions are passed explicitly (M-RoPE: see
-`_prefill_positions`). Vision special tokens are banned from the output; rows stop on eos or a stop string and
-then keep feeding padding until every row is done.
+`_prefill_positions`). Vision special tokens are banned from the output; rows stop on eos and then keep
+feeding padding until every row is done.
 
 `compile_decode=True` compiles the decode step (static shapes: the whole mask and the cache slot as a tensor);
-on CUDA in "reduce-overhead" mode, which replays it as CUDA graphs. Checked on CPU (same greedy tokens as the
-eager step); not yet measured on a GPU.
+on CUDA in "reduce-overhead" mode, which replays it as CUDA graphs; it gives the eager step's greedy tokens.
 
 Letters in shapes: B batch rows (prompts x n), T prompt length (padded), L cache length, V vocabulary.
 """
@@ -84,6 +83,8 @@ class BuiltinBackend:
         self.compile_decode = compile_decode
         self._decode = self._decode_step
         if compile_decode:
+            # TODO: measure tokens/s of the compiled step against eager on a GPU (bench/bench_rollout.py,
+            # builtin-compiled row); only the CPU run exists, so whether CUDA graphs pay off is unknown.
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self._decode = torch.compile(self._decode_step, mode=mode, dynamic=False)
         log0("rollout: builtin backend, %s %s on %s, static KV cache, max_batch_size %d, decode %s, eos %s, banned %s",
@@ -219,7 +220,6 @@ class BuiltinBackend:
         logprobs_BN = torch.zeros(b, max_new, device=self.device)
         lengths_B = torch.zeros(b, dtype=torch.long, device=self.device)
         finished_B = torch.zeros(b, dtype=torch.bool, device=self.device)
-        stopped_text: dict[int, str] = {}  # row -> text cut before its first stop string
         cache_pos_1 = torch.zeros(1, dtype=torch.long, device=self.device)
         for step in range(max_new):
             tok_B, lp_B = _sample(logits_BV, sampling, gen, self.banned_ids)
@@ -227,8 +227,6 @@ class BuiltinBackend:
             tokens_BN[:, step], logprobs_BN[:, step] = tok_B, lp_B
             lengths_B += (~finished_B).long()
             finished_B |= torch.isin(tok_B, eos)
-            if sampling.stop:
-                self._check_stop(tokens_BN, lengths_B, finished_B, sampling.stop, stopped_text)
             if step == max_new - 1 or bool(finished_B.all()):  # host sync once a step: lets the batch end early
                 break
             # Static shapes at every step (the whole mask, the cache slot as a tensor): what CUDA graph capture
@@ -238,13 +236,11 @@ class BuiltinBackend:
                                      cache)
         results = []
         rows = zip(tokens_BN.tolist(), logprobs_BN.tolist(), lengths_B.tolist(), strict=True)
-        for i, (ids, lps, k) in enumerate(rows):
+        for ids, lps, k in rows:
             ids, lps = ids[:k], lps[:k]
-            text = stopped_text.get(i)
-            stopped = text is not None or (bool(ids) and ids[-1] in self.eos_ids)
-            if text is None:
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            results.append((ids, lps, text, "stop" if stopped else "length"))
+            stopped = bool(ids) and ids[-1] in self.eos_ids
+            results.append((ids, lps, self.tokenizer.decode(ids, skip_special_tokens=True),
+                            "stop" if stopped else "length"))
         return results
 
     def _decode_cache(self, prefill: StaticCache, rows: torch.Tensor, length: int) -> StaticCache:
@@ -280,30 +276,6 @@ class BuiltinBackend:
             warn_once(f"rollout: the compiled decode step has now met {limit + 1} (rows, cache length) shapes, more "
                       f"than torch._dynamo.config.recompile_limit ({limit}); new shapes run uncompiled. Fewer shapes: "
                       "a fixed max_new_tokens and prompt batches of max_batch_size rows; or raise the limit.")
-
-    def _check_stop(self, tokens, lengths, finished, stop: list[str], stopped_text: dict[int, str]) -> None:
-        """Finish rows whose decoded text now contains a stop string; remember the text cut before it.
-
-        Checked after every token, so the token that completes a stop string is the last one kept. Only the
-        row's last tokens are decoded each step (decoding the whole row every step costs O(length^2) per row);
-        the window is wide enough for the longest stop string even at one byte per token, with room for skipped
-        special tokens, and a hit is confirmed on the whole text, whose first occurrence sets the cut.
-        """
-        active = (~finished).nonzero().view(-1).tolist()  # host sync; only when stop strings are set
-        if not active:
-            return
-        lens = lengths.tolist()
-        window = 4 * max(len(s) for s in stop) + 8
-        for i in active:
-            tail = self.tokenizer.decode(tokens[i, max(0, lens[i] - window):lens[i]].tolist(),
-                                         skip_special_tokens=True)
-            if not any(s in tail for s in stop):
-                continue
-            text = self.tokenizer.decode(tokens[i, :lens[i]].tolist(), skip_special_tokens=True)
-            hits = [j for j in (text.find(s) for s in stop) if j >= 0]
-            if hits:
-                stopped_text[i] = text[:min(hits)]
-                finished[i] = True
 
     # ------------------------------------------------------------------------------------------------- weights
 

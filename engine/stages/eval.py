@@ -21,45 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from PIL import Image
 
 from engine import benchmarks
 from engine.benchmarks import BenchRow
-from engine.config_stages import EvalStageConfig
 from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
 from engine.judge import make_judge
 from engine.log import log0
+from engine.predictions import append_predictions, drop_partial_line, predictions_path, read_predictions
 from engine.rewards import format_ok
 from engine.rollout import RolloutBackend, SamplingParams, make_backend
 from engine.stages import StageContext
-
-
-def read_predictions(path: Path) -> dict[str, dict]:
-    """id -> prediction; a last line cut short by a crash is ignored (that row is predicted again)."""
-    out = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[p["id"]] = p
-    return out
-
-
-def _drop_partial_line(path: Path) -> None:
-    """Cut a last line left unfinished by a crash, so that the next append starts on a line of its own."""
-    if path.exists():
-        text = path.read_text()
-        if text and not text.endswith("\n"):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text[:text.rfind("\n") + 1])
-            os.replace(tmp, path)
+from engine.stages.config import EvalStageConfig
 
 
 def _open(image) -> Image.Image:
@@ -164,9 +141,9 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
         model_dir = _checkpoint_dir(ctx, model) if "@" in model else ctx.model_dir(model)
         processor, backend = None, None
         for b, module, rows, _ in benches:
-            path = ctx.stage_dir / "predictions" / model / f"{b.name}.jsonl"
+            path = predictions_path(ctx.stage_dir, model, b.name)
             if rank == 0:
-                _drop_partial_line(path)
+                drop_partial_line(path)
             done = broadcast_object(set(read_predictions(path)) if rank == 0 else set())
             todo = [r for r in rows if r.id not in done]
             log0(f"eval: {model} on {b.name}: {len(rows) - len(todo)} rows predicted earlier, {len(todo)} to go")
@@ -187,15 +164,13 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                     scored = [(row, by_id[row.id], _score(module, row, by_id[row.id]["response"])
                                if not by_id[row.id]["error"] else 0.0) for row in chunk]
                     verdicts = _judge_wrong(judge, module, scored)
-                    with path.open("a") as f:
-                        for row, p, s in scored:
-                            verdict = verdicts.get(row.id, "")
-                            s = 1.0 if verdict == "yes" else s
-                            f.write(json.dumps({"id": row.id, "category": row.category, "score": s,
-                                                "correct": s == 1.0, "judge": verdict,
-                                                "format": format_ok(p["response"]), **p}) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
+                    records = []
+                    for row, p, s in scored:
+                        verdict = verdicts.get(row.id, "")
+                        s = 1.0 if verdict == "yes" else s
+                        records.append({"id": row.id, "category": row.category, "score": s, "correct": s == 1.0,
+                                        "judge": verdict, "format": format_ok(p["response"]), **p})
+                    append_predictions(path, records)
         if backend is not None:
             backend.close()  # the next model's backend gets the accelerator memory
     if rank == 0:

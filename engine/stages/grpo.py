@@ -19,16 +19,16 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from engine.checkpoint import export_hf
-from engine.config_stages import GRPOStageConfig
 from engine.data import IGNORE_INDEX, Processor, Sample, encode_rows, load_rows
 from engine.dist import all_reduce
 from engine.fsdp import resolve_dtype, vision_tower
 from engine.log import log0
-from engine.packing import num_targets, pack_samples, to_device
+from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.rewards import RewardConfig, score
 from engine.rollout import SamplingParams, make_backend
 from engine.stages import StageContext
 from engine.stages.common import StepOrder, build_policy, check_batch_size
+from engine.stages.config import GRPOStageConfig
 from engine.trainer import Trainer
 from kernels import grpo_loss, plan_bins
 

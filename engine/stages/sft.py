@@ -6,13 +6,13 @@ Used twice in SPECS work: to pretrain the toy base model (tiny.toml) and as the 
 import torch
 
 from engine.checkpoint import export_hf
-from engine.config_stages import SFTStageConfig
 from engine.data import Processor, collate, encode_rows, load_rows, plan_micro_batches
 from engine.fsdp import vision_tower
 from engine.log import log0
-from engine.packing import num_targets, pack_samples, to_device
+from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.stages import StageContext
 from engine.stages.common import StepOrder, build_policy, check_batch_size
+from engine.stages.config import SFTStageConfig
 from engine.trainer import Trainer
 from kernels import plan_bins
 

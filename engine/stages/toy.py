@@ -4,17 +4,15 @@ Outputs: `data/{train,test,sft}.parquet` and `hf/` (tokenizer, image processor, 
 later stages refer to it as `init = "<stage>"` and `train = "<stage>:data/sft.parquet"`.
 """
 
-from engine.config_stages import ToyStageConfig
 from engine.dist import barrier
 from engine.log import log0
 from engine.stages import StageContext
+from engine.stages.config import ToyStageConfig
 from engine.toy import build_toy_world
 
 
 def run(cfg: ToyStageConfig, ctx: StageContext) -> None:
     if ctx.dist.is_main:
-        paths = build_toy_world(ctx.stage_dir, seed=cfg.seed, num_train=cfg.num_train, num_test=cfg.num_test,
-                                format_share=cfg.format_share, image_size=cfg.image_size,
-                                hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, vision_depth=cfg.vision_depth)
+        paths = build_toy_world(ctx.stage_dir, cfg)  # the stage config is a ToySpec
         log0("toy world: " + ", ".join(f"{k} {v}" for k, v in paths.items()))
     barrier()  # the other ranks read these files in the next stage
