@@ -234,3 +234,34 @@ def _addmm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
                  "gradient goes through a %s [V, H] temporary per chunk, which rounds it (torch >= 2.8 avoids this)",
                  e, a.dtype)
         out += (a @ b).float()
+
+
+def sm90_specs():
+    """Every (fn, signature, constexprs, num_warps, num_stages, label) the CUDA launchers above can compile, for
+    the sm_90a static checks (kernels/_sm90.py, tests/test_sm90_compile.py): bf16 and fp32 inputs, with and
+    without entropy, int64 targets, the CUDA configs, UPCAST off and PRECISION as `_setup` picks it.
+
+    ":16" marks what Triton specialises at every launch: torch allocations (and the launchers' chunk slices,
+    which start at multiples of BLOCK_N rows) are 16-byte aligned, and H (so the row strides of hidden and
+    weight) is a multiple of 16 in every model we train. N, V, the dlogits stride (= V) and tiles_per_split are
+    left plain: any value can occur.
+    """
+    specs = []
+    for dtype in ("bf16", "fp32"):
+        ptrs = {"X_ptr": f"*{dtype}:16", "W_ptr": f"*{dtype}:16", "T_ptr": "*i64:16"}
+        fwd_sig = {**ptrs, **{p: "*fp32:16" for p in ("M_ptr", "S_ptr", "A_ptr", "Z_ptr")}}
+        bwd_sig = {**ptrs, **{p: "*fp32:16" for p in ("LSE_ptr", "G_ptr", "GE_ptr", "C_ptr")},
+                   "D_ptr": f"*{dtype}:16"}  # dlogits in the input dtype on GPU (d_dtype)
+        fwd_sig.update(N="i32", V="i32", H="i32:16", stride_x="i32:16", stride_w="i32:16")
+        bwd_sig.update(N="i32", V="i32", H="i32:16", stride_x="i32:16", stride_w="i32:16", stride_d="i32")
+        for kind, fn, sig, cfg in (("fwd", _logprobs_fwd_kernel, fwd_sig, CUDA_FWD_CONFIG),
+                                   ("dlogits", _logprobs_dlogits_kernel, bwd_sig, CUDA_BWD_CONFIG)):
+            sig = {**sig, "inv_temp": "fp32", "tiles_per_split": "i32"}
+            blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+            sig.update({k: "constexpr" for k in (*blocks, "HAS_ENT", "UPCAST", "PRECISION")})
+            for has_ent in (False, True):
+                constexprs = {**blocks, "HAS_ENT": has_ent, "UPCAST": False,
+                              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                specs.append((fn, sig, constexprs, cfg["num_warps"], cfg["num_stages"],
+                              f"logprobs_{kind}-{dtype}-{'ent' if has_ent else 'noent'}"))
+    return specs

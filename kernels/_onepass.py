@@ -386,3 +386,32 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
     if dw is not None:
         dw = dw.to(weight.dtype)
     return logp, lse, entropy, dx, dw
+
+
+def sm90_specs():
+    """Every (fn, signature, constexprs, num_warps, num_stages, label) the CUDA path of `onepass` can compile, for
+    the sm_90a static checks (kernels/_sm90.py, tests/test_sm90_compile.py): the logits buffer is fp32 for bf16
+    and fp32 inputs, the dlogits output is in the input dtype (bf16 or fp32), with and without entropy, int64
+    targets, the CUDA configs (num_stages: Triton's default, 3, as the launchers do not pass one).
+
+    ":16" marks the pointers (torch allocations and chunk slices, 16-byte aligned), which Triton specialises at
+    launch; V and the row strides (= V) are left plain since any vocabulary size can occur.
+    """
+    stats, dlogits = _kernel_sources()
+    specs = []
+    for has_ent in (False, True):
+        tag = "ent" if has_ent else "noent"
+        cfg = CUDA_STATS_CONFIG
+        sig = {"Z_ptr": "*fp32:16", "T_ptr": "*i64:16", "LSE_ptr": "*fp32:16", "ZT_ptr": "*fp32:16",
+               "ENT_ptr": "*fp32:16", "V": "i32", "stride_z": "i32", "inv_temp": "fp32", "BLOCK_V": "constexpr",
+               "HAS_ENT": "constexpr"}
+        specs.append((stats, sig, {"BLOCK_V": cfg["BLOCK_V"], "HAS_ENT": has_ent}, cfg["num_warps"],
+                      cfg.get("num_stages", 3), f"onepass_stats-fp32-{tag}"))
+        for out in ("bf16", "fp32"):
+            cfg = CUDA_DLOGITS_CONFIG
+            sig = {"Z_ptr": "*fp32:16", "T_ptr": "*i64:16", **{p: "*fp32:16" for p in ("LSE_ptr", "G_ptr", "GE_ptr",
+                   "C_ptr")}, "D_ptr": f"*{out}:16", "V": "i32", "stride_z": "i32", "stride_d": "i32",
+                   "inv_temp": "fp32", "BLOCK_V": "constexpr", "HAS_ENT": "constexpr"}
+            specs.append((dlogits, sig, {"BLOCK_V": cfg["BLOCK_V"], "HAS_ENT": has_ent}, cfg["num_warps"],
+                          cfg.get("num_stages", 3), f"onepass_dlogits-{out}-{tag}"))
+    return specs
