@@ -389,29 +389,34 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
 
 
 def sm90_specs():
-    """Every (fn, signature, constexprs, num_warps, num_stages, label) the CUDA path of `onepass` can compile, for
-    the sm_90a static checks (kernels/_sm90.py, tests/test_sm90_compile.py): the logits buffer is fp32 for bf16
-    and fp32 inputs, the dlogits output is in the input dtype (bf16 or fp32), with and without entropy, int64
-    targets, the CUDA configs (num_stages: Triton's default, 3, as the launchers do not pass one).
+    """Every (fn, signature, constexprs, num_warps, num_stages, label) the CUDA path of `onepass` compiles, for the
+    sm_90a static checks (kernels/_sm90.py, tests/test_sm90_compile.py): the row kernel in each mode the driver
+    launches (statistics only; gradient loaded, with and without the entropy term; GRPO in the kernel with each KL
+    estimator, on- and off-policy, dual clip; pass 2 only for DPO), dlogits written in bf16 (in place) or fp32,
+    int64 targets, CUDA_ROW_CONFIG (num_stages: Triton's default, 3, as the launcher passes none).
 
-    ":16" marks the pointers (torch allocations and chunk slices, 16-byte aligned), which Triton specialises at
-    launch; V and the row strides (= V) are left plain since any vocabulary size can occur.
+    ":16" marks the pointers (torch allocations and 64-token-aligned chunk slices, 16-byte aligned), which Triton
+    specialises at launch; V and the row strides are left plain since any vocabulary size can occur.
     """
-    stats, dlogits = _kernel_sources()
+    fn, cfg = _kernel_source(), CUDA_ROW_CONFIG
+    flags = ("BLOCK_V", "STATS", "HAS_ENT", "G_MODE", "HAS_GE", "HAS_OLD", "HAS_DUAL", "KL_MODE")
+    modes = [  # (label, STATS, HAS_ENT, G_MODE, HAS_GE, HAS_OLD, HAS_DUAL, KL_MODE)
+        ("stats", 1, 0, 0, 0, 0, 0, 0), ("stats-ent", 1, 1, 0, 0, 0, 0, 0), ("known", 1, 0, 1, 0, 0, 0, 0),
+        ("known-entgrad", 1, 1, 1, 1, 0, 0, 0), ("pass2", 0, 0, 1, 0, 0, 0, 0),
+        ("grpo-on-policy", 1, 1, 2, 0, 0, 0, 0), ("grpo-dual", 1, 1, 2, 0, 1, 1, 0),
+    ] + [(f"grpo-kl{k}", 1, 1, 2, 0, 1, 0, k) for k in (1, 2, 3, 4)]
     specs = []
-    for has_ent in (False, True):
-        tag = "ent" if has_ent else "noent"
-        cfg = CUDA_STATS_CONFIG
-        sig = {"Z_ptr": "*fp32:16", "T_ptr": "*i64:16", "LSE_ptr": "*fp32:16", "ZT_ptr": "*fp32:16",
-               "ENT_ptr": "*fp32:16", "V": "i32", "stride_z": "i32", "inv_temp": "fp32", "BLOCK_V": "constexpr",
-               "HAS_ENT": "constexpr"}
-        specs.append((stats, sig, {"BLOCK_V": cfg["BLOCK_V"], "HAS_ENT": has_ent}, cfg["num_warps"],
-                      cfg.get("num_stages", 3), f"onepass_stats-fp32-{tag}"))
-        for out in ("bf16", "fp32"):
-            cfg = CUDA_DLOGITS_CONFIG
-            sig = {"Z_ptr": "*fp32:16", "T_ptr": "*i64:16", **{p: "*fp32:16" for p in ("LSE_ptr", "G_ptr", "GE_ptr",
-                   "C_ptr")}, "D_ptr": f"*{out}:16", "V": "i32", "stride_z": "i32", "stride_d": "i32",
-                   "inv_temp": "fp32", "BLOCK_V": "constexpr", "HAS_ENT": "constexpr"}
-            specs.append((dlogits, sig, {"BLOCK_V": cfg["BLOCK_V"], "HAS_ENT": has_ent}, cfg["num_warps"],
-                          cfg.get("num_stages", 3), f"onepass_dlogits-{out}-{tag}"))
+    for out in ("bf16", "fp32"):
+        for label, *values in modes:
+            if out == "fp32" and label not in ("known-entgrad", "grpo-kl3", "pass2"):
+                continue  # fp32 inputs: a few modes suffice (same code, wider stores)
+            sig = {"Z_ptr": "*fp32:16", "D_ptr": f"*{out}:16", "T_ptr": "*i64:16",
+                   **{p: "*fp32:16" for p in ("LSE_ptr", "LOGP_ptr", "ENT_ptr", "G_ptr", "GE_ptr", "ADV_ptr",
+                                              "OLD_ptr", "REF_ptr", "W_ptr")},
+                   "V": "i32", "stride_z": "i32", "stride_d": "i32", "inv_temp": "fp32", "ignore_index": "i32",
+                   **{p: "fp32" for p in ("clip_low", "clip_high", "dual_clip", "kl_coef")},
+                   **{f: "constexpr" for f in flags}}
+            constexprs = dict(zip(flags, [cfg["BLOCK_V"], *(bool(v) if i in (0, 1, 3, 4, 5) else v
+                                                            for i, v in enumerate(values))], strict=True))
+            specs.append((fn, sig, constexprs, cfg["num_warps"], 3, f"onepass_row-{out}-{label}"))
     return specs
