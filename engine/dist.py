@@ -94,3 +94,15 @@ def gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def lockstep(items: list, device: torch.device, filler=None) -> list[tuple[object, bool]]:
+    """`items` as (item, real) pairs, padded to the longest list over ranks with (items[0] or `filler`, False).
+
+    FSDP2 all-gathers parameters and reduce-scatters gradients inside every forward/backward, so every rank must
+    run the same number of passes or the others hang. A padding pass runs a real input; the caller discards its
+    output (or weights its loss by zero). `filler` stands in when this rank has no item at all.
+    """
+    num = int(all_reduce(torch.tensor([len(items)], device=device), "max").item())  # sync: the longest list
+    pad = items[0] if items else filler
+    return [(items[i], True) if i < len(items) else (pad, False) for i in range(num)]

@@ -44,7 +44,7 @@ def _make(toy_world, dist_info, tmp_path, **train):
 def _sft_loss(policy):
     def loss_fn(mb):
         logp = policy(mb)
-        return -logp.mean(), {"loss": -logp.mean(), "num_tokens": mb["attention_mask"].sum()}
+        return -logp.mean(), {"train/loss": -logp.mean(), "train/num_tokens": mb["attention_mask"].sum()}
     return loss_fn
 
 
@@ -66,7 +66,7 @@ def test_checkpoint_round_trip_gives_identical_next_step(toy_world, dist_info, b
     assert trainer2.resume() and trainer2.step == 2
     assert trainer2.scheduler.last_epoch == trainer.scheduler.last_epoch - 1
     got = trainer2.train_step([batches[2]], _sft_loss(fresh))
-    assert got["loss"] == expected["loss"] and got["grad_norm"] == expected["grad_norm"]
+    assert got["train/loss"] == expected["train/loss"] and got["train/grad_norm"] == expected["train/grad_norm"]
     for k, v in _params(fresh).items():
         assert torch.equal(v, after[k]), k
 
@@ -105,14 +105,14 @@ def test_non_finite_steps_are_skipped_then_stop(toy_world, dist_info, batches, t
 
     def nan_loss(mb):
         loss, stats = good(mb)
-        return loss * float("nan"), {**stats, "loss": stats["loss"] * float("nan")}
+        return loss * float("nan"), {**stats, "train/loss": stats["train/loss"] * float("nan")}
 
     before = _params(policy)
     values = trainer.train_step([batches[0]], nan_loss)
-    assert values["skipped"] and values["num_skipped"] == 1 and math.isnan(values["loss"])
+    assert values["train/skipped"] and values["train/num_skipped"] == 1 and math.isnan(values["train/loss"])
     for k, v in _params(policy).items():
         assert torch.equal(v, before[k]), f"{k} changed on a skipped step"
-    assert not trainer.train_step([batches[0]], good)["skipped"]  # a good step resets the streak
+    assert not trainer.train_step([batches[0]], good)["train/skipped"]  # a good step resets the streak
     trainer.step = 1
     trainer.save()
     trainer.train_step([batches[0]], nan_loss)
