@@ -54,7 +54,7 @@ def pair_batch(pairs: list[Pair], indices: list[int], merge_size: int | None) ->
     batch = pack_samples(samples, merge_size=merge_size)
     batch["is_chosen"] = torch.tensor([True] * len(indices) + [False] * len(indices))
     batch["pair_index"] = torch.tensor(indices)
-    batch["num_chosen_targets"] = int(batch["target_cu"][len(indices)])
+    batch["num_chosen_targets"] = int(batch["target_cu"][len(indices)])  # a host tensor: no sync
     return batch
 
 
@@ -68,11 +68,11 @@ def reference_logps(policy, pairs: list[Pair], ctx: StageContext, micro_batch_to
     bins = [b for b in plan_bins(lengths, micro_batch_tokens)[0] if b] if mine else []
     out = torch.zeros(len(pairs), 2, device=dist_info.device)
     for indices, real in lockstep([[mine[j] for j in b] for b in bins], dist_info.device, filler=[0]):
-        batch = to_device(pair_batch(pairs, indices, merge_size), dist_info.device)
-        logp = policy(batch)
+        batch = pair_batch(pairs, indices, merge_size)
+        counts = torch.diff(batch["target_cu"].long()).tolist()  # a host tensor: no sync
+        logp = policy(to_device(batch, dist_info.device))
         if not real:
             continue
-        counts = torch.diff(batch["target_cu"].long()).tolist()  # sync: a few ints
         sums = torch.stack([x.sum() for x in torch.split(logp, counts)])
         k = len(indices)
         out[batch["pair_index"], 0], out[batch["pair_index"], 1] = sums[:k], sums[k:]

@@ -161,11 +161,12 @@ def response_logps(model: Policy, samples: list[Sample], c: Collector, temperatu
     bins = [b for b in plan_bins([len(s.input_ids) for s in samples], c.micro_batch_tokens)[0] if b]
     out: list[torch.Tensor | None] = [None] * len(samples)
     for b, real in lockstep(bins, c.dist.device):
-        row = to_device(pack_samples([samples[j] for j in b], merge_size=c.merge_size), c.dist.device)
-        logp = model(row, temperature=temperature).float().cpu()
+        row = pack_samples([samples[j] for j in b], merge_size=c.merge_size)
+        counts = torch.diff(row["target_cu"].long()).tolist()  # a host tensor: no sync
+        logp = model(to_device(row, c.dist.device), temperature=temperature).float().cpu()  # sync: kept on the host
         if not real:
             continue
-        for j, part in zip(b, torch.split(logp, torch.diff(row["target_cu"].long()).tolist()), strict=True):
+        for j, part in zip(b, torch.split(logp, counts), strict=True):
             out[j] = part
     return out
 
