@@ -1,9 +1,11 @@
 """The optimizer-step loop shared by the training stages.
 
-A stage gives the trainer, for each optimizer step, this rank's micro-batches and a loss function:
+A stage gives the trainer, for each optimizer step, this rank's micro-batches, the most micro-batches any rank has
+in this step if the stage knows it (None: the ranks ask each other, one more host sync), and a loss function:
     loss_fn(micro_batch) -> (loss to backward, {name: tensor}) where each stat is this micro-batch's share, so
                             that the sum over micro-batches and ranks is the step's value (e.g. "train/loss")
-`fit(micro_batches, loss_fn)` runs the steps with `micro_batches(step)` supplying them; a stage with its own loop
+`fit(step_batches, loss_fn)` runs the steps with `step_batches(step) -> (micro-batches, num_passes)` supplying
+them; a stage with its own loop
 (GRPO: a rollout batch feeds several steps) calls `run_step` itself. The trainer accumulates gradients, keeps
 FSDP2 collectives in lockstep, clips, skips non-finite updates, steps the optimizer and schedule, logs metrics
 and saves/restores checkpoints. It knows nothing about the stages.
@@ -74,17 +76,19 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------------------------------------------
-    def fit(self, micro_batches: Callable[[int], list[MicroBatch]], loss_fn: LossFn) -> None:
-        """Run optimizer steps until `total_steps`, `micro_batches(step)` (0-based) giving each step's batches."""
+    def fit(self, step_batches: Callable[[int], tuple[list[MicroBatch], int | None]], loss_fn: LossFn) -> None:
+        """Run optimizer steps until `total_steps`; `step_batches(step)` (0-based) gives each step's micro-batches
+        and the most any rank has (or None)."""
         while self.step < self.total_steps:
             start_s = time.perf_counter()  # building the batches counts as part of the step
-            self.run_step(micro_batches(self.step), loss_fn, start_s=start_s)
+            micro_batches, num_passes = step_batches(self.step)
+            self.run_step(micro_batches, loss_fn, num_passes=num_passes, start_s=start_s)
 
-    def run_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, extra: dict | None = None,
-                 start_s: float | None = None) -> dict[str, float]:
+    def run_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, num_passes: int | None = None,
+                 extra: dict | None = None, start_s: float | None = None) -> dict[str, float]:
         """One optimizer step, then count it, log it and save a checkpoint every `checkpoint.every` steps."""
         start_s = time.perf_counter() if start_s is None else start_s
-        values = self.train_step(micro_batches, loss_fn, extra=extra)
+        values = self.train_step(micro_batches, loss_fn, num_passes=num_passes, extra=extra)
         self.step += 1
         self.metrics.log(self.step, values, step_s=time.perf_counter() - start_s)
         if self.every and self.step % self.every == 0 and self.step < self.total_steps:
@@ -97,15 +101,16 @@ class Trainer:
             self.save()
         self.metrics.summary()
 
-    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *,
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, num_passes: int | None = None,
                    extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns the step's metrics (same on every rank).
 
+        `num_passes` is the most micro-batches any rank has, if the caller knows it (else one more host sync).
         `extra` holds more stats of this rank (e.g. a rollout's), summed over ranks with the loss stats.
         """
         if not micro_batches:
             raise ValueError(f"rank {self.dist.rank} got no micro-batch for step {self.step}")
-        passes = lockstep(micro_batches, self.dist.device)  # sync: the most micro-batches any rank has
+        passes = lockstep(micro_batches, self.dist.device, num=num_passes)
         totals: dict[str, torch.Tensor] = {}
         for i, (mb, real) in enumerate(passes):
             # Reduce-scatter gradients only after the last micro-batch; earlier ones accumulate locally.

@@ -129,15 +129,18 @@ class DPOStage:
             torch.save(ref_logps, ref_file)
         return ref_logps
 
-    def micro_batches(self, run: Run, step: int) -> list[dict]:
-        """This rank's packed rows of whole pairs for optimizer step `step`; sets the step's normalisers."""
+    def micro_batches(self, run: Run, step: int) -> tuple[list[dict], int]:
+        """This rank's packed rows of whole pairs for optimizer step `step` and the most rows any rank has (every
+        rank plans all ranks' bins, so no communication); sets the step's normalisers."""
         indices, world = run.order.step_indices(step), run.ctx.dist.world_size
         self.step_pairs = len(indices)
         self.step_chosen_targets = max(1, sum(num_targets(self.pairs[i][0]) for i in indices))
         lengths = [len(self.pairs[i][0].input_ids) + len(self.pairs[i][1].input_ids) for i in indices]
-        bins = plan_bins(lengths, self.cfg.train.micro_batch_tokens, num_ranks=world)[run.ctx.dist.rank]
-        return [to_device(pair_batch(self.pairs, [indices[j] for j in b], run.merge_size), run.ctx.dist.device)
-                for b in bins if b]
+        plan = [[b for b in bins if b] for bins in plan_bins(lengths, self.cfg.train.micro_batch_tokens,
+                                                              num_ranks=world)]
+        rows = [to_device(pair_batch(self.pairs, [indices[j] for j in b], run.merge_size), run.ctx.dist.device)
+                for b in plan[run.ctx.dist.rank]]
+        return rows, max(len(p) for p in plan)
 
     def loss(self, run: Run, mb: dict):
         """DPO + sft_weight x NLL(chosen), rescaled to this micro-batch's share of the step-wide normalisers."""

@@ -24,7 +24,7 @@ import torch
 
 from engine.config_stages import GRPOStageConfig
 from engine.data import Processor, Sample, encode_rows, load_rows
-from engine.dist import all_reduce
+from engine.dist import max_and_sum
 from engine.fsdp import resolve_dtype
 from engine.packing import num_targets, pack_samples, to_device
 from engine.rewards import RewardConfig
@@ -41,6 +41,8 @@ class MiniBatch:
     """This rank's packed rows of one optimizer step, and the step's loss normalisers over all ranks."""
 
     rows: list[dict]
+    num_passes: int
+    """The most rows any rank has (FSDP2 lockstep)."""
     num_tokens: float
     """Response tokens of the step (token-mean aggregation)."""
     num_seqs: float
@@ -98,7 +100,7 @@ class GRPOStage:
                 for part in range(g.mini_batches):
                     first = epoch == 0 and part == 0  # rollout metrics go with the first step of the batch
                     mb = self.mini_batch(run, batch, epoch, part)
-                    trainer.run_step(mb.rows, functools.partial(self.loss, run, mb),
+                    trainer.run_step(mb.rows, functools.partial(self.loss, run, mb), num_passes=mb.num_passes,
                                      extra=batch.stats if first else None, start_s=start_s if first else None)
         collector.backend.close()  # before the export and the next stage, which need the accelerator memory
 
@@ -132,14 +134,12 @@ class GRPOStage:
         zero = batch.zero_weight or not picked
         picked = picked or [0]  # this rank has no group in this mini-batch: one sample at zero weight
         samples = [batch.samples[j] for j in picked]
+        bins = [b for b in plan_bins([len(s.input_ids) for s in samples], self.cfg.train.micro_batch_tokens)[0] if b]
+        rows = [to_device(self.row(run, batch, [picked[j] for j in b], zero), ctx.dist.device) for b in bins]
         local = [0 if zero else sum(num_targets(s) for s in samples), 0 if zero else len(samples)]
-        local_t = torch.tensor(local, dtype=torch.float, device=ctx.dist.device)
-        num_tokens, num_seqs = all_reduce(local_t).tolist()  # sync: the step's normalisers over all ranks
-        rows = []
-        for b in plan_bins([len(s.input_ids) for s in samples], self.cfg.train.micro_batch_tokens)[0]:
-            if b:
-                rows.append(to_device(self.row(run, batch, [picked[j] for j in b], zero), ctx.dist.device))
-        return MiniBatch(rows, num_tokens, num_seqs)
+        # One exchange gives the lockstep count and the step's normalisers over all ranks (completions are per rank).
+        (num_passes,), (num_tokens, num_seqs) = max_and_sum([len(rows)], local, ctx.dist.device)
+        return MiniBatch(rows, num_passes, float(num_tokens), float(num_seqs))
 
     @staticmethod
     def row(run: Run, batch: RolloutBatch, ids: list[int], zero: bool) -> dict:

@@ -53,22 +53,26 @@ class SFTStage:
     def fit(self, run: Run) -> None:
         run.trainer.fit(lambda step: self.micro_batches(run, step), lambda mb: self.loss(run, mb))
 
-    def micro_batches(self, run: Run, step: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of optimizer step `step`; sets the step's normaliser."""
+    def micro_batches(self, run: Run, step: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """This rank's micro-batches of optimizer step `step` and the most any rank has; sets the normaliser.
+
+        Every rank sees the whole step's indices, so it plans every rank's micro-batches: neither the normaliser
+        nor the lockstep count needs communication.
+        """
         indices, rank, world = run.order.step_indices(step), run.ctx.dist.rank, run.ctx.dist.world_size
-        # Every rank sees the whole step's indices, so the normaliser needs no communication.
+        mbt = self.cfg.train.micro_batch_tokens
         self.step_targets = max(1, sum(num_targets(self.samples[i]) for i in indices))
         if self.cfg.train.packing:
-            # Token-balanced bins, the same number on every rank; each bin becomes one packed row.
-            lengths = [len(self.samples[i].input_ids) for i in indices]
-            bins = plan_bins(lengths, self.cfg.train.micro_batch_tokens, num_ranks=world)[rank]
-            rows = [pack_samples([self.samples[indices[j]] for j in b], merge_size=run.merge_size) for b in bins if b]
+            # Token-balanced bins over all ranks; each non-empty bin becomes one packed row.
+            plan = [[b for b in bins if b] for bins in plan_bins([len(self.samples[i].input_ids) for i in indices],
+                                                                  mbt, num_ranks=world)]
+            rows = [pack_samples([self.samples[indices[j]] for j in b], merge_size=run.merge_size) for b in plan[rank]]
         else:
+            plan = [plan_micro_batches([len(self.samples[i].input_ids) for i in indices[r::world]], mbt)
+                    for r in range(world)]
             mine = indices[rank::world]
-            groups = plan_micro_batches([len(self.samples[i].input_ids) for i in mine],
-                                        self.cfg.train.micro_batch_tokens)
-            rows = [collate([self.samples[mine[j]] for j in g], run.processor.pad_id) for g in groups]
-        return [to_device(r, run.ctx.dist.device) for r in rows]
+            rows = [collate([self.samples[mine[j]] for j in g], run.processor.pad_id) for g in plan[rank]]
+        return [to_device(r, run.ctx.dist.device) for r in rows], max(len(p) for p in plan)
 
     def loss(self, run: Run, mb: dict[str, torch.Tensor]):
         """Summed response-token NLL / the step's response tokens; this micro-batch's share of the step's mean."""
