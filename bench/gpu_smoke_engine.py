@@ -84,7 +84,7 @@ def main() -> int:
 
         def loss_fn(mb):
             logp = policy(mb)
-            return -logp.mean(), {"loss": -logp.mean().detach(), "num_tokens": mb["attention_mask"].sum()}
+            return -logp.mean(), {"train/loss": -logp.mean().detach(), "train/num_tokens": mb["attention_mask"].sum()}
 
         losses, times = [], []
         for _ in range(args.steps):
@@ -92,15 +92,15 @@ def main() -> int:
             values = trainer.train_step([batch], loss_fn)  # syncs: returns floats
             times.append(time.perf_counter() - t0)
             trainer.step += 1
-            losses.append(values["loss"])
+            losses.append(values["train/loss"])
         if not all(torch.isfinite(torch.tensor(losses))) or not losses[-1] < losses[0]:
             failures.append(f"loss did not fall: {losses}")
         trainer.save()
-        expected = trainer.train_step([batch], loss_fn)["loss"]
+        expected = trainer.train_step([batch], loss_fn)["train/loss"]
         policy2, _, trainer2 = make_trainer(tmp / "stage")
         trainer2.resume()
         policy = policy2  # loss_fn reads `policy`
-        got = trainer2.train_step([batch], loss_fn)["loss"]
+        got = trainer2.train_step([batch], loss_fn)["train/loss"]
         if abs(got - expected) > 1e-3 * abs(expected):
             failures.append(f"resume: next-step loss {got} != {expected}")
         with torch.no_grad():

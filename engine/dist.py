@@ -94,3 +94,33 @@ def gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def lockstep(items: list, device: torch.device, filler=None, num: int | None = None) -> list[tuple[object, bool]]:
+    """`items` as (item, real) pairs, padded to the longest list over ranks with (items[0] or `filler`, False).
+
+    FSDP2 all-gathers parameters and reduce-scatters gradients inside every forward/backward, so every rank must
+    run the same number of passes or the others hang. A padding pass runs a real input; the caller discards its
+    output (or weights its loss by zero). `filler` stands in when this rank has no item at all. `num` is the
+    longest list when the caller already knows it (e.g. it planned every rank's batches); else the ranks ask
+    each other.
+    """
+    if num is None:
+        num = int(all_reduce(torch.tensor([len(items)], device=device), "max").item())  # sync: the longest list
+    assert num >= len(items), f"lockstep: num = {num} but this rank has {len(items)} items"
+    pad = items[0] if items else filler
+    return [(items[i], True) if i < len(items) else (pad, False) for i in range(num)]
+
+
+def max_and_sum(maxes: list[int], sums: list[int], device: torch.device) -> tuple[list[int], list[int]]:
+    """The max over ranks of each of `maxes` and the sum over ranks of each of `sums` (non-negative integers), in
+    one all-reduce and one host transfer: each rank writes its sums into its own slot of a MAX all-reduce, and the
+    slots are added up on the host (exact: fp64 holds integers up to 2**53)."""
+    rank, world = rank_world()
+    t = torch.zeros(len(maxes) + world * len(sums), dtype=torch.float64)
+    t[: len(maxes)] = torch.tensor(maxes, dtype=torch.float64)
+    start = len(maxes) + rank * len(sums)
+    t[start : start + len(sums)] = torch.tensor(sums, dtype=torch.float64)
+    out = all_reduce(t.to(device), "max").tolist()  # sync: one transfer for both
+    slots = out[len(maxes) :]
+    return [int(x) for x in out[: len(maxes)]], [int(sum(slots[i :: len(sums)])) for i in range(len(sums))]

@@ -15,8 +15,8 @@ from engine import benchmarks
 from engine.gf import generalization_factor, group_gain
 from engine.predictions import predictions_path, read_predictions
 
-CURVES = (("reward", "reward"), ("format_acc", "format accuracy"), ("accuracy", "accuracy"),
-          ("response_len", "response length (tokens)"))
+CURVES = (("rollout/reward", "reward"), ("rollout/format_acc", "format accuracy"), ("rollout/accuracy", "accuracy"),
+          ("rollout/response_len", "response length (tokens)"))
 
 
 def summarise(cfg, ctx, benches) -> dict:
@@ -129,7 +129,7 @@ def _grpo_curves(out_dir: Path) -> dict[str, list[dict]]:
     found = []
     for metrics in out_dir.glob("*/metrics.jsonl"):
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        if rows and "reward" in rows[0]:
+        if rows and "rollout/reward" in rows[0]:
             done = metrics.parent / "DONE"
             when = json.loads(done.read_text()).get("finished", "") if done.exists() else "~"
             found.append((when, metrics.parent.name, rows))

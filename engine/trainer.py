@@ -1,11 +1,14 @@
-"""The optimizer-step loop shared by the training stages (SFT now; DPO and GRPO plug in the same way).
+"""The optimizer-step loop shared by the training stages.
 
-A stage gives the trainer two functions:
-    micro_batches(step) -> list of this rank's micro-batches for optimizer step `step` (0-based)
+A stage gives the trainer, for each optimizer step, this rank's micro-batches, the most micro-batches any rank has
+in this step if the stage knows it (None: the ranks ask each other, one more host sync), and a loss function:
     loss_fn(micro_batch) -> (loss to backward, {name: tensor}) where each stat is this micro-batch's share, so
-                            that the sum over micro-batches and ranks is the step's value (e.g. "loss")
-The trainer accumulates gradients, keeps FSDP2 collectives in lockstep, clips, skips non-finite updates,
-steps the optimizer and schedule, logs metrics and saves/restores checkpoints.
+                            that the sum over micro-batches and ranks is the step's value (e.g. "train/loss")
+`fit(step_batches, loss_fn)` runs the steps with `step_batches(step) -> (micro-batches, num_passes)` supplying
+them; a stage with its own loop
+(GRPO: a rollout batch feeds several steps) calls `run_step` itself. The trainer accumulates gradients, keeps
+FSDP2 collectives in lockstep, clips, skips non-finite updates, steps the optimizer and schedule, logs metrics
+and saves/restores checkpoints. It knows nothing about the stages.
 """
 
 import math
@@ -19,7 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from engine.checkpoint import Checkpointer
-from engine.dist import DistInfo, all_reduce
+from engine.dist import DistInfo, all_reduce, lockstep
 from engine.fsdp import build_optimizer, build_scheduler
 from engine.log import log0, logger
 from engine.metrics import Metrics
@@ -35,7 +38,8 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, model: nn.Module, *, optim: OptimConfig, train: TrainConfig, checkpoint: CheckpointConfig,
-                 stage_dir: Path, dist_info: DistInfo, total_steps: int, log_every: int = 1):
+                 stage_dir: Path, dist_info: DistInfo, total_steps: int, log_every: int = 1,
+                 flops_per_token: float = 0.0):
         self.model = model
         self.optim_cfg, self.train_cfg, self.dist = optim, train, dist_info
         self.total_steps = total_steps
@@ -43,8 +47,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
         self.checkpointer = Checkpointer(Path(stage_dir) / "checkpoints", checkpoint, dist_info)
         self.every = checkpoint.every
-        self.metrics = Metrics(Path(stage_dir) / "metrics.jsonl", is_main=dist_info.is_main,
-                               total_steps=total_steps, log_every=log_every)
+        self.metrics = Metrics(Path(stage_dir) / "metrics.jsonl", is_main=dist_info.is_main, total_steps=total_steps,
+                               log_every=log_every, name=Path(stage_dir).name, flops_per_token=flops_per_token,
+                               device=dist_info.device, world_size=dist_info.world_size)
         self.step = 0  # optimizer steps done
         self.num_skipped = 0
         self.bad_in_a_row = 0
@@ -71,54 +76,72 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------------------------------------------
-    def fit(self, micro_batches: Callable[[int], list[MicroBatch]], loss_fn: LossFn) -> None:
-        """Run optimizer steps until `total_steps`; saves every `checkpoint.every` steps and at the end."""
+    def fit(self, step_batches: Callable[[int], tuple[list[MicroBatch], int | None]], loss_fn: LossFn) -> None:
+        """Run optimizer steps until `total_steps`; `step_batches(step)` (0-based) gives each step's micro-batches
+        and the most any rank has (or None)."""
         while self.step < self.total_steps:
-            start_s = time.perf_counter()
-            values = self.train_step(micro_batches(self.step), loss_fn)
-            self.step += 1
-            values["step_s"] = time.perf_counter() - start_s
-            values["tokens_per_s"] = values.get("num_tokens", 0.0) / values["step_s"]
-            self.metrics.log(self.step, values)
-            if self.every and self.step % self.every == 0 and self.step < self.total_steps:
-                self.save()
+            start_s = time.perf_counter()  # building the batches counts as part of the step
+            micro_batches, num_passes = step_batches(self.step)
+            self.run_step(micro_batches, loss_fn, num_passes=num_passes, start_s=start_s)
+
+    def run_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, num_passes: int | None = None,
+                 extra: dict | None = None, start_s: float | None = None) -> dict[str, float]:
+        """One optimizer step, then count it, log it and save a checkpoint every `checkpoint.every` steps."""
+        start_s = time.perf_counter() if start_s is None else start_s
+        values = self.train_step(micro_batches, loss_fn, num_passes=num_passes, extra=extra)
+        self.step += 1
+        self.metrics.log(self.step, values, step_s=time.perf_counter() - start_s)
+        if self.every and self.step % self.every == 0 and self.step < self.total_steps:
+            self.save()
+        return values
+
+    def finish(self) -> None:
+        """The final checkpoint (unless the last step saved one) and the stage's throughput summary."""
         if self.step not in self.checkpointer.steps():
             self.save()
+        self.metrics.summary()
 
-    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches; returns the step's metrics (same on every rank)."""
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, num_passes: int | None = None,
+                   extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns the step's metrics (same on every rank).
+
+        `num_passes` is the most micro-batches any rank has, if the caller knows it (else one more host sync).
+        `extra` holds more stats of this rank (e.g. a rollout's), summed over ranks with the loss stats.
+        """
         if not micro_batches:
             raise ValueError(f"rank {self.dist.rank} got no micro-batch for step {self.step}")
-        # Every rank must run the same number of forward/backward passes: FSDP2 all-gathers and
-        # reduce-scatters inside them. Ranks with fewer micro-batches repeat their first one at zero weight.
-        num_mb = int(all_reduce(torch.tensor([len(micro_batches)], device=self.dist.device), "max").item())  # sync
+        passes = lockstep(micro_batches, self.dist.device, num=num_passes)
         totals: dict[str, torch.Tensor] = {}
-        for i in range(num_mb):
-            real = i < len(micro_batches)
+        for i, (mb, real) in enumerate(passes):
             # Reduce-scatter gradients only after the last micro-batch; earlier ones accumulate locally.
-            self.model.set_requires_gradient_sync(i == num_mb - 1)
-            loss, stats = loss_fn(micro_batches[i] if real else micro_batches[0])
+            self.model.set_requires_gradient_sync(i == len(passes) - 1)
+            loss, stats = loss_fn(mb)
             if real:
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v.detach().float()
             else:
                 loss = loss * 0.0
             loss.backward()
+        for k, v in (extra or {}).items():
+            totals[k] = totals.get(k, 0.0) + v.detach().float()
         names = sorted(totals)
-        packed = torch.stack([torch.as_tensor(totals[k], device=self.dist.device).reshape(()) for k in names])
-        packed = all_reduce(packed).tolist()  # sync: one all-reduce for every stat of the step
-        values = dict(zip(names, packed, strict=True))
+        packed = torch.stack([torch.as_tensor(totals[k], device=self.dist.device).reshape(()) for k in names]) \
+            if names else torch.zeros(0, device=self.dist.device)
+        all_reduce(packed)  # one all-reduce for every stat of the step; read back with the grad norm below
+        grad_norm_t = self._clip_grad_norm()
+        *stat_values, grad_norm = torch.cat([packed, grad_norm_t.reshape(1).float()]).tolist()  # sync: the step's
+        values = dict(zip(names, stat_values, strict=True))  # stats and grad norm reach the host together
 
-        grad_norm = self._clip_grad_norm()
-        finite = math.isfinite(values.get("loss", 0.0)) and math.isfinite(grad_norm)
+        finite = math.isfinite(values.get("train/loss", 0.0)) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
             self.bad_in_a_row = 0
         else:
             self.num_skipped += 1
             self.bad_in_a_row += 1
-            logger.warning(f"step {self.step + 1}: non-finite loss {values.get('loss')} or grad norm {grad_norm}; "
-                           f"update skipped ({self.bad_in_a_row} in a row, {self.num_skipped} in this stage)")
+            logger.warning(f"step {self.step + 1}: non-finite loss {values.get('train/loss')} or grad norm "
+                           f"{grad_norm}; update skipped ({self.bad_in_a_row} in a row, {self.num_skipped} in this "
+                           f"stage)")
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         with warnings.catch_warnings():
@@ -132,13 +155,13 @@ class Trainer:
                 f"(train.max_bad_steps = {self.train_cfg.max_bad_steps}); stopping. The last good checkpoint is "
                 f"{self.checkpointer.path(last[-1]) if last else 'none (no checkpoint was saved yet)'}. "
                 "Lower optim.lr, check the data, or raise train.max_bad_steps.")
-        values.update(grad_norm=grad_norm, lr=lr, skipped=not finite, num_skipped=self.num_skipped)
+        values.update({"train/grad_norm": grad_norm, "train/lr": lr, "train/skipped": not finite,
+                       "train/num_skipped": self.num_skipped})
         return values
 
-    def _clip_grad_norm(self) -> float:
+    def _clip_grad_norm(self) -> torch.Tensor:
+        """Clip gradients to `optim.max_grad_norm`; returns the total norm before clipping (on the device)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.optim_cfg.max_grad_norm or float("inf")  # 0 disables clipping but still measures
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        return float(norm)  # sync
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), device=self.dist.device)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm

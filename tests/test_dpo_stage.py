@@ -67,11 +67,11 @@ def test_dpo_learns_with_the_start_as_reference(tmp_path, toy_world):
     _, out, metrics = _run(tmp_path, toy_world, "model", "--stages.cold_start.dpo.loss_impl=onepass")
     first, last = metrics[0], metrics[-1]
     # Reference = the starting weights: before the first update policy and reference agree exactly.
-    assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert abs(first["reward_margin"]) < 1e-5
-    assert last["dpo_loss"] < first["dpo_loss"] - 0.2
-    assert last["reward_accuracy"] > 0.9 > first["reward_accuracy"]
-    assert first["loss"] == pytest.approx(first["dpo_loss"] + first["sft_loss"], rel=1e-5)
+    assert first["train/dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(first["dpo/reward_margin"]) < 1e-5
+    assert last["train/dpo_loss"] < first["train/dpo_loss"] - 0.2
+    assert last["dpo/reward_accuracy"] > 0.9 > first["dpo/reward_accuracy"]
+    assert first["train/loss"] == pytest.approx(first["train/dpo_loss"] + first["train/sft_loss"], rel=1e-5)
     assert (out / "cold_start" / "hf" / "model.safetensors").is_file()
 
 
@@ -91,7 +91,7 @@ def test_stored_reference_logps_equal_on_the_fly(tmp_path, toy_world):
     sums = torch.stack([x.sum() for x in torch.split(logp, torch.diff(batch["target_cu"].long()).tolist())])
     torch.testing.assert_close(stored[indices, 0], sums[:3], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(stored[indices, 1], sums[3:], rtol=1e-5, atol=1e-4)
-    assert metrics[0]["reward_margin"] != 0  # a different reference than the start
+    assert metrics[0]["dpo/reward_margin"] != 0  # a different reference than the start
 
 
 def test_dpo_config_errors():

@@ -70,7 +70,8 @@ def _setup(tmp_path, toy_world):
     # A GRPO-like metrics file, for the training-curves plot.
     (out / "rl").mkdir()
     (out / "rl" / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "reward": 0.1 * s, "format_acc": 0.2, "accuracy": 0.1, "response_len": 30.0}) + "\n"
+        json.dumps({"step": s, "rollout/reward": 0.1 * s, "rollout/format_acc": 0.2, "rollout/accuracy": 0.1,
+                    "rollout/response_len": 30.0}) + "\n"
         for s in range(1, 6)))
     cfg = EvalStageConfig(name="eval", kind="eval", models=["model", "second"], chunk_prompts=4, benchmarks=[
         BenchmarkConfig(name="toy_id", kind="toy", path=str(tmp_path / "id.parquet"), group="id"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.data import Sample
-from engine.stages.grpo import group_advantages, training_sample
+from engine.stages.experience import filter_groups, group_advantages, training_sample
 
 from .conftest import REPO
 
@@ -21,6 +21,12 @@ def test_group_advantages():
     assert torch.equal(adv[1], torch.zeros(4))  # an all-equal group carries no signal
     torch.testing.assert_close(group_advantages(rewards, scale_by_std=False)[0], rewards[0] - 0.5)
     assert adv[0].sum().abs() < 1e-5
+
+
+def test_filter_groups_drops_all_equal_groups_only_when_asked():
+    rewards = torch.tensor([[1.5, 0.5, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.5]])
+    assert filter_groups(rewards, drop_equal=True) == [0, 2]
+    assert filter_groups(rewards, drop_equal=False) == [0, 1, 2]
 
 
 def test_training_sample_layout():
@@ -83,15 +89,15 @@ def test_two_process_grpo_raises_format_reward(toy_world, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "grpo_zero" / "metrics.jsonl").read_text().splitlines()]
-    for key in ("reward", "format_acc", "accuracy", "response_len", "entropy", "clip_frac", "kl", "grad_norm",
-                "rollout_s", "tokens_per_s"):
+    for key in ("rollout/reward", "rollout/format_acc", "rollout/accuracy", "rollout/response_len", "policy/entropy",
+                "policy/clip_frac", "policy/approx_kl", "train/grad_norm", "time/rollout_s", "perf/tok_per_s"):
         assert all(key in r for r in rows), key
-    early = sum(r["format_acc"] for r in rows[:4]) / 4
-    late = sum(r["format_acc"] for r in rows[-4:]) / 4
-    assert late > early + 0.08, [round(r["format_acc"], 3) for r in rows]
+    early = sum(r["rollout/format_acc"] for r in rows[:4]) / 4
+    late = sum(r["rollout/format_acc"] for r in rows[-4:]) / 4
+    assert late > early + 0.08, [round(r["rollout/format_acc"], 3) for r in rows]
     # on-policy (1 x 1, no TIS): no old-log-prob forward, the ratio is exactly 1
     assert "old log-probs = current (on-policy" in result.stdout
-    assert all(r["kl"] == 0.0 and r["clip_frac"] == 0.0 for r in rows)
+    assert all(r["policy/approx_kl"] == 0.0 and r["policy/clip_frac"] == 0.0 for r in rows)
     assert (tmp_path / "out" / "grpo_zero" / "hf" / "model.safetensors").is_file()
 
     # Resume in the middle of the stage: as if it had died after step 12 (the newest checkpoint is step 8).
@@ -105,7 +111,7 @@ def test_two_process_grpo_raises_format_reward(toy_world, tmp_path):
     rerun = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rerun] == list(range(1, 17))
     for a, b in zip(rows, rerun, strict=True):
-        for key in ("reward", "format_acc", "response_len", "loss", "grad_norm"):
+        for key in ("rollout/reward", "rollout/format_acc", "rollout/response_len", "train/loss", "train/grad_norm"):
             assert a[key] == b[key], (key, a, b)
 
 
@@ -170,13 +176,14 @@ def test_ppo_minibatches_kl_and_tis(toy_world, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
-    assert ["reward" in r for r in rows] == [True, False, False, False] * 2
+    assert ["rollout/reward" in r for r in rows] == [True, False, False, False] * 2
     first = rows[0]
-    assert first["kl"] == 0.0 and first["ref_kl"] == 0.0 and first["clip_frac"] == 0.0  # nothing has moved yet
-    assert abs(first["tis_weight"] - 1.0) < 1e-3  # the builtin fp32 backend's log-probs match the trainer's
-    assert all(r["kl"] > 0 for r in rows[1:4]) and all(r["ref_kl"] > 0 for r in rows[1:])
-    assert rows[4]["kl"] == 0.0  # a new rollout batch from the updated policy: on-policy again
-    assert all(0 < r["tis_weight"] <= 2.0 for r in rows)
+    # nothing has moved yet
+    assert first["policy/approx_kl"] == 0.0 and first["policy/ref_kl"] == 0.0 and first["policy/clip_frac"] == 0.0
+    assert abs(first["policy/tis_weight"] - 1.0) < 1e-3  # the builtin fp32 backend's log-probs match the trainer's
+    assert all(r["policy/approx_kl"] > 0 for r in rows[1:4]) and all(r["policy/ref_kl"] > 0 for r in rows[1:])
+    assert rows[4]["policy/approx_kl"] == 0.0  # a new rollout batch from the updated policy: on-policy again
+    assert all(0 < r["policy/tis_weight"] <= 2.0 for r in rows)
 
 
 def test_ppo_settings_are_validated(toy_world):

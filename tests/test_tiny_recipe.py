@@ -47,6 +47,6 @@ def test_tiny_recipe_end_to_end(tmp_path):
 
     # The SPECS cold start teaches the format: the final GRPO starts far better formatted than GRPO-zero did.
     def first_format_acc(stage):
-        return json.loads((out / stage / "metrics.jsonl").read_text().splitlines()[0])["format_acc"]
+        return json.loads((out / stage / "metrics.jsonl").read_text().splitlines()[0])["rollout/format_acc"]
 
     assert first_format_acc("specs") > first_format_acc("grpo_zero") + 0.1

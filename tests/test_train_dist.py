@@ -94,9 +94,9 @@ def test_two_processes_learn_and_match_one_process(two_proc_run, tmp_path):
     recipe, two, _ = two_proc_run
     metrics = _metrics(two)
     assert [m["step"] for m in metrics] == list(range(1, 9))
-    losses = [m["loss"] for m in metrics]
+    losses = [m["train/loss"] for m in metrics]
     assert losses[-1] < losses[0] - 0.3, losses  # it learns
-    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "num_tokens"):
+    for key in ("train/loss", "train/grad_norm", "train/lr", "perf/tok_per_s", "train/num_tokens", "time/step_s"):
         assert all(key in m for m in metrics), key
 
     one = tmp_path / "one"
@@ -105,9 +105,9 @@ def test_two_processes_learn_and_match_one_process(two_proc_run, tmp_path):
     # Same global batch, split over two ranks or not: FSDP2's averaged gradients equal the single-process ones
     # up to summation order, so every step's loss and gradient norm (which depend on all earlier updates) agree.
     for a, b in zip(metrics, single, strict=True):
-        assert a["num_tokens"] == b["num_tokens"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)
+        assert a["train/num_tokens"] == b["train/num_tokens"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5), (a, b)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4), (a, b)
     w2, w1 = load_file(two / "sft" / "hf" / "model.safetensors"), load_file(one / "sft" / "hf" / "model.safetensors")
     assert w2.keys() == w1.keys()
     for k in w2:
@@ -144,7 +144,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(two_proc_run, tmp_path):
     expected, got = _metrics(two), _metrics(out)
     assert [m["step"] for m in got] == list(range(1, 9))
     for a, b in zip(expected, got, strict=True):
-        for key in ("loss", "grad_norm", "lr", "num_tokens"):
+        for key in ("train/loss", "train/grad_norm", "train/lr", "train/num_tokens"):
             assert a[key] == b[key], (key, a, b)
 
     # Rerunning a finished run skips the stage and leaves its outputs alone.

@@ -8,12 +8,14 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from engine.checkpoint import Checkpointer, export_hf
 from engine.config import ModelConfig
 from engine.data import Processor, collate, encode_rows
-from engine.dist import init_distributed
+from engine.dist import _free_port, init_distributed, lockstep, max_and_sum
 from engine.model import Policy
 from engine.sections import CheckpointConfig, OptimConfig, TrainConfig
 from engine.stages.common import build_policy
@@ -44,7 +46,7 @@ def _make(toy_world, dist_info, tmp_path, **train):
 def _sft_loss(policy):
     def loss_fn(mb):
         logp = policy(mb)
-        return -logp.mean(), {"loss": -logp.mean(), "num_tokens": mb["attention_mask"].sum()}
+        return -logp.mean(), {"train/loss": -logp.mean(), "train/num_tokens": mb["attention_mask"].sum()}
     return loss_fn
 
 
@@ -66,7 +68,7 @@ def test_checkpoint_round_trip_gives_identical_next_step(toy_world, dist_info, b
     assert trainer2.resume() and trainer2.step == 2
     assert trainer2.scheduler.last_epoch == trainer.scheduler.last_epoch - 1
     got = trainer2.train_step([batches[2]], _sft_loss(fresh))
-    assert got["loss"] == expected["loss"] and got["grad_norm"] == expected["grad_norm"]
+    assert got["train/loss"] == expected["train/loss"] and got["train/grad_norm"] == expected["train/grad_norm"]
     for k, v in _params(fresh).items():
         assert torch.equal(v, after[k]), k
 
@@ -105,14 +107,14 @@ def test_non_finite_steps_are_skipped_then_stop(toy_world, dist_info, batches, t
 
     def nan_loss(mb):
         loss, stats = good(mb)
-        return loss * float("nan"), {**stats, "loss": stats["loss"] * float("nan")}
+        return loss * float("nan"), {**stats, "train/loss": stats["train/loss"] * float("nan")}
 
     before = _params(policy)
     values = trainer.train_step([batches[0]], nan_loss)
-    assert values["skipped"] and values["num_skipped"] == 1 and math.isnan(values["loss"])
+    assert values["train/skipped"] and values["train/num_skipped"] == 1 and math.isnan(values["train/loss"])
     for k, v in _params(policy).items():
         assert torch.equal(v, before[k]), f"{k} changed on a skipped step"
-    assert not trainer.train_step([batches[0]], good)["skipped"]  # a good step resets the streak
+    assert not trainer.train_step([batches[0]], good)["train/skipped"]  # a good step resets the streak
     trainer.step = 1
     trainer.save()
     trainer.train_step([batches[0]], nan_loss)
@@ -120,3 +122,26 @@ def test_non_finite_steps_are_skipped_then_stop(toy_world, dist_info, batches, t
         trainer.train_step([batches[0]], nan_loss)
     assert trainer.checkpointer.steps() == [1]
     assert json.loads((trainer.checkpointer.path(1) / "trainer.json").read_text())["num_skipped"] == 1
+
+
+def _lockstep_worker(rank: int, port: int, out_dir) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    items = [["a"], ["b", "c", "d"]][rank]
+    cpu = torch.device("cpu")
+    got = lockstep(items, cpu)
+    empty = lockstep([] if rank == 0 else items, cpu, filler="f")
+    maxes, sums = max_and_sum([len(items), 7 * rank], [10 * (rank + 1), rank + 1], cpu)
+    (out_dir / f"{rank}.json").write_text(json.dumps({"got": got, "empty": empty, "maxes": maxes, "sums": sums}))
+    dist.destroy_process_group()
+
+
+def test_lockstep_and_max_and_sum_on_two_ranks(tmp_path):
+    """Two gloo ranks: the shorter list is padded with its first item (or the filler), marked not real; one
+    exchange gives maxes and sums."""
+    mp.spawn(_lockstep_worker, args=(_free_port(), tmp_path), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0["got"] == [["a", True], ["a", False], ["a", False]]
+    assert r1["got"] == [["b", True], ["c", True], ["d", True]]
+    assert r0["empty"] == [["f", False]] * 3
+    assert r0["maxes"] == r1["maxes"] == [3, 7] and r0["sums"] == r1["sums"] == [30, 3]
+    assert lockstep(["x"], torch.device("cpu"), num=2) == [("x", True), ("x", False)]  # known count: no exchange

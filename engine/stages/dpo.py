@@ -10,21 +10,21 @@ Normalisation over a step (all micro-batches, all ranks): the DPO term is the me
 term the mean over the step's chosen response tokens (`token-mean`) or chosen sequences (`seq-mean`).
 """
 
+import dataclasses
 import gc
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from engine.checkpoint import export_hf
 from engine.data import Processor, Sample, encode_rows, load_rows
-from engine.dist import all_reduce
-from engine.fsdp import vision_tower
+from engine.dist import all_reduce, lockstep
 from engine.log import log0
 from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.stages import StageContext
-from engine.stages.common import StepOrder, build_policy, check_batch_size
+from engine.stages._train import Run, run_training
+from engine.stages.common import build_policy
 from engine.stages.config import DPOStageConfig
-from engine.trainer import Trainer
 from kernels import dpo_loss, plan_bins
 
 Pair = tuple[Sample, Sample]
@@ -54,7 +54,7 @@ def pair_batch(pairs: list[Pair], indices: list[int], merge_size: int | None) ->
     batch = pack_samples(samples, merge_size=merge_size)
     batch["is_chosen"] = torch.tensor([True] * len(indices) + [False] * len(indices))
     batch["pair_index"] = torch.tensor(indices)
-    batch["num_chosen_targets"] = int(batch["target_cu"][len(indices)])
+    batch["num_chosen_targets"] = int(batch["target_cu"][len(indices)])  # a host tensor: no sync
     return batch
 
 
@@ -66,88 +66,106 @@ def reference_logps(policy, pairs: list[Pair], ctx: StageContext, micro_batch_to
     mine = list(range(dist_info.rank, len(pairs), dist_info.world_size))
     lengths = [len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in mine]
     bins = [b for b in plan_bins(lengths, micro_batch_tokens)[0] if b] if mine else []
-    # FSDP2: every rank runs the same number of forwards; a rank with fewer repeats a batch and discards it.
-    num = int(all_reduce(torch.tensor([len(bins)], device=dist_info.device), "max").item())  # sync
     out = torch.zeros(len(pairs), 2, device=dist_info.device)
-    for i in range(num):
-        b = bins[i] if i < len(bins) else (bins[0] if bins else [0])
-        indices = [mine[j] for j in b] if mine else [0]
-        batch = to_device(pair_batch(pairs, indices, merge_size), dist_info.device)
-        logp = policy(batch)
-        if i >= len(bins) or not mine:
+    for indices, real in lockstep([[mine[j] for j in b] for b in bins], dist_info.device, filler=[0]):
+        batch = pair_batch(pairs, indices, merge_size)
+        counts = torch.diff(batch["target_cu"].long()).tolist()  # a host tensor: no sync
+        logp = policy(to_device(batch, dist_info.device))
+        if not real:
             continue
-        counts = torch.diff(batch["target_cu"].long()).tolist()  # sync: a few ints
         sums = torch.stack([x.sum() for x in torch.split(logp, counts)])
         k = len(indices)
         out[batch["pair_index"], 0], out[batch["pair_index"], 1] = sums[:k], sums[k:]
     return all_reduce(out).cpu()
 
 
-def run(cfg: DPOStageConfig, ctx: StageContext) -> None:
-    dist_info, world = ctx.dist, ctx.dist.world_size
-    init_dir = ctx.model_dir(cfg.init)
-    ref_dir = ctx.model_dir(cfg.ref) if cfg.ref else init_dir
-    processor = Processor.from_pretrained(init_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    pairs = encode_pairs(cfg, processor, ctx.resolve_path(cfg.data.train))
-    check_batch_size(cfg.train.batch_size, world, f"stages.{cfg.name}.train")
-    order = StepOrder(len(pairs), cfg.train.batch_size, ctx.run.seed)
-    total_steps = cfg.train.steps or order.steps_for_epochs(cfg.train.epochs)
-    log0(f"dpo: {len(pairs)} pairs | batch {cfg.train.batch_size} pairs | {total_steps} steps | beta {cfg.dpo.beta} "
-         f"| sft_weight {cfg.dpo.sft_weight} ({cfg.dpo.sft_norm}) | reference {ref_dir}")
+@dataclasses.dataclass
+class DPOStage:
+    """The pairs, the reference log-probs and the current step's normalisers."""
 
-    policy, hf_model = build_policy(init_dir, ctx.model, dist_info)
-    merge_size = processor.merge_size if vision_tower(hf_model) is not None else None
-    trainer = Trainer(policy, optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint, stage_dir=ctx.stage_dir,
-                      dist_info=dist_info, total_steps=total_steps, log_every=ctx.run.log_every)
-    resumed = trainer.resume()
-    ref_file = ctx.stage_dir / "ref_logps.pt"
-    if ref_file.is_file():
-        ref_logps = torch.load(ref_file)
-    else:
-        if resumed:
+    cfg: DPOStageConfig
+    pairs: list[Pair] = dataclasses.field(default_factory=list)
+    ref_dir: Path | None = None
+    ref_logps: torch.Tensor | None = None
+    """[P, 2] sequence log-probs of (chosen, rejected) under the reference model."""
+    step_pairs: int = 1
+    """Pairs of the current step over all ranks: the DPO term's normaliser."""
+    step_chosen_targets: int = 1
+    """Chosen response tokens of the current step over all ranks: the token-mean SFT term's normaliser."""
+    steps_per_batch: ClassVar[int] = 1
+    batch_split: ClassVar[int] = 1
+
+    def load(self, processor: Processor, ctx: StageContext) -> int:
+        self.ref_dir = ctx.model_dir(self.cfg.ref or self.cfg.init)
+        self.pairs = encode_pairs(self.cfg, processor, ctx.resolve_path(self.cfg.data.train))
+        return len(self.pairs)
+
+    def describe(self, total_steps: int) -> str:
+        d = self.cfg.dpo
+        return (f"dpo: {len(self.pairs)} pairs | batch {self.cfg.train.batch_size} pairs | {total_steps} steps | "
+                f"beta {d.beta} | sft_weight {d.sft_weight} ({d.sft_norm}) | reference {self.ref_dir}")
+
+    def fit(self, run: Run) -> None:
+        self.ref_logps = self.reference(run).to(run.ctx.dist.device)
+        run.trainer.fit(lambda step: self.micro_batches(run, step), lambda mb: self.loss(run, mb))
+
+    def reference(self, run: Run) -> torch.Tensor:
+        """The stored reference log-probs, or compute them (before the first update) and store them."""
+        ctx, mbt = run.ctx, self.cfg.train.micro_batch_tokens
+        ref_file = ctx.stage_dir / "ref_logps.pt"
+        if ref_file.is_file():
+            return torch.load(ref_file)
+        if run.resumed:
             raise RuntimeError(f"{ref_file} is missing but the stage resumes from a checkpoint; delete "
                                f"{ctx.stage_dir / 'checkpoints'} to start the stage over")
-        if ref_dir == init_dir:  # the untouched policy is the reference: no second model
-            ref_logps = reference_logps(policy, pairs, ctx, cfg.train.micro_batch_tokens, merge_size)
+        if self.ref_dir == run.init_dir:  # the untouched policy is the reference: no second model
+            ref_logps = reference_logps(run.policy, self.pairs, ctx, mbt, run.merge_size)
         else:
-            ref_policy, _ = build_policy(ref_dir, ctx.model, dist_info)
-            ref_logps = reference_logps(ref_policy, pairs, ctx, cfg.train.micro_batch_tokens, merge_size)
+            ref_policy, _ = build_policy(self.ref_dir, ctx.model, ctx.dist)
+            ref_logps = reference_logps(ref_policy, self.pairs, ctx, mbt, run.merge_size)
             del ref_policy
             gc.collect()
-        if dist_info.is_main:
+        if ctx.dist.is_main:
             torch.save(ref_logps, ref_file)
-    ref_logps = ref_logps.to(dist_info.device)
-    step = {"pairs": 1, "chosen_targets": 1}
+        return ref_logps
 
-    def micro_batches(s: int) -> list[dict]:
-        indices = order.step_indices(s)
-        step["pairs"] = len(indices)
-        step["chosen_targets"] = max(1, sum(num_targets(pairs[i][0]) for i in indices))
-        lengths = [len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in indices]
-        bins = plan_bins(lengths, cfg.train.micro_batch_tokens, num_ranks=world)[dist_info.rank]
-        return [to_device(pair_batch(pairs, [indices[j] for j in b], merge_size), dist_info.device) for b in bins if b]
+    def micro_batches(self, run: Run, step: int) -> tuple[list[dict], int]:
+        """This rank's packed rows of whole pairs for optimizer step `step` and the most rows any rank has (every
+        rank plans all ranks' bins, so no communication); sets the step's normalisers."""
+        indices, world = run.order.step_indices(step), run.ctx.dist.world_size
+        self.step_pairs = len(indices)
+        self.step_chosen_targets = max(1, sum(num_targets(self.pairs[i][0]) for i in indices))
+        lengths = [len(self.pairs[i][0].input_ids) + len(self.pairs[i][1].input_ids) for i in indices]
+        plan = [[b for b in bins if b] for bins in plan_bins(lengths, self.cfg.train.micro_batch_tokens,
+                                                              num_ranks=world)]
+        rows = [to_device(pair_batch(self.pairs, [indices[j] for j in b], run.merge_size), run.ctx.dist.device)
+                for b in plan[run.ctx.dist.rank]]
+        return rows, max(len(p) for p in plan)
 
-    def loss_fn(mb: dict):
-        k = len(mb["pair_index"])
-        share = k / step["pairs"]  # this micro-batch's share of the step's pair mean
+    def loss(self, run: Run, mb: dict):
+        """DPO + sft_weight x NLL(chosen), rescaled to this micro-batch's share of the step-wide normalisers."""
+        d = self.cfg.dpo
+        share = len(mb["pair_index"]) / self.step_pairs  # this micro-batch's share of the step's pair mean
         # dpo_loss averages SFT over this micro-batch; rescale it to the step-wide normaliser.
-        sft_scale = mb["num_chosen_targets"] / step["chosen_targets"] if cfg.dpo.sft_norm == "token-mean" else share
-        sft_weight = cfg.dpo.sft_weight * sft_scale / share
-        refs = ref_logps[mb["pair_index"]]
+        sft_scale = mb["num_chosen_targets"] / self.step_chosen_targets if d.sft_norm == "token-mean" else share
+        sft_weight = d.sft_weight * sft_scale / share
+        refs = self.ref_logps[mb["pair_index"]]
 
         def fused(hidden, weight, targets):
             mask = torch.ones_like(targets, dtype=torch.bool)
             return dpo_loss(hidden, weight, targets, mask, mb["target_cu"], mb["is_chosen"], refs[:, 0], refs[:, 1],
-                            beta=cfg.dpo.beta, sft_weight=sft_weight, sft_norm=cfg.dpo.sft_norm,
-                            label_smoothing=cfg.dpo.label_smoothing, impl=cfg.dpo.loss_impl)
+                            beta=d.beta, sft_weight=sft_weight, sft_norm=d.sft_norm,
+                            label_smoothing=d.label_smoothing, impl=d.loss_impl)
 
-        loss, m = policy(mb, loss_fn=fused)
-        stats = {name: m[name] * share for name in ("dpo_loss", "reward_margin", "reward_accuracy",
-                                                     "rewards_chosen", "rewards_rejected")}
-        stats.update(loss=loss.detach() * share, sft_loss=m["sft_loss"] * sft_scale,
-                     num_tokens=torch.tensor(float(mb["input_ids"].numel())))
+        loss, m = run.policy(mb, loss_fn=fused)
+        stats = {f"dpo/{name}": m[name] * share for name in ("reward_margin", "reward_accuracy", "rewards_chosen",
+                                                             "rewards_rejected")}
+        stats.update({"train/loss": loss.detach() * share, "train/dpo_loss": m["dpo_loss"] * share,
+                      "train/sft_loss": m["sft_loss"] * sft_scale,
+                      "train/num_tokens": torch.tensor(float(mb["input_ids"].numel()))})
         # FSDP2 averages gradients over ranks; the world-size factor makes the sum over ranks the step's loss.
-        return loss * share * world, stats
+        return loss * share * run.ctx.dist.world_size, stats
 
-    trainer.fit(micro_batches, loss_fn)
-    export_hf(policy, hf_model, init_dir, ctx.stage_dir / "hf", dist_info)
+
+def run(cfg: DPOStageConfig, ctx: StageContext) -> None:
+    run_training(cfg, ctx, DPOStage(cfg))

@@ -3,73 +3,86 @@
 Used twice in SPECS work: to pretrain the toy base model (tiny.toml) and as the SFT cold-start ablation.
 """
 
+import dataclasses
+from typing import ClassVar
+
 import torch
 
-from engine.checkpoint import export_hf
-from engine.data import Processor, collate, encode_rows, load_rows, plan_micro_batches
-from engine.fsdp import vision_tower
-from engine.log import log0
+from engine.data import Processor, Sample, collate, encode_rows, load_rows, plan_micro_batches
 from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.stages import StageContext
-from engine.stages.common import StepOrder, build_policy, check_batch_size
+from engine.stages._train import Run, run_training
 from engine.stages.config import SFTStageConfig
-from engine.trainer import Trainer
 from kernels import plan_bins
 
 
-def run(cfg: SFTStageConfig, ctx: StageContext) -> None:
-    dist_info = ctx.dist
-    init_dir = ctx.model_dir(cfg.init)
-    processor = Processor.from_pretrained(init_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-    data_path = ctx.resolve_path(cfg.data.train)
-    samples, report = encode_rows(load_rows(str(data_path)), processor, template=cfg.data.template,
-                                  system=cfg.data.system or None, response_column=cfg.data.response_column,
-                                  on_bad_row=cfg.data.on_bad_row, max_tokens=cfg.data.max_tokens,
-                                  source=str(data_path), max_pixel_bytes=cfg.data.max_pixel_bytes)
-    if not samples:
-        raise ValueError(f"{data_path}: no usable rows ({report.num_skipped} of {report.num_rows} skipped: "
-                         f"{report.by_reason})")
-    check_batch_size(cfg.train.batch_size, dist_info.world_size, f"stages.{cfg.name}.train")
-    order = StepOrder(len(samples), cfg.train.batch_size, ctx.run.seed)
-    total_steps = cfg.train.steps or order.steps_for_epochs(cfg.train.epochs)
-    per_rank = cfg.train.batch_size // dist_info.world_size
-    log0(f"data: {data_path} | {len(samples)} samples ({report.num_skipped} bad rows skipped) | "
-         f"batch {cfg.train.batch_size} samples = {dist_info.world_size} ranks x {per_rank} | "
-         f"micro-batches of <= {cfg.train.micro_batch_tokens} padded tokens per rank | "
-         f"{total_steps} steps = {'train.steps' if cfg.train.steps else f'{cfg.train.epochs} epochs'}")
+@dataclasses.dataclass
+class SFTStage:
+    """The encoded samples and the current step's loss normaliser."""
 
-    policy, hf_model = build_policy(init_dir, ctx.model, dist_info)
-    trainer = Trainer(policy, optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint, stage_dir=ctx.stage_dir,
-                      dist_info=dist_info, total_steps=total_steps, log_every=ctx.run.log_every)
-    trainer.resume()
-    pad_id = processor.pad_id
-    world, device = dist_info.world_size, dist_info.device
-    step_targets = [1]  # response tokens of the whole step over all ranks: the loss normaliser
+    cfg: SFTStageConfig
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+    source: str = ""
+    num_bad_rows: int = 0
+    world_size: int = 1
+    step_targets: int = 1
+    """Response tokens of the current step over all ranks: the loss normaliser."""
+    steps_per_batch: ClassVar[int] = 1
+    batch_split: ClassVar[int] = 1
 
-    merge_size = processor.merge_size if vision_tower(hf_model) is not None else None
+    def load(self, processor: Processor, ctx: StageContext) -> int:
+        data = self.cfg.data
+        path = ctx.resolve_path(data.train)
+        self.samples, report = encode_rows(load_rows(str(path)), processor, template=data.template,
+                                           system=data.system or None, response_column=data.response_column,
+                                           on_bad_row=data.on_bad_row, max_tokens=data.max_tokens, source=str(path),
+                                           max_pixel_bytes=data.max_pixel_bytes)
+        if not self.samples:
+            raise ValueError(f"{path}: no usable rows ({report.num_skipped} of {report.num_rows} skipped: "
+                             f"{report.by_reason})")
+        self.source, self.num_bad_rows, self.world_size = str(path), report.num_skipped, ctx.dist.world_size
+        return len(self.samples)
 
-    def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        indices = order.step_indices(step)
-        # Every rank sees the whole step's indices, so the normaliser needs no communication.
-        step_targets[0] = max(1, sum(num_targets(samples[i]) for i in indices))
-        if cfg.train.packing:
-            # Token-balanced bins, the same number on every rank; each bin becomes one packed row.
-            lengths = [len(samples[i].input_ids) for i in indices]
-            bins = plan_bins(lengths, cfg.train.micro_batch_tokens, num_ranks=world)[dist_info.rank]
-            rows = [pack_samples([samples[indices[j]] for j in b], merge_size=merge_size) for b in bins if b]
+    def describe(self, total_steps: int) -> str:
+        train, world = self.cfg.train, self.world_size
+        return (f"data: {self.source} | {len(self.samples)} samples ({self.num_bad_rows} bad rows skipped) | "
+                f"batch {train.batch_size} samples = {world} ranks x {train.batch_size // world} | "
+                f"micro-batches of <= {train.micro_batch_tokens} padded tokens per rank | "
+                f"{total_steps} steps = {'train.steps' if train.steps else f'{train.epochs} epochs'}")
+
+    def fit(self, run: Run) -> None:
+        run.trainer.fit(lambda step: self.micro_batches(run, step), lambda mb: self.loss(run, mb))
+
+    def micro_batches(self, run: Run, step: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """This rank's micro-batches of optimizer step `step` and the most any rank has; sets the normaliser.
+
+        Every rank sees the whole step's indices, so it plans every rank's micro-batches: neither the normaliser
+        nor the lockstep count needs communication.
+        """
+        indices, rank, world = run.order.step_indices(step), run.ctx.dist.rank, run.ctx.dist.world_size
+        mbt = self.cfg.train.micro_batch_tokens
+        self.step_targets = max(1, sum(num_targets(self.samples[i]) for i in indices))
+        if self.cfg.train.packing:
+            # Token-balanced bins over all ranks; each non-empty bin becomes one packed row.
+            plan = [[b for b in bins if b] for bins in plan_bins([len(self.samples[i].input_ids) for i in indices],
+                                                                  mbt, num_ranks=world)]
+            rows = [pack_samples([self.samples[indices[j]] for j in b], merge_size=run.merge_size) for b in plan[rank]]
         else:
-            mine = indices[dist_info.rank :: world]
-            groups = plan_micro_batches([len(samples[i].input_ids) for i in mine], cfg.train.micro_batch_tokens)
-            rows = [collate([samples[mine[j]] for j in g], pad_id) for g in groups]
-        return [to_device(r, device) for r in rows]
+            plan = [plan_micro_batches([len(self.samples[i].input_ids) for i in indices[r::world]], mbt)
+                    for r in range(world)]
+            mine = indices[rank::world]
+            rows = [collate([self.samples[mine[j]] for j in g], run.processor.pad_id) for g in plan[rank]]
+        return [to_device(r, run.ctx.dist.device) for r in rows], max(len(p) for p in plan)
 
-    def loss_fn(mb: dict[str, torch.Tensor]):
-        nll = -policy(mb).sum()
+    def loss(self, run: Run, mb: dict[str, torch.Tensor]):
+        """Summed response-token NLL / the step's response tokens; this micro-batch's share of the step's mean."""
+        nll = -run.policy(mb).sum()
         # FSDP2 averages gradients over ranks; scaling by world size makes the result the global token mean.
-        loss = nll * world / step_targets[0]
+        loss = nll * run.ctx.dist.world_size / self.step_targets
         num_tokens = mb["attention_mask"].sum() if "attention_mask" in mb else mb["input_ids"].numel()
-        return loss, {"loss": nll / step_targets[0], "num_tokens": torch.as_tensor(num_tokens),
-                      "num_target_tokens": (mb["labels"][:, 1:] != -100).sum()}
+        return loss, {"train/loss": nll / self.step_targets, "train/num_tokens": torch.as_tensor(num_tokens),
+                      "train/num_target_tokens": (mb["labels"][:, 1:] != -100).sum()}
 
-    trainer.fit(micro_batches, loss_fn)
-    export_hf(policy, hf_model, init_dir, ctx.stage_dir / "hf", dist_info)
+
+def run(cfg: SFTStageConfig, ctx: StageContext) -> None:
+    run_training(cfg, ctx, SFTStage(cfg))
