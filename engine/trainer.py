@@ -5,10 +5,9 @@ in this step if the stage knows it (None: the ranks ask each other, one more hos
     loss_fn(micro_batch) -> (loss to backward, {name: tensor}) where each stat is this micro-batch's share, so
                             that the sum over micro-batches and ranks is the step's value (e.g. "train/loss")
 `fit(step_batches, loss_fn)` runs the steps with `step_batches(step) -> (micro-batches, num_passes)` supplying
-them; a stage with its own loop
-(GRPO: a rollout batch feeds several steps) calls `run_step` itself. The trainer accumulates gradients, keeps
-FSDP2 collectives in lockstep, clips, skips non-finite updates, steps the optimizer and schedule, logs metrics
-and saves/restores checkpoints. It knows nothing about the stages.
+them; a stage with its own loop (GRPO: a rollout batch feeds several steps) calls `run_step` itself. The trainer
+accumulates gradients, keeps FSDP2 collectives in lockstep, clips, skips non-finite updates, steps the optimizer
+and schedule, logs metrics and saves/restores checkpoints. It knows nothing about the stages.
 """
 
 import math

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels._common import log_once
+from kernels._common import acc_dtype, log_once
 
 DEFAULT_BUFFER_BYTES = 512 << 20
 # DPO needs a whole chosen/rejected pair in one chunk: its buffer grows past the default up to this for one pair
@@ -51,7 +51,6 @@ MAX_PAIR_BUFFER_BYTES = 2 << 30
 CUDA_ROW_CONFIG = dict(BLOCK_V=4096, num_warps=8)
 INTERP_ROW_CONFIG = dict(BLOCK_V=64, num_warps=1)  # small tiles so the tests cross several of them
 KL_MODES = {"k1": 1, "k2": 2, "k3": 3, "low_var_kl": 4}  # the row kernel's KL_MODE; 0 = no KL term
-LOG_RATIO_CLAMP = 20.0  # verl clamps log-ratios before exp so one stale token cannot overflow the loss
 
 Index = slice | torch.Tensor  # a chunk's rows: a slice, or an int64 index tensor on hidden's device
 
@@ -183,7 +182,7 @@ def _kernel_source():
                     diff = logp - tl.load(OLD_ptr + row)
                 else:
                     diff = logp - logp  # on-policy: old = logp, ratio exactly 1
-                ratio = tl.exp(tl.minimum(tl.maximum(diff, -20.0), 20.0))
+                ratio = tl.exp(tl.minimum(tl.maximum(diff, -20.0), 20.0))  # grpo_loss._LOG_RATIO_CLAMP
                 pg1 = -adv * ratio
                 pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
                 clipped = pg2 > pg1  # outside the trust region: constant loss, no gradient
@@ -346,7 +345,7 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
         in weight.dtype or None); ignored targets give logp 0, entropy 0 and no gradient.
     """
     n, v = hidden.shape[0], weight.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(hidden)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if backend == "triton" and not (hidden.is_cuda or interpret):
         raise RuntimeError("the Triton one-pass path needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")

@@ -166,7 +166,7 @@ class DPOLossFunction(torch.autograd.Function):
 
         groups = None
         if impl == "onepass":
-            v, elem_bytes = weight.shape[0], 8 if hidden.dtype == torch.float64 else 4
+            v, elem_bytes = weight.shape[0], acc_dtype(hidden).itemsize
             chunk = _onepass.chunk_tokens(v, elem_bytes=elem_bytes)
             max_pair = max(chunk, _onepass.chunk_tokens(v, _onepass.MAX_PAIR_BUFFER_BYTES, elem_bytes))
             groups = pair_groups(cu_seqlens, chosen_idx, rejected_idx, chunk, max_pair)

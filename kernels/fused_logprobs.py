@@ -20,7 +20,7 @@ import os
 import torch
 
 from kernels import _onepass
-from kernels._common import check_targets, log_once
+from kernels._common import acc_dtype, check_targets, log_once
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_CHUNK_TOKENS = 1024
@@ -248,8 +248,8 @@ def onepass_call(hidden, weight, targets, grad, *, temperature: float, need_h: b
     backend = _backend(hidden.device, backend)
     hidden, weight, targets = _check(hidden, weight, targets, temperature, backend, ignore_index, check_range)
     if groups is None:
-        elem_bytes = 8 if hidden.dtype == torch.float64 else 4
-        groups = _onepass.token_chunks(hidden.shape[0], _onepass.chunk_tokens(weight.shape[0], elem_bytes=elem_bytes))
+        chunk = _onepass.chunk_tokens(weight.shape[0], elem_bytes=acc_dtype(hidden).itemsize)
+        groups = _onepass.token_chunks(hidden.shape[0], chunk)
     with torch.no_grad():
         return _onepass.onepass(hidden, weight, targets, groups, grad, temperature=temperature,
                                 ignore_index=ignore_index, return_entropy=return_entropy, need_hidden_grad=need_h,

@@ -83,18 +83,18 @@ def collect(c: Collector, index: int) -> RolloutBatch:
     c.backend.wake()  # the sampler's weights and KV cache come back to the accelerator (no-op on CPU)
     sync_weights(c.policy, c.backend, c.sample_dtype)  # the previous update (or the resumed checkpoint)
     step_indices = c.order.step_indices(index)
-    mine = step_indices[rank::world]
+    prompts = [c.prompts[i] for i in step_indices[rank::world]]
     seed = c.seed * 1_000_003 + index * world + rank  # by rollout and rank: a resumed run samples the same
-    groups = generate(c.backend, [c.prompts[i] for i in mine], c.rollout, seed=seed)
+    groups = generate(c.backend, prompts, c.rollout, seed=seed)
     c.backend.sleep()  # give the accelerator memory back to the trainer until the next rollout
-    rewards = score_groups(groups, [c.prompts[i] for i in mine], c.reward)
+    rewards = score_groups(groups, prompts, c.reward)
     totals = torch.tensor([[r.total for r in grp] for grp in rewards])
     adv = group_advantages(totals, c.grpo.scale_by_std)
     keep = filter_groups(totals, c.grpo.filter_equal_groups)
     samples, advantages, rollout_lp, group_of = [], [], [], []
     for j in keep or [0]:  # nothing left: one group at zero weight, so that every rank still steps
         for s, completion in enumerate(groups[j]):
-            samples.append(training_sample(c.prompts[mine[j]], completion.token_ids))
+            samples.append(training_sample(prompts[j], completion.token_ids))
             advantages.append(float(adv[j, s]) if keep else 0.0)
             rollout_lp.append(torch.tensor(completion.logprobs, dtype=torch.float32))
             group_of.append(j)
