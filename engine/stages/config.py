@@ -102,6 +102,9 @@ class TrainingStageConfig(StageConfig):
 class SFTStageConfig(TrainingStageConfig):
     """Supervised fine-tuning: next-token loss on the response tokens only."""
 
+    loss_impl: Literal["recompute", "onepass"] = "recompute"
+    """kernels.fused_nll implementation: recompute (8NVH, O(N) memory) or onepass (6NVH, a [C, V] buffer)."""
+
 
 @dataclasses.dataclass(kw_only=True)
 class DPOConfig:

@@ -13,7 +13,7 @@ from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.stages import StageContext
 from engine.stages._train import Run, run_training
 from engine.stages.config import SFTStageConfig
-from kernels import plan_bins
+from kernels import fused_nll, plan_bins
 
 
 @dataclasses.dataclass
@@ -75,12 +75,21 @@ class SFTStage:
         return [to_device(r, run.ctx.dist.device) for r in rows], max(len(p) for p in plan)
 
     def loss(self, run: Run, mb: dict[str, torch.Tensor]):
-        """Summed response-token NLL / the step's response tokens; this micro-batch's share of the step's mean."""
-        nll = -run.policy(mb).sum()
+        """Summed response-token NLL / the step's response tokens; this micro-batch's share of the step's mean.
+
+        kernels.fused_nll computes the gradient in the forward (each token's weight is known before its logits).
+        """
         # FSDP2 averages gradients over ranks; scaling by world size makes the result the global token mean.
-        loss = nll * run.ctx.dist.world_size / self.step_targets
+        scale = run.ctx.dist.world_size / self.step_targets
+
+        def fused(hidden, weight, targets):
+            return fused_nll(hidden, weight, targets, hidden.new_full(targets.shape, scale, dtype=torch.float32),
+                             impl=self.cfg.loss_impl)
+
+        loss = run.policy(mb, loss_fn=fused)
+        nll = loss.detach() / run.ctx.dist.world_size
         num_tokens = mb["attention_mask"].sum() if "attention_mask" in mb else mb["input_ids"].numel()
-        return loss, {"train/loss": nll / self.step_targets, "train/num_tokens": torch.as_tensor(num_tokens),
+        return loss, {"train/loss": nll, "train/num_tokens": torch.as_tensor(num_tokens),
                       "train/num_target_tokens": (mb["labels"][:, 1:] != -100).sum()}
 
 
