@@ -22,8 +22,13 @@ Steps, in order (every row is printed as soon as it is measured, so a killed run
    bench_logprobs / bench_grpo / bench_dpo), recompute (impl="recompute"), onepass-<S>M (impl="onepass" with
    kernels._onepass.DEFAULT_BUFFER_BYTES = S MiB, S = 128, 256, 512, 1024; in CPU mode the buffer is scaled by
    V / 152064 so the chunk count matches the GPU's), compile (torch.compile of eager; only with --compile, about a
-   minute of compiling per op). DPO's reference pass follows the config: recompute uses logprobs_fwd (the Triton
-   forward, as bench_dpo), onepass uses fused_logprobs(impl="onepass") under no_grad (cuBLAS logits per chunk).
+   minute of compiling per op), recompute-filter (logprobs ops only: fused_logprobs(filter_eps=2^-12), the
+   approximate backward that skips vocabulary tiles of negligible probability; its config cell shows the share of
+   vocabulary columns kept; exec TF/s counts 8NVH, an upper bound. These random inputs have a flat softmax, so
+   expect ~100% kept: the row measures the filter's overhead and error, not its gain on a real model's peaked
+   distributions; never a default, never in the goal summary). DPO's reference pass follows the config:
+   recompute uses logprobs_fwd (the Triton forward, as bench_dpo), onepass uses fused_logprobs(impl="onepass")
+   under no_grad (cuBLAS logits per chunk).
    DPO's one-pass chunks hold whole pairs: a 2,048-token pair is more than even the 1024 MiB buffer holds, so
    the buffer grows to one pair (up to kernels._onepass.MAX_PAIR_BUFFER_BYTES) and the four onepass-<S>M DPO
    rows run the same chunks (expect equal times; they are kept to show it).
@@ -71,7 +76,7 @@ memory is freed between rows, and a time budget (--budget-s) stops adding rows a
 what it skipped. Exit status: 0, or 2 when a row raised (a bug or an OOM to look at) or the CPU self-check of the
 fp32 reference failed; goal FAILs are results, not errors.
 
-ESTIMATE (H100/H200, from the H200 times in docs/LOG.md and the H100 ones in ENVIRONMENT.md): 30 rows x 9
+ESTIMATE (H100/H200, from the H200 times in docs/LOG.md and the H100 ones in ENVIRONMENT.md): 32 rows x 9
 steps (1 error check + 2 warmup + 5 timed + 1 memory) of 25-140 ms each ~ 25 s; fp32 references (8-10NVH in
 fp32 at ~50 TFLOP/s, TF32 off, plus a 6NVH rerun per GRPO config with clip flips) ~ 10 s; Triton JIT (mostly
 cached by the CUDA tests that run first), CUDA/cuBLAS start, input setup and 5 profiles ~ 30 s; python/torch
@@ -80,6 +85,7 @@ import ~ 10 s: about 75 s, half the 160 s default budget. --compile adds about a
 
 import argparse
 import gc
+import inspect
 import json
 import math
 import os
@@ -115,11 +121,12 @@ BUFFER_MIB = (128, 256, 512, 1024)
 # Goal rows: (x eager limit, extra GiB limit); eager is measured in the same run.
 GOALS = {"logprobs-16k": (0.84, 1.3), "logprobs-4k": (0.87, 1.2), "nll-16k": (0.67, 1.3), "grpo-8x1k": (0.78, 1.3),
          "dpo-4x2x1k": (0.70, 1.5)}
-OURS = ("recompute", "onepass")
+OURS = ("recompute", "onepass")  # exact configs only: recompute-filter is approximate and never a default
+FILTER_EPS = 2.0**-12  # below bf16's resolution of a unit target-token gradient (2^-8) by a factor 16
 # NVH multiples: useful work, the floor, and what each config executes (see the module docstring).
 USEFUL = {"logprobs": 6, "nll": 6, "grpo": 6, "dpo": 8}
 FLOOR = {"logprobs": 8, "nll": 6, "grpo": 6, "dpo": 8}
-EXECUTED = {"logprobs": {"eager": 6, "compile": 6, "recompute": 8, "onepass": 8},
+EXECUTED = {"logprobs": {"eager": 6, "compile": 6, "recompute": 8, "onepass": 8, "recompute-filter": 8},
             "nll": {"eager": 6, "compile": 6, "recompute": 8, "onepass": 6},
             "grpo": {"eager": 6, "compile": 6, "recompute": 8, "onepass": 6},
             "dpo": {"eager": 8, "compile": 8, "recompute": 10, "onepass": 8}}
@@ -158,6 +165,15 @@ def clean(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def filter_stats() -> dict:
+    """kernels._common.FILTER_STATS, or a dict that never changes in a checkout without filter_eps."""
+    try:
+        from kernels._common import FILTER_STATS
+    except ImportError:
+        return {"kept": 0, "seen": 0}
+    return FILTER_STATS
 
 
 def free_memory(collect: bool = False) -> None:
@@ -304,7 +320,8 @@ def logprobs_op(name, n, h, v, dtype, dev, seed) -> Op:
     upstream = torch.randn(n, device=dev, generator=g)  # per-token upstream gradient, as RL losses send
     fns = {"eager": lambda hh, ww: eager_logp(hh, ww, targets),
            "recompute": lambda hh, ww: fused_logprobs(hh, ww, targets),
-           "onepass": lambda hh, ww: fused_logprobs(hh, ww, targets, impl="onepass")}
+           "onepass": lambda hh, ww: fused_logprobs(hh, ww, targets, impl="onepass"),
+           "recompute-filter": lambda hh, ww: fused_logprobs(hh, ww, targets, filter_eps=FILTER_EPS)}
     return Op(name, "logprobs", f"N={n} H={h} V={v}", n, hidden, weight, targets, fns,
               tail=lambda lp: (lp * upstream).sum(), upstream=upstream)
 
@@ -436,6 +453,11 @@ def build_op(name: str, cpu: bool, dtype, dev, ref_chunk: int) -> Op:
     return dpo_op(name, 4, 1024 // div, h, v, dtype, dev, seed, ref_chunk)
 
 
+def filter_supported() -> bool:
+    """Whether this checkout's fused_logprobs takes filter_eps (older ones, benched for a baseline, do not)."""
+    return "filter_eps" in inspect.signature(fused_logprobs).parameters
+
+
 def configs(op: Op, cpu: bool, with_compile: bool) -> list[Config]:
     v = op.weight.shape[0]
     out = [Config("eager", "eager", op.fns["eager"]), Config("recompute", "recompute", op.fns["recompute"])]
@@ -443,6 +465,8 @@ def configs(op: Op, cpu: bool, with_compile: bool) -> list[Config]:
         # CPU mode: scale the buffer by V / 152064 so it holds as many tokens (and makes as many chunks) as on a GPU
         nbytes = round((mib << 20) * v / GPU_V) if cpu else mib << 20
         out.append(Config(f"onepass-{mib}M", "onepass", op.fns["onepass"], nbytes))
+    if "recompute-filter" in op.fns and filter_supported():
+        out.append(Config("recompute-filter", "recompute-filter", op.fns["recompute-filter"]))
     if with_compile:  # last: its first call compiles for about a minute, and the time guard may stop it
         out.append(Config("compile", "compile", torch.compile(op.fns["eager"])))
     return out
@@ -516,7 +540,11 @@ def run_row(op: Op, cfg: Config, ref_out, ref: Fp32Reference, eager_ms, ceiling,
         def call():
             return step(cfg.fn, op.hidden, op.weight, op.upstream)
 
+        stats = filter_stats()
+        before = dict(stats)
         out = call()  # also the first call: Triton JIT and torch.compile happen here, outside the timing
+        if stats["seen"] > before["seen"]:
+            row["filter_kept"] = (stats["kept"] - before["kept"]) / (stats["seen"] - before["seen"])
         errs = [rel_err(a, r) for a, r in zip(out, ref_out, strict=True)]
         del out
         row.update(err_val_all=errs[0], err_dh_all=errs[1], err_dw_all=errs[2], clip_flips=None)
@@ -569,7 +597,8 @@ def verdict(row: dict, goal_name: str, cpu: bool) -> str:
 
 def print_row(row: dict) -> None:
     goal = GOALS[row["op"]]
-    cells = [row["op"], row["config"], row["shape"], fmt(row.get("ms_p50")), fmt(row.get("useful_tflops"), ".1f"),
+    config = row["config"] + (f" (kept {row['filter_kept']:.1%})" if row.get("filter_kept") is not None else "")
+    cells = [row["op"], config, row["shape"], fmt(row.get("ms_p50")), fmt(row.get("useful_tflops"), ".1f"),
              fmt(row.get("exec_tflops"), ".1f"), fmt(row.get("extra_gib")), fmt(row.get("err_val"), ".1e"),
              fmt(row.get("err_dh"), ".1e"), fmt(row.get("err_dw"), ".1e"), fmt(row.get("clip_flips")),
              fmt(row.get("x_eager")), fmt(row.get("x_floor")), f"<={goal[0]}x, <={goal[1]} GiB", row["verdict"]]

@@ -113,3 +113,66 @@ def scale_saved_grads(ctx, grad_output):
     if gw is not None:
         gw = gw.mul_(g.to(gw.dtype))
     return gh, gw
+
+
+FILTER_TILE = 256
+"""Vocabulary columns that `filter_eps` keeps or skips together (a multiple of every kernel's BLOCK_V)."""
+
+
+def filter_threshold(filter_eps: float, temperature: float, *grads: torch.Tensor | None) -> torch.Tensor | None:
+    """The |dlogits| at or below which a column may be skipped: filter_eps x (largest upstream |gradient|) /
+    temperature, a 0-d tensor (no host sync); None when filter_eps is 0 (exact gradients). With grad_logp = 1
+    and no entropy term, |dlogits[n, v]| = p[n, v] / T off the target, so this skips probabilities <= filter_eps."""
+    if filter_eps == 0:
+        return None
+    scale = torch.stack([g.detach().abs().max() for g in grads if g is not None and g.numel()]).max()
+    return scale * (filter_eps / temperature)
+
+
+def check_filter_eps(filter_eps) -> float:
+    if not isinstance(filter_eps, int | float) or not 0 <= filter_eps < 1:
+        raise ValueError(f"filter_eps must be a float in [0, 1) (0: exact gradients), got {filter_eps!r}")
+    return float(filter_eps)
+
+
+FILTER_STATS = {"kept": 0, "seen": 0}
+"""Vocabulary columns kept / seen by `kept_columns` in this process (diagnostics: bench/bench_kernels_gpu.py)."""
+
+
+def kept_columns(d_CV: torch.Tensor, threshold: torch.Tensor, tile: int = FILTER_TILE) -> torch.Tensor:
+    """int64 indices (ascending) of the columns of d_CV whose FILTER_TILE-wide vocabulary tile holds any
+    |d| > threshold. One host sync (the count of kept tiles)."""
+    v = d_CV.shape[1]
+    num_tiles = -(-v // tile)
+    col_max = d_CV.abs().amax(0)
+    tile_max = torch.nn.functional.pad(col_max, (0, num_tiles * tile - v)).view(num_tiles, tile).amax(1)
+    tiles = torch.nonzero(tile_max > threshold).squeeze(1)
+    cols = (tiles[:, None] * tile + torch.arange(tile, device=d_CV.device)).flatten()
+    cols = cols[cols < v]
+    FILTER_STATS["kept"] += cols.numel()
+    FILTER_STATS["seen"] += v
+    return cols
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    out += a @ b
+
+
+def grad_matmuls(d_CV: torch.Tensor, w_VH: torch.Tensor, x_CH: torch.Tensor, dw_VH: torch.Tensor | None,
+                 threshold: torch.Tensor | None, addmm=None, need_dx: bool = True) -> torch.Tensor | None:
+    """dx = d @ w (returned, in the matmul dtype) and dw += d.T @ x (in place, when dw is given), over every
+    vocabulary column when threshold is None, else over `kept_columns` only: the skipped columns' |d| are all
+    <= threshold, so each skipped term of dx[n] is at most threshold x |w_v|. addmm(out, a, b): out += a @ b
+    (default `out += a @ b`). need_dx False: dw only, returns None."""
+    addmm = addmm or _add_product
+    if threshold is None:
+        if dw_VH is not None:
+            addmm(dw_VH, d_CV.T, x_CH)
+        return d_CV @ w_VH if need_dx else None
+    cols = kept_columns(d_CV, threshold)
+    d_CK, w_KH = d_CV[:, cols], w_VH[cols]
+    if dw_VH is not None:
+        part_KH = torch.zeros(cols.numel(), dw_VH.shape[1], dtype=dw_VH.dtype, device=dw_VH.device)
+        addmm(part_KH, d_CK.T, x_CH)
+        dw_VH.index_add_(0, cols, part_KH)
+    return d_CK @ w_KH if need_dx else None

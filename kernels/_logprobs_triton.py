@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import log_once
+from kernels._common import grad_matmuls, log_once
 
 # Fixed configs (one config: >1 autotune config fails in the interpreter; tuned by hand on the GPU instead).
 # CUDA: sized for H100 (228 KiB smem, wgmma needs BLOCK_N >= 64); interpreter: large tiles = fewer Python ops.
@@ -190,7 +190,7 @@ def _combine(parts: torch.Tensor, valid: torch.Tensor, return_entropy: bool):
 
 
 def _logprobs_bwd(hidden, weight, targets, lse, grad_logp, grad_entropy, entropy, temperature: float,
-                  ignore_index: int, need_weight_grad: bool):
+                  ignore_index: int, need_weight_grad: bool, threshold=None):
     """Launcher; inputs validated, grads [N] fp32. Returns (grad_hidden in hidden.dtype, grad_weight fp32 or None)."""
     (_, dlogits_kernel), cfg, _, _ = _setup(hidden, weight, backward=True)
     n, h = hidden.shape
@@ -215,9 +215,7 @@ def _logprobs_bwd(hidden, weight, targets, lse, grad_logp, grad_entropy, entropy
         dlogits_kernel[grid](x_CH, weight, targets[s:e], lse[s:e], g[s:e], ge[s:e], c[s:e], d_CV, e - s, v, h,
                              hidden.stride(0), weight.stride(0), d_CV.stride(0), 1.0 / temperature, tiles_per_split,
                              HAS_ENT=has_ent, **cfg)
-        dx[s:e] = d_CV @ w_mm
-        if need_weight_grad:
-            _addmm_fp32(dw, d_CV.T, x_CH.to(d_dtype))
+        dx[s:e] = grad_matmuls(d_CV, w_mm, x_CH.to(d_dtype), dw, threshold, _addmm_fp32)
     return dx, dw
 
 

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels._common import acc_dtype, log_once
+from kernels._common import acc_dtype, grad_matmuls, log_once
 
 DEFAULT_BUFFER_BYTES = 512 << 20
 # DPO needs a whole chosen/rejected pair in one chunk: its buffer grows past the default up to this for one pair
@@ -329,7 +329,8 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, groups: Sequence[Index],
             grad: GradSpec, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-            need_hidden_grad: bool = True, need_weight_grad: bool = True, backend: str = "ref"):
+            need_hidden_grad: bool = True, need_weight_grad: bool = True, backend: str = "ref",
+            filter_threshold: torch.Tensor | None = None):
     """Log-probs and the gradients of sum_n g_n * logp_n (+ ge_n * entropy_n), chunk by chunk.
 
     Args:
@@ -340,6 +341,8 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
             this and all earlier chunks filled in), or None (statistics only). Known.ge needs return_entropy.
         backend: "ref" (torch row math, fp32/fp64 gradient matmuls) or "triton" (CUDA, or the interpreter under
             TRITON_INTERPRET=1; matmuls in the input dtype, as on a GPU).
+        filter_threshold: None (exact) or the |dlogits| at or below which whole vocabulary tiles of a chunk are
+            left out of the gradient matmuls (kernels._common.grad_matmuls).
     Returns:
         (logp [N], lse [N], entropy [N] or None, grad_hidden [N, H] in hidden.dtype or None, grad_weight [V, H]
         in weight.dtype or None); ignored targets give logp 0, entropy 0 and no gradient.
@@ -378,13 +381,17 @@ def onepass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g
             _rows_triton(z_CV, d_CV, t_C, idx, grad, logp, lse, entropy, inv_temp, ignore_index, interpret)
         else:
             _rows_ref(z_CV, d_CV, t_C, idx, grad, logp, lse, entropy, inv_temp, ignore_index)
-        if dx is not None:
-            dx[idx] = (d_CV @ w_mm).to(hidden.dtype)
-        if dw is not None:
-            dw.addmm_(d_CV.T, x_mm)
+        if dx is not None or dw is not None:
+            dx_CH = grad_matmuls(d_CV, w_mm, x_mm, dw, filter_threshold, _addmm_inplace, need_dx=dx is not None)
+            if dx is not None:
+                dx[idx] = dx_CH.to(hidden.dtype)
     if dw is not None:
         dw = dw.to(weight.dtype)
     return logp, lse, entropy, dx, dw
+
+
+def _addmm_inplace(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    out.addmm_(a, b)
 
 
 def sm90_specs():

@@ -20,7 +20,7 @@ import os
 import torch
 
 from kernels import _onepass
-from kernels._common import acc_dtype, check_targets, log_once
+from kernels._common import acc_dtype, check_filter_eps, check_targets, filter_threshold, grad_matmuls, log_once
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_CHUNK_TOKENS = 1024
@@ -102,7 +102,7 @@ def _ref_fwd(hidden_NH, weight_VH, targets_N, temperature, ignore_index, return_
 
 
 def _ref_bwd(hidden_NH, weight_VH, targets_N, lse_N, g_N, ge_N, ent_N, temperature, ignore_index, need_weight_grad,
-             chunk_tokens):
+             chunk_tokens, threshold=None):
     acc = lse_N.dtype
     valid_N = targets_N != ignore_index
     safe_N = torch.where(valid_N, targets_N, 0)
@@ -124,9 +124,7 @@ def _ref_bwd(hidden_NH, weight_VH, targets_N, lse_N, g_N, ge_N, ent_N, temperatu
         if ge_N is not None:
             d_CV -= ge_N[sl, None] * p_CV * (z_CV - c_N[sl, None])
         d_CV /= temperature
-        grad_hidden[sl] = (d_CV @ w_VH).to(hidden_NH.dtype)
-        if need_weight_grad:
-            grad_weight += d_CV.T @ h_CH.to(acc)
+        grad_hidden[sl] = grad_matmuls(d_CV, w_VH, h_CH.to(acc), grad_weight, threshold).to(hidden_NH.dtype)
     return grad_hidden, grad_weight
 
 
@@ -161,7 +159,7 @@ def logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 def logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                  grad_logp: torch.Tensor, *, grad_entropy: torch.Tensor | None = None,
                  entropy: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                 need_weight_grad: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 need_weight_grad: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, filter_eps: float = 0.0,
                  _backend_override: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. hidden and weight, without autograd.
 
@@ -169,6 +167,7 @@ def logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         lse: [N] fp32 from `logprobs_fwd`; grad_logp: [N] fp32 upstream gradient.
         grad_entropy, entropy: [N] fp32, both or neither (entropy from `logprobs_fwd(return_entropy=True)`).
         need_weight_grad: False skips the grad_weight matmul (and its [V, H] fp32 buffer).
+        filter_eps: 0 (exact) or the approximate gradient of `fused_logprobs(filter_eps=...)`.
     Returns:
         (grad_hidden [N, H] in hidden.dtype, grad_weight [V, H] fp32 or None). Targets are not range-checked here
         (they went through `logprobs_fwd`, which produced lse).
@@ -184,12 +183,13 @@ def logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         grad_entropy = _check_vec("grad_entropy", grad_entropy, n, hidden.device)
         entropy = _check_vec("entropy", entropy, n, hidden.device)
     with torch.no_grad():
+        threshold = filter_threshold(check_filter_eps(filter_eps), temperature, grad_logp, grad_entropy)
         if backend == "ref" or n == 0:
             return _ref_bwd(hidden, weight, targets, lse, grad_logp, grad_entropy, entropy, float(temperature),
-                            ignore_index, need_weight_grad, int(chunk_tokens))
+                            ignore_index, need_weight_grad, int(chunk_tokens), threshold)
         from kernels._logprobs_triton import _logprobs_bwd
         return _logprobs_bwd(hidden, weight, targets, lse, grad_logp, grad_entropy, entropy, float(temperature),
-                             ignore_index, need_weight_grad)
+                             ignore_index, need_weight_grad, threshold)
 
 
 class FusedLogprobsFunction(torch.autograd.Function):
@@ -200,7 +200,7 @@ class FusedLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, ignore_index, return_entropy, chunk_tokens,
-                backend, impl):
+                backend, impl, filter_eps=0.0):
         if impl == "onepass":
             logp_N, lse_N, ent_N, _, _ = onepass_call(hidden_NH, weight_VH, targets_N, None, temperature=temperature,
                                                       need_h=False, need_w=False, ignore_index=ignore_index,
@@ -210,14 +210,14 @@ class FusedLogprobsFunction(torch.autograd.Function):
                                                 ignore_index=ignore_index, return_entropy=return_entropy,
                                                 chunk_tokens=chunk_tokens, _backend_override=backend)
         ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse_N, ent_N)
-        ctx.args = (temperature, ignore_index, chunk_tokens, backend, impl)
+        ctx.args = (temperature, ignore_index, chunk_tokens, backend, impl, filter_eps)
         ctx.set_materialize_grads(False)  # an unused output (e.g. entropy) sends None: skip its term
         return (logp_N, ent_N) if return_entropy else logp_N
 
     @staticmethod
     def backward(ctx, grad_logp_N, grad_ent_N=None):
         hidden_NH, weight_VH, targets_N, lse_N, ent_N = ctx.saved_tensors
-        temperature, ignore_index, chunk_tokens, backend, impl = ctx.args
+        temperature, ignore_index, chunk_tokens, backend, impl, filter_eps = ctx.args
         if grad_logp_N is None:
             grad_logp_N = torch.zeros_like(lse_N)
         if impl == "onepass":
@@ -228,21 +228,22 @@ class FusedLogprobsFunction(torch.autograd.Function):
             _, _, _, grad_hidden, grad_weight = onepass_call(
                 hidden_NH, weight_VH, targets_N, grad, temperature=temperature, need_h=ctx.needs_input_grad[0],
                 need_w=ctx.needs_input_grad[1], ignore_index=ignore_index, return_entropy=grad.ge is not None,
-                backend=backend, check_range=False)
+                backend=backend, check_range=False,
+                filter_threshold=filter_threshold(filter_eps, temperature, grad.g, grad.ge))
         else:
             grad_hidden, grad_weight = logprobs_bwd(
                 hidden_NH, weight_VH, targets_N, lse_N, grad_logp_N, grad_entropy=grad_ent_N,
                 entropy=ent_N if grad_ent_N is not None else None, temperature=temperature,
                 ignore_index=ignore_index, need_weight_grad=ctx.needs_input_grad[1], chunk_tokens=chunk_tokens,
-                _backend_override=backend)
+                filter_eps=filter_eps, _backend_override=backend)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_VH.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def onepass_call(hidden, weight, targets, grad, *, temperature: float, need_h: bool, need_w: bool,
                  ignore_index: int = -100, return_entropy: bool = False, backend: str | None = None, groups=None,
-                 check_range: bool = True):
+                 check_range: bool = True, filter_threshold: torch.Tensor | None = None):
     """kernels._onepass.onepass after the usual checks and backend choice; groups None: consecutive chunks sized
     by its buffer budget. `grad`: see `_onepass.onepass`. Used by FusedLogprobsFunction and the losses."""
     backend = _backend(hidden.device, backend)
@@ -253,7 +254,7 @@ def onepass_call(hidden, weight, targets, grad, *, temperature: float, need_h: b
     with torch.no_grad():
         return _onepass.onepass(hidden, weight, targets, groups, grad, temperature=temperature,
                                 ignore_index=ignore_index, return_entropy=return_entropy, need_hidden_grad=need_h,
-                                need_weight_grad=need_w, backend=backend)
+                                need_weight_grad=need_w, backend=backend, filter_threshold=filter_threshold)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def fused_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
 def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                    ignore_index: int = -100, return_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                   impl: str = "recompute"):
+                   impl: str = "recompute", filter_eps: float = 0.0):
     """Log-probs of `targets` under softmax(hidden @ weight.T / temperature), without [N, V] logits.
 
     Args:
@@ -306,12 +307,18 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         impl: "recompute" (Triton logits tiles in the forward and again in the backward; O(N + tile) memory) or
             "onepass" (cuBLAS logits per chunk into a [C, V] fp32 buffer plus the Triton row kernel,
             kernels/_onepass.py: every matmul in cuBLAS). Which is faster on a GPU: bench/bench_kernels_gpu.py.
+        filter_eps: 0 (default) gives exact gradients. In [0, 1): an approximate backward (Cut Cross-Entropy's
+            idea) that leaves out, per chunk of tokens, the FILTER_TILE-wide vocabulary tiles whose every
+            |dlogits| is <= filter_eps x (largest upstream |gradient|) / temperature, i.e. whose probabilities
+            are all <= filter_eps for a unit upstream gradient; the dx/dW matmuls then run over the kept columns
+            only. The forward is exact either way; the gradient error is printed by bench/bench_kernels_gpu.py.
     Raises:
-        ValueError: bad shapes/dtypes/devices, or a target outside [0, V) other than ignore_index.
+        ValueError: bad shapes/dtypes/devices, a target outside [0, V) other than ignore_index, a bad filter_eps.
     Returns:
         logp [N] fp32, or (logp, entropy) [N] fp32 each; differentiable w.r.t. hidden and weight.
     """
     if impl not in ("recompute", "onepass"):
         raise ValueError(f"impl must be 'recompute' or 'onepass', got {impl!r}")
     return FusedLogprobsFunction.apply(hidden, weight, targets, float(temperature), ignore_index,
-                                       bool(return_entropy), int(chunk_tokens), None, impl)
+                                       bool(return_entropy), int(chunk_tokens), None, impl,
+                                       check_filter_eps(filter_eps))

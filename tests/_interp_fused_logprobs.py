@@ -143,3 +143,26 @@ def test_triton_path_rejects_fp64():
     with pytest.raises(ValueError, match="hidden"):
         fused_logprobs(torch.randn(3, 8, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64),
                        torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("impl", ["recompute", "onepass"])
+def test_filter_eps_matches_reference_with_the_same_filter(impl):
+    """The approximate backward keeps the same vocabulary tiles as the torch path (probabilities far from the
+    threshold), so the two agree to fp32 round-off, and the skipped tiles get exactly no weight gradient."""
+    from kernels._common import FILTER_TILE
+    from kernels.fused_logprobs import FusedLogprobsFunction
+    n, h, v = 40, 24, 3 * FILTER_TILE + 5
+    hidden, weight = torch.randn(n, h), torch.randn(v, h) * 0.3
+    weight[:60] *= 8  # every likely token in the first tile: the others hold p < 1e-6
+    targets = torch.randint(0, 60, (n,))
+    g, ge = torch.randn(n), torch.randn(n)
+    out = _run(fused_logprobs, hidden, weight, targets, g, ge, impl=impl, filter_eps=1e-4)
+
+    def ref(hidden, weight, targets, return_entropy):
+        return FusedLogprobsFunction.apply(hidden, weight, targets, 1.0, -100, return_entropy, 1024, "ref", impl,
+                                           1e-4)
+    ref32 = _run(ref, hidden, weight, targets, g, ge)
+    assert torch.all(out[3][FILTER_TILE:] == 0) and torch.all(ref32[3][FILTER_TILE:] == 0)
+    for name, kind, a, r in zip(["logp", "entropy", "grad_hidden", "grad_weight"], ["value"] * 2 + ["grad"] * 2,
+                                out, ref32, strict=True):
+        assert_rel_close(a, r, torch.float32, kind, name=f"{name} {impl} filtered")
