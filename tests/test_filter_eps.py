@@ -58,7 +58,7 @@ def test_skipped_tiles_and_error_bound(impl, entropy):
     assert err.max() > 0  # something was actually left out
 
 
-def test_zero_is_exact_and_a_large_eps_keeps_the_targets_tile():
+def test_zero_is_exact_and_a_large_eps_stays_finite():
     hidden, weight, targets, g = _peaked()
     exact = _grads(hidden, weight, targets, g, entropy=False)
     same = _grads(hidden, weight, targets, g, entropy=False, filter_eps=0.0)
