@@ -82,15 +82,16 @@ def _openai_key(cfg: JudgeSettings) -> str:
     return key
 
 
-def check_ready(cfg: JudgeSettings) -> None:
+def check_ready(cfg: JudgeConfig) -> None:
     """Raise before any work when an enabled judge cannot run: bad settings (ValueError), a malformed URL
-    (ValueError naming it) or a missing key (RuntimeError naming the variable). Call it on every rank."""
+    (ValueError naming it) or a missing key (RuntimeError naming the variable). Call it on every rank. A plain
+    JudgeConfig is the gemini backend."""
     if not cfg.enabled:
         return
     errs = cfg.check()
     if errs:
         raise ValueError("judge config: " + "; ".join(errs))
-    if cfg.backend == "openai":
+    if isinstance(cfg, JudgeSettings) and cfg.backend == "openai":
         split_url(cfg.base_url)
         _openai_key(cfg)
     else:
@@ -173,11 +174,12 @@ def _ask(client, items: list[tuple[str, str, str]]) -> list[str]:
 class RewardJudge:
     """Grades the open-ended completions of a batch; every rank builds one and calls `grade` in step."""
 
-    def __init__(self, cfg: JudgeSettings, rank: int = 0, client: Judge | OpenAIJudge | None = None):
+    def __init__(self, cfg: JudgeConfig, rank: int = 0, client: Judge | OpenAIJudge | None = None):
         check_ready(cfg)  # every rank: a misconfiguration stops all of them with the same message
         self.cfg, self.rank = cfg, rank
         self.client = client if client is not None else make_yes_no_judge(cfg) if rank == 0 else None
-        log0(f"reward judge: {cfg.backend} {cfg.model}" + (f" at {cfg.base_url}" if cfg.base_url else "")
+        where = f" at {cfg.base_url}" if cfg.base_url else ""
+        log0(f"reward judge: {getattr(cfg, 'backend', 'gemini')} {cfg.model}{where}"
              + f" for open-ended answers | cache {cfg.cache_path or 'in memory'} | request budget "
              f"{cfg.request_budget or 'unlimited'}")
 

@@ -209,7 +209,8 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
         judge_cfg = dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
                                         or str(ctx.stage_dir / "judge_cache.jsonl"))
         judge = make_judge(judge_cfg)
-    reward_judge = RewardJudge(judge_cfg, client=judge) if judge is not None and cfg.judge.open_answers else None
+    open_answers = getattr(cfg.judge, "open_answers", True)  # a plain JudgeConfig (tests) grades them too
+    reward_judge = RewardJudge(judge_cfg, client=judge) if judge is not None and open_answers else None
     log0(f"distill: {len(prompts)} prompts ({report.num_skipped} bad rows skipped) x {cfg.rollout.n} samples from "
          f"{source} | rejected = {cfg.distill.rejected} | up to {cfg.distill.max_chosen_per_prompt} chosen per "
          f"prompt | judge {'on: ' + cfg.judge.model if judge or cfg.judge.enabled else 'off'} | {num_chunks} parts, "
