@@ -286,14 +286,15 @@ def answer_type(gold: str, choices: Sequence[str] | None = None, declared: str =
     """The verifier a row's answer gets: its declared type when that is one of ANSWER_TYPES, else the gold's shape:
     "choice" (choices given with a letter or option gold, or a one-letter gold), "number", "math" (LaTeX, fractions,
     operators) or "open" (free text, judged by an LLM when a judge is configured). A declared type outside
-    ANSWER_TYPES is counted (`num_unknown_answer_type`) and the gold's shape decides."""
+    ANSWER_TYPES is counted (`num_unknown_answer_type`) and gives "unknown": the rules score it, no judge does."""
     if declared in ANSWER_TYPES:
         return declared
     if declared:
         with _lock:
             _counts["unknown_answer_type"] += 1
         warn_once(f"engine.rewards: unknown answer_type {declared!r} (known: {', '.join(ANSWER_TYPES)}); such rows are "
-                  f"scored by the rules as their gold's shape says; count: rewards.num_unknown_answer_type()")
+                  f"scored by the rules only; count: rewards.num_unknown_answer_type()")
+        return "unknown"  # rules only: never sent to a judge (a box list or a task we have no verifier for)
     gold = gold.strip()
     if choices:
         opts = [_option_text(c) for c in choices]
