@@ -16,9 +16,13 @@ VARS: dict[str, tuple[str, str]] = {
     "RANK": ("0", "Global rank (torchrun)."),
     "LOCAL_RANK": ("0", "Rank on this node (torchrun)."),
     "WORLD_SIZE": ("1", "Number of processes (torchrun)."),
-    # Secrets: read only by engine/judge.py, never logged or written anywhere.
+    # Secrets: read only by the judges (engine/judge.py, engine/reward_judge.py), never logged or written anywhere.
     "GEMINI_API_KEY": ("", "API key for the optional Gemini judge (engine/judge.py) if GOOGLE_API_KEY is unset."),
     "GOOGLE_API_KEY": ("", "API key for the optional Gemini judge; takes precedence over GEMINI_API_KEY."),
+    "OPENAI_API_KEY": ("", "API key for an OpenAI-compatible judge endpoint (judge.backend = 'openai', the default "
+                       "judge.api_key_env; engine/judge_openai.py)."),
+    "JUDGE_API_KEY": ("", "API key for an OpenAI-compatible judge, when judge.api_key_env = 'JUDGE_API_KEY' (e.g. a "
+                      "local vLLM/SGLang server started with --api-key)."),
 }
 
 

@@ -64,7 +64,7 @@ class Reward:
     """Which comparison decided: choice, number, math, string, judge, none."""
 
 
-_counts = {"gold_unparseable": 0}
+_counts = {"gold_unparseable": 0, "unknown_answer_type": 0}
 _lock = threading.Lock()
 
 
@@ -275,6 +275,41 @@ def _math_parse(text: str, cfg: RewardConfig) -> list:
 def _looks_math(text: str) -> bool:
     rest = re.sub(r"\\[a-zA-Z]+|\b(?:sin|cos|tan|log|ln|exp|sqrt|pi)\b", " ", text)
     return re.search(r"[A-Za-z]{2,}", rest) is None and re.search(r"[\d\\^/=+*\u03c0\u221a]", text) is not None
+
+
+# ---------------------------------------------------------------- answer types
+ANSWER_TYPES = ("choice", "number", "math", "open")
+"""Answer types a row may declare (`answer_type` column); "" or absent: decided by the gold's shape."""
+
+
+def answer_type(gold: str, choices: Sequence[str] | None = None, declared: str = "") -> str:
+    """The verifier a row's answer gets: its declared type when that is one of ANSWER_TYPES, else the gold's shape:
+    "choice" (choices given with a letter or option gold, or a one-letter gold), "number", "math" (LaTeX, fractions,
+    operators) or "open" (free text, judged by an LLM when a judge is configured). A declared type outside
+    ANSWER_TYPES is counted (`num_unknown_answer_type`) and gives "unknown": the rules score it, no judge does."""
+    if declared in ANSWER_TYPES:
+        return declared
+    if declared:
+        with _lock:
+            _counts["unknown_answer_type"] += 1
+        warn_once(f"engine.rewards: unknown answer_type {declared!r} (known: {', '.join(ANSWER_TYPES)}); such rows are "
+                  f"scored by the rules only; count: rewards.num_unknown_answer_type()")
+        return "unknown"  # rules only: never sent to a judge (a box list or a task we have no verifier for)
+    gold = gold.strip()
+    if choices:
+        opts = [_option_text(c) for c in choices]
+        if _gold_letter(gold, "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(opts)], opts) is not None:
+            return "choice"
+    elif _LETTER_GOLD.fullmatch(gold):
+        return "choice"
+    if _parse_number(gold) is not None:
+        return "number"
+    return "math" if _looks_math(gold) else "open"
+
+
+def num_unknown_answer_type() -> int:
+    """How many rows with an unknown declared answer type this process has scored by the rules."""
+    return _counts["unknown_answer_type"]
 
 
 # ---------------------------------------------------------------- scoring

@@ -144,13 +144,18 @@ def test_resume_after_crash_skips_written_parts(tmp_path, toy_world, scripted):
 
 
 def test_coupled_variant_uses_a_wrong_sample(tmp_path, toy_world, scripted):
+    """The coupled ablation's rejected differs from its chosen in correctness and format both (the paper's coupled
+    pairs): a sampled wrong, badly formatted answer, or a sampled wrong answer with a format corruption."""
     ctx = _ctx(tmp_path, toy_world)
     distill_stage.run(_cfg(toy_world, rejected="incorrect"), ctx)
     pairs = datasets.Dataset.from_parquet(str(ctx.stage_dir / "pairs.parquet"))
-    assert len(pairs) == NUM_PROMPTS and set(pairs["corruption"]) == {"incorrect"}
+    assert len(pairs) == NUM_PROMPTS
+    assert all(k == "incorrect" or k.startswith("incorrect+") for k in pairs["corruption"]), set(pairs["corruption"])
     for row in pairs:
         assert row["rejected_accuracy"] == 0.0 and row["chosen_accuracy"] == 1.0
-        assert score(row["rejected"], row["answer"], row["choices"]).accuracy == 0.0
+        assert row["rejected_format"] == 0.0 and row["chosen_format"] > 0
+        r = score(row["rejected"], row["answer"], row["choices"])
+        assert r.accuracy == 0.0 and r.format == 0.0
 
 
 def test_judge_filters_and_caches(tmp_path, toy_world, scripted, monkeypatch):

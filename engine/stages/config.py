@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import ClassVar, Literal
 
 from engine.corrupt import CORRUPTIONS
-from engine.judge import JudgeConfig
+from engine.reward_judge import JudgeSettings
 from engine.sections import DEFAULT_TEMPLATE, CheckpointConfig, DataConfig, OptimConfig, RolloutConfig, TrainConfig
 from engine.toy_spec import ToySpec
 
@@ -212,6 +212,10 @@ class GRPOStageConfig(TrainingStageConfig):
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     ref: str = ""
     """Reference model of the KL penalty (when grpo.kl_coef > 0); empty: the same checkpoint as `init`."""
+    judge: JudgeSettings = dataclasses.field(default_factory=JudgeSettings)
+    """Optional LLM judge of open-ended answers for the accuracy reward (engine/reward_judge.py; Gemini or any
+    OpenAI-compatible endpoint); off by default. An empty `judge.cache_path` caches verdicts in
+    `<stage>/judge_cache.jsonl`."""
 
     def model_inputs(self) -> dict[str, str]:
         return {**super().model_inputs(), **({"ref": self.ref} if self.ref else {})}
@@ -276,9 +280,11 @@ class DistillStageConfig(StageConfig):
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     """Sampling: `rollout.n` answers per prompt (k)."""
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
-    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
-    """Optional Gemini check that the reasoning supports the answer (engine/judge.py); off by default. An empty
-    `judge.cache_path` caches verdicts in `<stage>/judge_cache.jsonl`, so a rerun sends nothing twice."""
+    judge: JudgeSettings = dataclasses.field(default_factory=JudgeSettings)
+    """Optional LLM judge (Gemini or an OpenAI-compatible endpoint, engine/reward_judge.py); off by default. When on,
+    it checks that each candidate's reasoning supports its answer, and (with `judge.open_answers`) grades open-ended
+    answers the rules score wrong. An empty `judge.cache_path` caches verdicts in `<stage>/judge_cache.jsonl`, so a
+    rerun sends nothing twice."""
 
     def model_inputs(self) -> dict[str, str]:
         return {} if self.model_dir else {"policy": self.policy}
@@ -350,10 +356,10 @@ class EvalStageConfig(StageConfig):
     """b of the Generalization Factor (the paper: 2)."""
     backend: Literal["builtin", "vllm"] = "builtin"
     """Generation engine, as `rollout.backend` in training stages."""
-    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
-    """Optional Gemini check, for benchmarks whose official pipeline asks an LLM (MathVista, MathVerse, ...): a
-    response the rules score wrong is scored right when the judge says its final answer matches the reference.
-    Off by default (needs GEMINI_API_KEY); verdicts are cached in `<stage>/judge_cache.jsonl`."""
+    judge: JudgeSettings = dataclasses.field(default_factory=JudgeSettings)
+    """Optional LLM check (Gemini or an OpenAI-compatible endpoint), for benchmarks whose official pipeline asks an
+    LLM (MathVista, MathVerse, ...): a response the rules score wrong is scored right when the judge says its final
+    answer matches the reference. Off by default (needs a key); verdicts are cached in `<stage>/judge_cache.jsonl`."""
     gpu_memory_utilization: float = 0.9
     """vllm: share of the GPU's memory vLLM may take (nothing else is resident during evaluation)."""
     max_model_len: int = 16384

@@ -36,8 +36,9 @@ from engine.corrupt import corrupt, split_response
 from engine.data import Processor, encode_rows, load_rows
 from engine.dist import barrier, broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
-from engine.judge import make_judge
 from engine.log import log0
+from engine.reward_judge import RewardJudge, check_ready, grade_scored
+from engine.reward_judge import make_yes_no_judge as make_judge
 from engine.rewards import score
 from engine.rollout import SamplingParams, make_backend
 from engine.stages import StageContext
@@ -46,8 +47,10 @@ from engine.stages.config import DistillStageConfig
 datasets.disable_progress_bars()  # one line per part in the log instead of five progress bars
 
 COUNT_KEYS = ("prompts", "samples", "well_formatted", "correct", "candidates", "unique_candidates", "judged_yes",
-              "judged_no", "unjudged", "chosen", "no_rejected", "pairs", "prompts_with_pairs")
-"""The counts in summary.json, in filter order (`candidates`: well formatted and correct)."""
+              "judged_no", "unjudged", "chosen", "no_rejected", "pairs", "prompts_with_pairs", "judged_open",
+              "judge_failures")
+"""The counts in summary.json, in filter order (`candidates`: well formatted and correct; `judged_open`: open-ended
+answers whose accuracy the judge decided, `judge_failures`: those it could not, left to the rules)."""
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -114,14 +117,21 @@ def select_pairs(cfg: DistillStageConfig, prompts: list, groups: list[list[dict]
     pairs = []
     for i, group in enumerate(chosen):
         counts["chosen"] += len(group)
-        wrong = [s for s in groups[i] if s["accuracy"] == 0]
+        # Coupled ablation: the rejected differs in correctness and format both. Sampled answers that are wrong and
+        # badly formatted come first; then wrong, well-formatted ones get a format corruption.
+        wrong = [s for s in groups[i] if s["accuracy"] == 0 and s["format"] == 0] + \
+            [s for s in groups[i] if s["accuracy"] == 0 and s["format"] > 0]
         for j, (s, verdict) in enumerate(group):
             if d.rejected == "corrupt":
                 kind = d.corruptions[(first_prompt + i + j) % len(d.corruptions)]  # in turn: balanced kinds
                 text, kind = corrupt(s["text"], kind)
                 rej = {"text": text, **score_dict(text, prompts[i])}
-            elif j < len(wrong):
+            elif j < len(wrong) and wrong[j]["format"] == 0:
                 rej, kind = wrong[j], "incorrect"
+            elif j < len(wrong):
+                kind = d.corruptions[(first_prompt + i + j) % len(d.corruptions)]
+                text, kind = corrupt(wrong[j]["text"], kind)
+                rej, kind = {"text": text, **score_dict(text, prompts[i])}, f"incorrect+{kind}"
             else:
                 counts["no_rejected"] += 1
                 continue
@@ -134,8 +144,10 @@ def select_pairs(cfg: DistillStageConfig, prompts: list, groups: list[list[dict]
 
 
 def score_dict(text: str, prompt: dict) -> dict:
+    """Rule reward of one response; `extracted` and `gold_unparseable` let the judge grade it afterwards."""
     r = score(text, prompt["answer"], prompt["choices"])
-    return {"format": r.format, "accuracy": r.accuracy}
+    return {"format": r.format, "accuracy": r.accuracy, "extracted": r.extracted,
+            "gold_unparseable": r.gold_unparseable}
 
 
 def _part_dataset(rows: datasets.Dataset, row_index: list[int], pairs: list[dict], source: str) -> datasets.Dataset:
@@ -168,6 +180,7 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     ids = [str(x) for x in rows["id"]] if "id" in rows.column_names else [f"row-{i}" for i in range(len(rows))]
     index_of = {row_id: i for i, row_id in enumerate(ids)}
     problems = rows["problem"]
+    answer_types = rows["answer_type"] if "answer_type" in rows.column_names else [""] * len(rows)
 
     parts_dir = ctx.stage_dir / "parts"
     settings = _settings(cfg, source, ctx.run.seed)
@@ -190,10 +203,14 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     chunk = cfg.distill.chunk_prompts
     num_chunks = (len(prompts) + chunk - 1) // chunk
     judge = None
+    if cfg.judge.enabled:
+        check_ready(cfg.judge)  # every rank: a missing key or bad URL stops the stage before any sampling
     if rank == 0 and cfg.judge.enabled:
         judge_cfg = dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
                                         or str(ctx.stage_dir / "judge_cache.jsonl"))
         judge = make_judge(judge_cfg)
+    open_answers = getattr(cfg.judge, "open_answers", True)  # a plain JudgeConfig (tests) grades them too
+    reward_judge = RewardJudge(judge_cfg, client=judge) if judge is not None and open_answers else None
     log0(f"distill: {len(prompts)} prompts ({report.num_skipped} bad rows skipped) x {cfg.rollout.n} samples from "
          f"{source} | rejected = {cfg.distill.rejected} | up to {cfg.distill.max_chosen_per_prompt} chosen per "
          f"prompt | judge {'on: ' + cfg.judge.model if judge or cfg.judge.enabled else 'off'} | {num_chunks} parts, "
@@ -214,8 +231,8 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
                                   max_new_tokens=cfg.rollout.max_new_tokens,
                                   seed=ctx.run.seed * 1_000_003 + c * world + rank)
         out = backend.generate([chunk_prompts[i] for i in mine], cfg.rollout.n, sampling) if mine else []
-        meta = [{"problem": problems[index_of[s.row_id]], "answer": s.answer, "choices": s.choices}
-                for s in chunk_prompts]
+        meta = [{"problem": problems[index_of[s.row_id]], "answer": s.answer, "choices": s.choices,
+                 "answer_type": answer_types[index_of[s.row_id]]} for s in chunk_prompts]
         local = {i: [{"text": x.text, **score_dict(x.text, meta[i])} for x in g]
                  for i, g in zip(mine, out, strict=True)}
         gathered = gather_object(local)
@@ -223,6 +240,9 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
             scored = {k: v for part in gathered for k, v in part.items()}
             groups = [scored[i] for i in range(len(chunk_prompts))]
             counts = Counter(prompts=len(chunk_prompts))
+            if reward_judge is not None:  # open-ended answers the rules score wrong: the judge decides
+                tally = grade_scored(reward_judge, groups, meta)
+                counts.update(judged_open=tally.num_judged, judge_failures=tally.num_failures)
             pairs = select_pairs(cfg, meta, groups, judge, counts, first_prompt=c * chunk)
             part_path = parts_dir / f"part-{c:05d}.parquet"
             if pairs:

@@ -30,9 +30,9 @@ from engine.benchmarks import BenchRow
 from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
-from engine.judge import make_judge
 from engine.log import log0
 from engine.predictions import append_predictions, drop_partial_line, predictions_path, read_predictions
+from engine.reward_judge import make_yes_no_judge as make_judge
 from engine.rewards import format_ok
 from engine.rollout import RolloutBackend, SamplingParams, make_backend
 from engine.stages import StageContext

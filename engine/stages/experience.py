@@ -17,7 +17,8 @@ from engine.data import IGNORE_INDEX, Sample
 from engine.dist import DistInfo, lockstep
 from engine.model import Policy
 from engine.packed_rows import pack_samples, to_device
-from engine.rewards import Reward, RewardConfig, score
+from engine.reward_judge import JudgeTally, RewardJudge, RowInfo, open_item
+from engine.rewards import Reward, RewardConfig, answer_type, score
 from engine.rollout import Completion, RolloutBackend, SamplingParams
 from engine.sections import RolloutConfig
 from engine.stages.common import StepOrder
@@ -74,6 +75,10 @@ class Collector:
     merge_size: int | None
     need_old: bool
     """Compute old log-probs after sampling (several steps per rollout, or TIS); else old = current."""
+    judge: RewardJudge | None = None
+    """Grades open-ended answers the rules score wrong (engine/reward_judge.py); None: rules only."""
+    infos: dict[str, RowInfo] = dataclasses.field(default_factory=dict)
+    """Row id -> question, declared answer type and data source (for the judge and per-source metrics)."""
 
 
 def collect(c: Collector, index: int) -> RolloutBatch:
@@ -87,7 +92,7 @@ def collect(c: Collector, index: int) -> RolloutBatch:
     seed = c.seed * 1_000_003 + index * world + rank  # by rollout and rank: a resumed run samples the same
     groups = generate(c.backend, prompts, c.rollout, seed=seed)
     c.backend.sleep()  # give the accelerator memory back to the trainer until the next rollout
-    rewards = score_groups(groups, prompts, c.reward)
+    rewards, tally = score_groups(groups, prompts, c.reward, c.infos, c.judge)
     totals = torch.tensor([[r.total for r in grp] for grp in rewards])
     adv = group_advantages(totals, c.grpo.scale_by_std)
     keep = filter_groups(totals, c.grpo.filter_equal_groups)
@@ -104,6 +109,10 @@ def collect(c: Collector, index: int) -> RolloutBatch:
     # Means over the batch's completions: every rank knows how many there are, so no communication.
     stats = rollout_stats(groups, rewards, totals, num_kept=len(keep), num_completions=len(step_indices) * n)
     stats["time/rollout_s"] = torch.tensor(time.perf_counter() - start_s) / world
+    if tally is not None:
+        stats.update(judge_stats(tally, num_completions=len(step_indices) * n, world=world))
+    stats.update(source_stats(rewards, [c.infos.get(p.row_id) for p in prompts],
+                              [c.infos.get(c.prompts[i].row_id) for i in step_indices], n))
     return RolloutBatch(index, samples, advantages, group_of, rollout_lp, old, ref, not keep, stats)
 
 
@@ -128,9 +137,23 @@ def generate(backend: RolloutBackend, prompts: list[Sample], cfg: RolloutConfig,
     return backend.generate(prompts, cfg.n, sampling)
 
 
-def score_groups(groups: list[list[Completion]], prompts: list[Sample], cfg: RewardConfig) -> list[list[Reward]]:
-    """Rule reward of every completion: r = format_weight x format + accuracy_weight x accuracy."""
-    return [[score(c.text, p.answer, p.choices, cfg=cfg) for c in grp] for p, grp in zip(prompts, groups, strict=True)]
+def score_groups(groups: list[list[Completion]], prompts: list[Sample], cfg: RewardConfig,
+                 infos: dict[str, RowInfo] | None = None,
+                 judge: RewardJudge | None = None) -> tuple[list[list[Reward]], JudgeTally | None]:
+    """Reward of every completion: r = format_weight x format + accuracy_weight x accuracy, the accuracy by rules
+    (rewards.score) or, for an open-ended row the rules score wrong, by the judge (a collective with a judge: every
+    rank calls it). Returns the rewards as result[prompt][sample] and the judge's tally (None without a judge)."""
+    rewards = [[score(c.text, p.answer, p.choices, cfg=cfg) for c in grp] for p, grp in zip(prompts, groups,
+                                                                                              strict=True)]
+    if judge is None:
+        return rewards, None
+    flat, items = [], []
+    for p, grp in zip(prompts, rewards, strict=True):
+        info = (infos or {}).get(p.row_id) or RowInfo("")
+        kind = answer_type(p.answer, p.choices, info.answer_type)  # once per prompt: unknown types counted once
+        flat += grp
+        items += [open_item(r, kind, info.question, p.answer) for r in grp]
+    return rewards, judge.grade(flat, items, cfg)
 
 
 def group_advantages(rewards: torch.Tensor, scale_by_std: bool, eps: float = 1e-6) -> torch.Tensor:
@@ -182,3 +205,33 @@ def rollout_stats(groups: list[list[Completion]], rewards: list[list[Reward]], t
             "rollout/accuracy": torch.tensor(sum(r.accuracy > 0 for grp in rewards for r in grp)).float() / c,
             "rollout/response_len": torch.tensor(float(sum(lens))).float() / c,
             "rollout/kept_groups": torch.tensor(float(num_kept))}
+
+
+def judge_stats(t: JudgeTally, *, num_completions: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's share of the judge metrics: requests sent (rank 0 counts them all), completions left to the rules
+    after a failed or over-budget call, the share of completions whose accuracy the judge decided, and its time."""
+    c = max(1.0, float(num_completions))
+    return {"rollout/judge_calls": torch.tensor(float(t.num_requests)),
+            "rollout/judge_failures": torch.tensor(float(t.num_failures)),
+            "rollout/judged_frac": torch.tensor(float(t.num_judged)) / c,
+            "time/judge_s": torch.tensor(t.seconds) / world}
+
+
+def source_stats(rewards: list[list[Reward]], mine: list[RowInfo | None], batch: list[RowInfo | None],
+                 n: int) -> dict[str, torch.Tensor]:
+    """This rank's share of reward, accuracy and format means per data source (V-Triune's source-level monitoring),
+    as `rollout/source/<name>/<metric>`. `mine` are this rank's prompts' infos, `batch` every prompt of the rollout
+    batch (the same list on every rank, so every rank emits the same keys); nothing when the data names no source."""
+    counts: dict[str, int] = {}
+    for info in batch:
+        if info is not None and info.data_source:
+            counts[info.data_source] = counts.get(info.data_source, 0) + n
+    out = {f"rollout/source/{src}/{m}": torch.tensor(0.0) for src in counts for m in ("reward", "accuracy", "format")}
+    for info, grp in zip(mine, rewards, strict=True):
+        if info is None or not info.data_source:
+            continue
+        c, key = float(counts[info.data_source]), f"rollout/source/{info.data_source}"
+        out[f"{key}/reward"] += sum(r.total for r in grp) / c
+        out[f"{key}/accuracy"] += sum(r.accuracy > 0 for r in grp) / c
+        out[f"{key}/format"] += sum(r.format > 0 for r in grp) / c
+    return out

@@ -1,4 +1,5 @@
-"""GRPO: prompts -> n completions each (rollout backend) -> rule rewards -> group-normalised advantages ->
+"""GRPO: prompts -> n completions each (rollout backend) -> rewards (rules; an LLM judge for open-ended answers when
+`judge.enabled`) -> group-normalised advantages ->
 packed micro-batches -> kernels.grpo_loss (clip-higher, optional KL) -> FSDP2 update -> new weights to the backend.
 
 The loop (`GRPOStage.fit`) reads as the algorithm:
@@ -26,6 +27,7 @@ from engine.data import Processor, Sample, encode_rows, load_rows
 from engine.dist import max_and_sum
 from engine.fsdp import resolve_dtype
 from engine.packed_rows import num_targets, pack_samples, to_device
+from engine.reward_judge import RewardJudge, RowInfo, check_ready, row_infos
 from engine.rewards import RewardConfig
 from engine.rollout import make_backend
 from engine.stages import StageContext
@@ -55,6 +57,8 @@ class GRPOStage:
 
     cfg: GRPOStageConfig
     prompts: list[Sample] = dataclasses.field(default_factory=list)
+    infos: dict[str, RowInfo] = dataclasses.field(default_factory=dict)
+    """Row id -> question, declared answer type, data source (the judge and per-source metrics read them)."""
     num_bad_rows: int = 0
     steps_per_batch: int = dataclasses.field(init=False)
     """Optimizer steps per rollout batch: grpo.mini_batches x grpo.ppo_epochs."""
@@ -70,8 +74,12 @@ class GRPOStage:
         return self.steps_per_batch == 1 and not self.cfg.grpo.tis_cap
 
     def load(self, processor: Processor, ctx: StageContext) -> int:
+        if self.cfg.judge.enabled:
+            check_ready(self.cfg.judge)  # a missing key or a bad URL stops the stage here, before any rollout
         data, path = self.cfg.data, ctx.resolve_path(self.cfg.data.train)
-        self.prompts, report = encode_rows(load_rows(str(path)), processor, template=data.template,
+        rows = load_rows(str(path))
+        self.infos = row_infos(rows)
+        self.prompts, report = encode_rows(rows, processor, template=data.template,
                                            system=data.system or None, on_bad_row=data.on_bad_row,
                                            max_tokens=data.max_tokens, source=str(path),
                                            max_pixel_bytes=data.max_pixel_bytes)
@@ -119,8 +127,14 @@ class GRPOStage:
                                enforce_eager=r.enforce_eager, max_model_len=r.max_model_len or cfg.data.max_tokens,
                                seed=ctx.run.seed, max_batch_rows=r.max_batch_rows, compile_decode=r.compile_decode)
         reward = RewardConfig(format_weight=cfg.grpo.format_weight, accuracy_weight=cfg.grpo.accuracy_weight)
+        judge = None
+        if cfg.judge.enabled and cfg.judge.open_answers:
+            judge_cfg = dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
+                                            or str(ctx.stage_dir / "judge_cache.jsonl"))
+            judge = RewardJudge(judge_cfg, rank=ctx.dist.rank)
         return Collector(run.policy, ref_policy, backend, self.prompts, run.order, r, cfg.grpo, reward, ctx.dist,
-                         ctx.run.seed, sample_dtype, cfg.train.micro_batch_tokens, run.merge_size, not self.on_policy)
+                         ctx.run.seed, sample_dtype, cfg.train.micro_batch_tokens, run.merge_size, not self.on_policy,
+                         judge, self.infos)
 
     def mini_batch(self, run: Run, batch: RolloutBatch, epoch: int, part: int) -> MiniBatch:
         """Mini-batch `part` of `epoch`: every mini_batches-th of this rank's prompt groups (freshly shuffled in each
