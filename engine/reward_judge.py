@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Literal
 
 from engine.dist import broadcast_object, gather_object
-from engine.env import VARS, env
+from engine.env import env
 from engine.judge import KEY_VARS, Judge, JudgeConfig, Verdict
 from engine.judge_openai import OpenAIJudge, split_url
+from engine.judge_settings import JudgeSettings
 from engine.log import log0, logger
 from engine.rewards import Reward, RewardConfig, answer_type
 
@@ -47,28 +47,6 @@ synonyms, equivalent forms and different units or wording that keep the meaning 
 partial or hedged answer (several candidates), or no answer, is wrong. Reply with one word first, YES or NO; you may
 add one short sentence after it."""
 """The judge prompt of the accuracy reward. One (question, gold, answer) triple per request, temperature 0."""
-
-
-@dataclasses.dataclass(kw_only=True, slots=True)
-class JudgeSettings(JudgeConfig):
-    """`JudgeConfig` (engine/judge.py: concurrency, retries, budget, cache, timeouts) plus the backend choice."""
-
-    backend: Literal["gemini", "openai"] = "gemini"
-    """gemini: google-genai (`model` a Gemini name); openai: an OpenAI-compatible chat endpoint at `base_url`."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """openai backend: environment variable holding the API key (declared in engine/env.py); "" sends no key."""
-    open_answers: bool = True
-    """Grade open-ended answers for the accuracy reward (grpo, distill); false: rules only."""
-
-    def check(self) -> list[str]:
-        errs = JudgeConfig.check(self)  # zero-argument super() does not work in a slots dataclass
-        if self.backend == "openai" and not self.base_url:
-            errs.append("judge.backend = 'openai' needs judge.base_url (e.g. http://127.0.0.1:8000/v1 for a local "
-                        "vLLM server, https://api.openai.com/v1 for GPT-4o)")
-        if self.api_key_env and self.api_key_env not in VARS:
-            errs.append(f"judge.api_key_env = {self.api_key_env!r} is not declared in engine/env.py; use one of "
-                        f"{sorted(k for k in VARS if k.endswith('API_KEY'))}, or '' for a server without a key")
-        return errs
 
 
 def _openai_key(cfg: JudgeSettings) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import ClassVar, Literal
 
 from engine.corrupt import CORRUPTIONS
-from engine.reward_judge import JudgeSettings
+from engine.judge_settings import JudgeSettings
 from engine.sections import DEFAULT_TEMPLATE, CheckpointConfig, DataConfig, OptimConfig, RolloutConfig, TrainConfig
 from engine.toy_spec import ToySpec
 
