@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
+
+from engine import plan
 
 from .conftest import REPO
 from .tiny_checkpoints import save_qwen2, save_qwen2_5_vl
@@ -58,6 +61,10 @@ def test_sharded_load_equals_from_pretrained(checkpoints, tmp_path, nproc):
         assert sum(r["local_param_numel"] for r in per_rank) == per_rank[0]["param_numel"], key
         if nproc == 2:
             assert all(0 < r["local_param_numel"] < r["param_numel"] for r in per_rank), key
+        # The memory plan's parameter bytes are this rank's shard bytes exactly.
+        shape = plan.model_shape(AutoConfig.from_pretrained(ckpt), freeze_vision=True)
+        for rank, r in enumerate(per_rank):
+            assert plan.state_bytes(shape, nproc, rank)["params"] == r["local_param_numel"] * 4, (key, rank)
         itemsize = 2 if "bf16" in key else 4
         assert sum(r["bytes_read"] for r in per_rank) == per_rank[0]["param_numel"] * itemsize, key
 
