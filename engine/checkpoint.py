@@ -20,12 +20,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from engine.dist import DistInfo, barrier
 from engine.log import log0
@@ -37,6 +33,7 @@ _SIDE_FILES = re.compile(r"^(tokenizer.*|vocab\.json|merges\.txt|special_tokens_
                          r"chat_template\.(json|jinja)|preprocessor_config\.json|video_preprocessor_config\.json|"
                          r"generation_config\.json|processor_config\.json)$")
 _SHARD_BYTES = 4 * 2**30
+SINGLE_WEIGHTS = "model.safetensors"
 
 
 def rng_state() -> dict:
@@ -109,39 +106,71 @@ class Checkpointer:
 
 
 def export_hf(model: nn.Module, hf_model: nn.Module, src_dir: Path, out_dir: Path, dist_info: DistInfo,
-              prefix: str = "hf.") -> None:
-    """Write a Hugging Face directory of `model`'s full weights that `from_pretrained` loads (collective).
+              prefix: str = "hf.", max_shard_bytes: int = _SHARD_BYTES) -> None:
+    """Write a Hugging Face directory of `model`'s full weights that `from_pretrained` and vLLM load (collective).
 
-    Weights are gathered to rank 0's CPU one full state dict at a time (fine up to ~7B on a large host);
-    tokenizer and image-processor files are copied from `src_dir`, the checkpoint the stage started from.
+    Streams: one tensor at a time is cast to the export dtype on its rank's shard, all-gathered, and (on rank 0)
+    added to the current safetensors file, which is written once complete (`max_shard_bytes`, 4 GiB by default,
+    with the index file when there are several); rank 0 holds at most one
+    shard plus one tensor, never the model. Tokenizer, chat template and processor files are copied from
+    `src_dir`, the checkpoint the stage started from. Written under a .tmp name and renamed when complete.
     """
     out_dir = Path(out_dir)
-    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = {k.removeprefix(prefix): v for k, v in model.state_dict().items()}  # this rank's shards: no gather yet
+    if getattr(hf_model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # tied to the input embeddings; safetensors rejects shared storage
+    dtype = _export_dtype(src_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
     if dist_info.is_main:
-        n, dtype = _write_hf_dir(full_sd, hf_model, src_dir, out_dir, prefix)
-        log0(f"export: {n} tensors ({dtype}) to {out_dir}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def fetch(name: str) -> torch.Tensor | None:
+        # Cast before gathering (half the traffic for bf16); every rank gathers every tensor in the same order.
+        t = sd[name].detach().to(dtype)
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        return t.cpu().contiguous() if dist_info.is_main else None
+
+    _write_shards({k: v.numel() * dtype.itemsize for k, v in sd.items()}, fetch, tmp, write=dist_info.is_main,
+                  max_bytes=max_shard_bytes)
+    if dist_info.is_main:
+        _finish_hf_dir(tmp, hf_model, src_dir, out_dir)
+        log0(f"export: {len(sd)} tensors ({dtype}) to {out_dir}")
     barrier()
 
 
 def _write_hf_dir(full_sd: dict, hf_model: nn.Module, src_dir: Path, out_dir: Path,
                   prefix: str) -> tuple[int, torch.dtype]:
-    """Write `full_sd` (names with `prefix`) as a Hugging Face directory, atomically (a .tmp sibling, then rename):
-    safetensors shards in `src_dir`'s dtype, `hf_model`'s config, and `src_dir`'s tokenizer/processor files."""
+    """Write `full_sd` (full tensors, names with `prefix`) as a Hugging Face directory in `src_dir`'s dtype,
+    atomically (a .tmp sibling, then rename); one process, no collectives."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     sd = {k.removeprefix(prefix): v for k, v in full_sd.items()}
     if getattr(hf_model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)  # tied to the input embeddings; safetensors rejects shared storage
+        sd.pop("lm_head.weight", None)
     dtype = _export_dtype(src_dir)
-    _save_shards({k: v.to(dtype).contiguous() for k, v in sd.items()}, tmp)
+    _write_shards({k: v.numel() * dtype.itemsize for k, v in sd.items()},
+                  lambda k: sd[k].to(dtype).contiguous(), tmp, write=True)
+    _finish_hf_dir(tmp, hf_model, src_dir, out_dir)
+    return len(sd), dtype
+
+
+def _finish_hf_dir(tmp: Path, hf_model: nn.Module, src_dir: Path, out_dir: Path) -> None:
+    """Add the config and `src_dir`'s tokenizer/processor/chat-template files to `tmp`, then rename it to
+    `out_dir` (replacing an older export)."""
     hf_model.config.save_pretrained(tmp)
+    # The config records the dtype the model was built in (fp32 masters); record the one written instead, which the
+    # next stage's export and `dtype="auto"` loads read.
+    config_file = tmp / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(_export_dtype(src_dir)).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for f in Path(src_dir).iterdir():
         if f.is_file() and _SIDE_FILES.match(f.name):
             shutil.copy2(f, tmp / f.name)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return len(sd), dtype
 
 
 def _export_dtype(src_dir: Path) -> torch.dtype:
@@ -151,28 +180,37 @@ def _export_dtype(src_dir: Path) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
-def _save_shards(sd: dict[str, torch.Tensor], out_dir: Path) -> None:
-    """safetensors files of at most ~4 GiB, with the index file transformers expects when there are several."""
-    shards, current, size = [], {}, 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        if current and size + nbytes > _SHARD_BYTES:
+def shard_groups(sizes: dict[str, int], max_bytes: int = _SHARD_BYTES) -> list[list[str]]:
+    """Tensor names in safetensors files of at most `max_bytes` (a larger tensor gets a file of its own), in order."""
+    shards, current, size = [], [], 0
+    for name, nbytes in sizes.items():
+        if current and size + nbytes > max_bytes:
             shards.append(current)
-            current, size = {}, 0
-        current[k] = v
+            current, size = [], 0
+        current.append(name)
         size += nbytes
     shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
-        return
+    return shards
+
+
+def _write_shards(sizes: dict[str, int], fetch, out_dir: Path, *, write: bool,
+                  max_bytes: int = _SHARD_BYTES) -> None:
+    """Write the tensors `fetch(name)` returns as safetensors files of at most ~`max_bytes`, with the index file
+    transformers expects when there are several. The file layout is planned from `sizes` first, so each file is
+    written (and freed) as soon as its tensors are fetched. `fetch` runs for every name on every caller (it may be
+    a collective); only with `write` are files written."""
+    groups = shard_groups(sizes, max_bytes)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out_dir / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for i, names in enumerate(groups):
+        file = SINGLE_WEIGHTS if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {name: fetch(name) for name in names}
+        if write:
+            save_file(shard, out_dir / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        del shard
+    if write and len(groups) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def checkpoint_to_hf(ckpt: Path, stage_hf: Path, out_dir: Path, prefix: str = "hf.") -> Path:

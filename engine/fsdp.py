@@ -34,7 +34,8 @@ def vision_tower(hf_model: nn.Module) -> nn.Module | None:
 
 def parallelize(policy: nn.Module, hf_model: nn.Module, dist_info: DistInfo, *, param_dtype: torch.dtype,
                 activation_checkpointing: bool, freeze_vision: bool) -> nn.Module:
-    """Freeze, checkpoint and shard `policy` (whose submodule is `hf_model`) in place; returns it on its device."""
+    """Freeze, checkpoint and shard `policy` (whose submodule is `hf_model`) in place; returns it on its device,
+    or still on the meta device when it was built there (then `engine.model.load_weights` fills the shards)."""
     visual = vision_tower(hf_model)
     if freeze_vision and visual is not None:
         visual.requires_grad_(False)
@@ -52,6 +53,8 @@ def parallelize(policy: nn.Module, hf_model: nn.Module, dist_info: DistInfo, *, 
     # The root holds the embeddings, the final norm and lm_head; FSDP2 keeps the root unsharded between
     # forward and backward, so the lm_head weight used by the log-prob function stays valid.
     fully_shard(policy, mesh=mesh, mp_policy=mp)
+    if any(p.is_meta for p in policy.parameters()):
+        return policy  # built on the meta device: engine.model.load_weights materialises the local shards
     return policy.to(dist_info.device)
 
 

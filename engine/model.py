@@ -7,13 +7,22 @@ that have a target, and `kernels.fused_logprobs` computes log-probs from them an
 Letters: B batch rows, T sequence length, H hidden size, N tokens with a target.
 """
 
+import itertools
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
-from engine import attention
+from engine import attention, hf_files
+from engine.log import warn_once
 from kernels import fused_logprobs
 
 VLM_TYPES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
@@ -23,22 +32,90 @@ _FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", 
                  "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def load_hf_model(path: str | Path, *, attn_implementation: str = "varlen") -> PreTrainedModel:
-    """Load a checkpoint directory in fp32 on CPU (master weights; FSDP2 casts for compute)."""
+def model_class(path: str | Path) -> tuple[PretrainedConfig, type]:
+    """The config of checkpoint directory `path` and the transformers class that builds it.
+
+    Raises:
+        ValueError: no config.json, or an architecture other than Qwen2.5-VL / Qwen2.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"model path {str(path)!r} has no config.json: expected a Hugging Face checkpoint directory")
     config = AutoConfig.from_pretrained(path)
     if config.model_type in VLM_TYPES:
-        cls = VLM_TYPES[config.model_type]
-    elif config.model_type in TEXT_TYPES:
-        cls = AutoModelForCausalLM
-    else:
-        raise ValueError(f"model type {config.model_type!r} in {path}/config.json is not supported "
-                         f"(supported: {', '.join([*VLM_TYPES, *TEXT_TYPES])})")
-    if attn_implementation == "varlen":
-        attn_implementation = attention.register()
-    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+        return config, VLM_TYPES[config.model_type]
+    if config.model_type in TEXT_TYPES:
+        return config, AutoModelForCausalLM
+    raise ValueError(f"model type {config.model_type!r} in {path}/config.json is not supported "
+                     f"(supported: {', '.join([*VLM_TYPES, *TEXT_TYPES])})")
+
+
+def _attn_name(attn_implementation: str) -> str:
+    return attention.register() if attn_implementation == "varlen" else attn_implementation
+
+
+def load_hf_model(path: str | Path, *, attn_implementation: str = "varlen") -> PreTrainedModel:
+    """Load a checkpoint directory whole, in fp32 on CPU, with transformers' `from_pretrained`.
+
+    The plain twin of `build_meta_model` + `load_weights` (which the training stages use): tests compare the two.
+    """
+    _, cls = model_class(path)
+    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation=_attn_name(attn_implementation))
+
+
+def build_meta_model(path: str | Path, *, attn_implementation: str = "varlen") -> PreTrainedModel:
+    """The model of checkpoint directory `path` with fp32 parameters on the meta device (no memory, no weights).
+
+    Shard it (engine.fsdp.parallelize), then `load_weights`. Tied weights are tied; the generation config is
+    read as `from_pretrained` reads it; the model is in eval mode, as `from_pretrained` returns it.
+    """
+    config, cls = model_class(path)
+    build = cls.from_config if cls is AutoModelForCausalLM else cls._from_config
+    with torch.device("meta"):
+        model = build(config, dtype=torch.float32, attn_implementation=_attn_name(attn_implementation))
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
+
+
+@torch.no_grad()
+def load_weights(model: PreTrainedModel, path: str | Path, device: torch.device) -> int:
+    """Materialise meta model `model` (plain or FSDP2-sharded) on `device` and fill it from checkpoint `path`.
+
+    Each rank reads only its shards' rows (engine/hf_files.py); parameters and persistent buffers come from the
+    checkpoint, non-persistent buffers (rotary inv_freq) are computed as `from_pretrained` computes them. Host
+    memory: this rank's shards plus one slice of the largest tensor. Returns the bytes read on this rank.
+
+    Raises:
+        ValueError: a missing weights file, a missing tensor or a shape mismatch, naming the file and tensor; raised
+            identically on every rank before anything is read (call it before any other collective can hang).
+    """
+    files = hf_files.CheckpointFiles(path)
+    found = hf_files.match_tensors(files, model)
+    unused = hf_files.unused_tensors(files, found, model)
+    if unused:
+        warn_once(f"checkpoint {path}: {len(unused)} tensor(s) not used by {type(model).__name__}, e.g. {unused[:3]}")
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        model.to_empty(device=device)
+    num_bytes = hf_files.load_into(files, model, found)
+    init_non_persistent_buffers(model)
+    return num_bytes
+
+
+@torch.no_grad()
+def init_non_persistent_buffers(model: PreTrainedModel) -> None:
+    """Recompute the buffers a checkpoint does not store (rotary inv_freq) with transformers' own `_init_weights`,
+    which is what `from_pretrained` runs for them; only modules without parameters of their own are touched."""
+    persistent = set(model.state_dict().keys())
+    for module_name, module in model.named_modules():
+        own = [n for n, _ in module.named_buffers(recurse=False)]
+        prefix = f"{module_name}." if module_name else ""
+        if not any(prefix + n not in persistent for n in own):
+            continue
+        if next(module.parameters(recurse=False), None) is not None:
+            raise ValueError(f"{module_name} ({type(module).__name__}) has parameters and non-persistent buffers; "
+                             "the engine cannot initialise its buffers without resetting its weights")
+        model._init_weights(module)
 
 
 class Policy(nn.Module):

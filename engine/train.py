@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
 from engine.dist import barrier, destroy_distributed, init_distributed  # noqa: E402
 from engine.log import log0, logger, setup_logging  # noqa: E402
+from engine.plan import check_at_startup  # noqa: E402
 from engine.stages import DONE_MARKER, StageContext, run_stage  # noqa: E402
 from engine.trainer import NonFiniteError  # noqa: E402
 
@@ -63,6 +64,8 @@ def _seed_everything(seed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/tiny.toml")
+    parser.add_argument("--ignore-memory-plan", action="store_true", help="start even if the memory plan says a "
+                        "stage does not fit the GPU")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.recipe, overrides)
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             (out_dir / "config.resolved.toml").write_text(to_toml(cfg))
             log0("resolved config:\n" + to_toml(cfg))
         _startup_block(cfg, dist_info)
+        check_at_startup(cfg, dist_info.world_size, dist_info.device, allow_oversize=args.ignore_memory_plan)
         for index, stage in enumerate(cfg.stages):
             stage_dir = out_dir / stage.name
             if (stage_dir / DONE_MARKER).is_file():

@@ -33,7 +33,7 @@ from transformers import StaticCache
 
 from engine.data import Sample
 from engine.log import log0, warn_once
-from engine.model import load_hf_model
+from engine.model import build_meta_model, load_weights
 from engine.rollout.base import Completion, SamplingParams
 
 __all__ = ["BuiltinBackend"]
@@ -68,9 +68,13 @@ class BuiltinBackend:
             processor = Processor.from_pretrained(model_dir)
         self.device, self.dtype, self.max_batch_size = torch.device(device), dtype, max_batch_size
         self.processor, self.tokenizer = processor, processor.tokenizer
-        model = load_hf_model(model_dir, attn_implementation="sdpa")
-        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        _rotary_to_fp32(self.model)
+        # Built on the meta device in the sampling dtype and filled on `device` straight from the safetensors files:
+        # no fp32 copy of the model in host memory first (30 GB for the 7B), and the rotary inverse frequencies are
+        # computed in fp32 rather than rounded through bf16.
+        model = build_meta_model(model_dir, attn_implementation="sdpa").to(dtype)
+        _rotary_to_fp32(model)
+        load_weights(model, model_dir, self.device)
+        self.model = model.eval().requires_grad_(False)
         self.is_vlm = hasattr(self.model.model, "get_rope_index")
         self.eos_ids = sorted(self._eos_ids())
         vocab = self.model.get_output_embeddings().weight.shape[0]

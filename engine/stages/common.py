@@ -10,17 +10,19 @@ from engine.data import epoch_order
 from engine.dist import DistInfo
 from engine.fsdp import parallelize, resolve_dtype
 from engine.log import log0
-from engine.model import Policy, count_params, flops_per_token, load_hf_model
+from engine.model import Policy, build_meta_model, count_params, flops_per_token, load_weights
 
 
 def build_policy(model_dir: Path, cfg: ModelConfig, dist_info: DistInfo) -> tuple[Policy, torch.nn.Module]:
     """Load `model_dir`, wrap it as a `Policy`, freeze/checkpoint/shard it; returns (policy, inner HF model)."""
-    hf_model = load_hf_model(model_dir, attn_implementation=cfg.attn_implementation)
+    # Built on the meta device and sharded before any weight exists; each rank then reads only its own rows.
+    hf_model = build_meta_model(model_dir, attn_implementation=cfg.attn_implementation)
     fpt = flops_per_token(hf_model)
     dtype, why = resolve_dtype(cfg.dtype, dist_info.device)
     policy = Policy(hf_model, chunk_tokens=cfg.logprob_chunk_tokens)
     parallelize(policy, hf_model, dist_info, param_dtype=dtype, activation_checkpointing=cfg.activation_checkpointing,
                 freeze_vision=cfg.freeze_vision)
+    load_weights(hf_model, model_dir, dist_info.device)
     total, trainable = count_params(policy)
     log0(f"model: {model_dir} | {type(hf_model).__name__} | {total:,} params ({trainable:,} trainable) | "
          f"{fpt / 1e6:.2f} MFLOPs/token | compute dtype {dtype} ({why}) | attention {cfg.attn_implementation} | "
