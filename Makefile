@@ -24,7 +24,7 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests
 
-# The edit loop (about a minute of CPU on 2 cores): leaves out the tests marked `slow` or `subprocess`, i.e. every
+# The edit loop (under 3 minutes on 2 busy cores): leaves out the tests marked `slow` or `subprocess`, i.e. every
 # engine/train.py run (two-process FSDP2 and resume, DPO, GRPO, the tiny recipe, the bad-recipe exit code), the
 # Triton interpreter run of tests/_interp_*.py, the two-rank gloo checks (lockstep, sharded encoding), the sm_90a
 # compiles, the compiled decode step, the GPU bench script's CPU mode, nvcc and the toy world rebuilt in a fresh
