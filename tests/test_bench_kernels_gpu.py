@@ -4,24 +4,21 @@ broken script found here costs nothing; found on the lent GPU it costs the windo
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
+
+import pytest
 
 import kernels
 from bench.bench_kernels_gpu import BUFFER_MIB, GOALS, print_goals, verdict
 
-REPO = Path(__file__).resolve().parents[1]
+from ._launch import REPO, child_env, launch, python
+
 SCRIPT = REPO / "bench" / "bench_kernels_gpu.py"
 
 
+@pytest.mark.subprocess
 def test_cpu_mode_runs_every_row(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=REPO)
-    out = proc.stdout
-    assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
+    cpu_only = child_env(CUDA_VISIBLE_DEVICES="")
+    out = launch(python(SCRIPT, "--cpu", "--out", tmp_path), env=cpu_only, timeout_s=120).stdout
     for product in ("logits x @ W^T", "dx = d @ W", "dW += d^T @ x"):
         assert f"| {product} |" in out
     configs = ["eager", "recompute"] + [f"onepass-{mib}M" for mib in BUFFER_MIB]

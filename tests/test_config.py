@@ -102,6 +102,7 @@ def _run(args, cwd):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.subprocess  # engine/train.py in a fresh process: left out of make test-fast
 def test_train_exits_2_without_traceback(tmp_path):
     recipe = tmp_path / "bad.toml"
     recipe.write_text(GOOD.replace("lr = 1e-3", "lrr = 1e-3\nwarmup_steps = -1"))

@@ -421,6 +421,7 @@ def _sample_fields(s):
             s.answer, s.choices)
 
 
+@pytest.mark.subprocess  # two spawned ranks: left out of make test-fast
 def test_sharded_encoding_on_two_ranks_equals_one_process(proc, model_dir, tmp_path):
     """Under a 2-rank gloo group each rank encodes every other row and they exchange token ids: every rank ends with
     the one-process samples (pixels re-encoded on demand for the other rank's rows), the same bad-row report, and

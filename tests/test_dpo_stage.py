@@ -3,8 +3,6 @@ what the reference model gives on the fly."""
 
 import json
 import math
-import subprocess
-import sys
 import tomllib
 
 import pytest
@@ -15,7 +13,7 @@ from engine.data import Processor
 from engine.model import Policy, load_hf_model
 from engine.stages.dpo import encode_pairs, pair_batch
 
-from .conftest import REPO
+from ._launch import train
 
 RECIPE = """
 [run]
@@ -54,14 +52,12 @@ def _run(tmp_path, toy_world, ref, *overrides):
     recipe = tmp_path / "dpo.toml"
     recipe.write_text(RECIPE.format(hf=toy_world / "hf", data=toy_world / "data", ref=ref))
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={out}",
-                             *overrides],
-                            capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train(recipe, out, *overrides)
     metrics = [json.loads(line) for line in (out / "cold_start" / "metrics.jsonl").read_text().splitlines()]
     return recipe, out, metrics
 
 
+@pytest.mark.subprocess
 def test_dpo_learns_with_the_start_as_reference(tmp_path, toy_world):
     # the one-pass loss here (whole pairs per chunk); the other tests and the tiny recipe use the default
     _, out, metrics = _run(tmp_path, toy_world, "model", "--stages.cold_start.dpo.loss_impl=onepass")
@@ -75,6 +71,7 @@ def test_dpo_learns_with_the_start_as_reference(tmp_path, toy_world):
     assert (out / "cold_start" / "hf" / "model.safetensors").is_file()
 
 
+@pytest.mark.subprocess
 def test_stored_reference_logps_equal_on_the_fly(tmp_path, toy_world):
     recipe, out, metrics = _run(tmp_path, toy_world, ref="warm")
     stored = torch.load(out / "cold_start" / "ref_logps.pt")

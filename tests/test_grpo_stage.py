@@ -1,16 +1,20 @@
-"""GRPO pieces: group advantages, the training sample layout, and a short run on the toy whose reward rises."""
+"""GRPO pieces: group advantages, the training sample layout; short GRPO and PPO-style runs from the toy base."""
 
 import json
-import subprocess
-import sys
+import shutil
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
+from engine.config import parse_config
 from engine.data import Sample
 from engine.stages.experience import filter_groups, group_advantages, training_sample
+from engine.stages.grpo import GRPOStage
 
-from .conftest import REPO
+from ._launch import train
+from .conftest import TOY_BASE_STAGE, add_toy_base, toy_recipe_head
 
 
 def test_group_advantages():
@@ -36,27 +40,7 @@ def test_training_sample_layout():
     assert s.mm_token_type_ids == [0, 1, 0, 0, 0] and s.num_prompt_tokens == 3 and s.answer == "4"
 
 
-RECIPE = """
-[run]
-name = "grpo"
-seed = 0
-[model]
-path = "{world}/hf"
-dtype = "float32"
-[[stages]]
-name = "base"
-kind = "sft"
-init = "model"
-[stages.data]
-train = "{world}/data/sft.parquet"
-[stages.optim]
-lr = 3e-3
-warmup_steps = 5
-min_lr_ratio = 0.1
-[stages.train]
-steps = 250
-batch_size = 16
-micro_batch_tokens = 1024
+GRPO_STAGE = """
 [[stages]]
 name = "grpo_zero"
 kind = "grpo"
@@ -77,63 +61,7 @@ micro_batch_tokens = 2048
 every = 8
 """
 
-
-@pytest.mark.slow
-def test_two_process_grpo_raises_format_reward(toy_world, tmp_path):
-    """SFT a toy base (~17% well-formatted samples), then GRPO with 2 gloo ranks and the builtin backend: the
-    sampled format accuracy rises (deterministic under the fixed seeds; ~75 s on 2 cores)."""
-    recipe = tmp_path / "grpo.toml"
-    recipe.write_text(RECIPE.format(world=toy_world))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={tmp_path / 'out'}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "out" / "grpo_zero" / "metrics.jsonl").read_text().splitlines()]
-    for key in ("rollout/reward", "rollout/format_acc", "rollout/accuracy", "rollout/response_len", "policy/entropy",
-                "policy/clip_frac", "policy/approx_kl", "train/grad_norm", "time/rollout_s", "perf/tok_per_s"):
-        assert all(key in r for r in rows), key
-    early = sum(r["rollout/format_acc"] for r in rows[:4]) / 4
-    late = sum(r["rollout/format_acc"] for r in rows[-4:]) / 4
-    assert late > early + 0.08, [round(r["rollout/format_acc"], 3) for r in rows]
-    # on-policy (1 x 1, no TIS): no old-log-prob forward, the ratio is exactly 1
-    assert "old log-probs = current (on-policy" in result.stdout
-    assert all(r["policy/approx_kl"] == 0.0 and r["policy/clip_frac"] == 0.0 for r in rows)
-    assert (tmp_path / "out" / "grpo_zero" / "hf" / "model.safetensors").is_file()
-
-    # Resume in the middle of the stage: as if it had died after step 12 (the newest checkpoint is step 8).
-    # Sampling is seeded by step and rank and the backend gets the restored weights, so steps 9-16 repeat exactly.
-    stage = tmp_path / "out" / "grpo_zero"
-    for name in ("DONE", "hf", "checkpoints/step-000016"):
-        subprocess.run(["rm", "-rf", str(stage / name)], check=True)
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resume: from step 8" in again.stdout
-    rerun = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rerun] == list(range(1, 17))
-    for a, b in zip(rows, rerun, strict=True):
-        for key in ("rollout/reward", "rollout/format_acc", "rollout/response_len", "train/loss", "train/grad_norm"):
-            assert a[key] == b[key], (key, a, b)
-
-
-PPO_RECIPE = """
-[run]
-name = "ppo"
-seed = 0
-[model]
-path = "{world}/hf"
-dtype = "float32"
-[[stages]]
-name = "base"
-kind = "sft"
-init = "model"
-[stages.data]
-train = "{world}/data/sft.parquet"
-[stages.optim]
-lr = 3e-3
-[stages.train]
-steps = 60
-batch_size = 16
-micro_batch_tokens = 1024
+PPO_STAGE = """
 [[stages]]
 name = "ppo"
 kind = "grpo"
@@ -162,19 +90,76 @@ every = 4
 """
 
 
+def _recipe(world, *stages: str) -> str:
+    """A recipe on the toy world: the shared toy base (tests/conftest.py), then `stages`."""
+    return toy_recipe_head(world, "rl") + "".join(s.format(world=world) for s in (TOY_BASE_STAGE, *stages))
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def rl_run(toy_world, toy_base, tmp_path_factory) -> Path:
+    """One run with 2 gloo ranks and the builtin backend: the toy base, then `grpo_zero` and `ppo`, each from the
+    base (one launch for both stages: a launch costs ~10-25 s of imports here)."""
+    out = tmp_path_factory.mktemp("rl") / "out"
+    recipe = out.parent / "rl.toml"
+    recipe.write_text(_recipe(toy_world, GRPO_STAGE, PPO_STAGE))
+    add_toy_base(toy_base, out)
+    train(recipe, out, nproc=2, timeout_s=900)
+    return out
+
+
 @pytest.mark.slow
-def test_ppo_minibatches_kl_and_tis(toy_world, tmp_path):
+@pytest.mark.subprocess
+def test_two_process_grpo_raises_format_reward(toy_world, rl_run, tmp_path):
+    """GRPO from the toy base (~17% well-formatted samples): the sampled format accuracy rises (deterministic under
+    the fixed seeds), and a run resumed in the middle of the stage repeats it exactly."""
+    rows = _rows(rl_run / "grpo_zero" / "metrics.jsonl")
+    for key in ("rollout/reward", "rollout/format_acc", "rollout/accuracy", "rollout/response_len", "policy/entropy",
+                "policy/clip_frac", "policy/approx_kl", "train/grad_norm", "time/rollout_s", "perf/tok_per_s"):
+        assert all(key in r for r in rows), key
+    early = sum(r["rollout/format_acc"] for r in rows[:4]) / 4
+    late = sum(r["rollout/format_acc"] for r in rows[-4:]) / 4
+    assert late > early + 0.08, [round(r["rollout/format_acc"], 3) for r in rows]
+    # on-policy (1 x 1, no TIS): no old-log-prob forward, the ratio is exactly 1
+    recipe = tmp_path / "grpo.toml"
+    recipe.write_text(_recipe(toy_world, GRPO_STAGE))
+    assert GRPOStage(parse_config(tomllib.loads(recipe.read_text())).stages[1]).on_policy
+    assert all(r["policy/approx_kl"] == 0.0 and r["policy/clip_frac"] == 0.0 for r in rows)
+    assert (rl_run / "grpo_zero" / "hf" / "model.safetensors").is_file()
+
+    # Resume in the middle of the stage (in a copy of the run): as if it had died after step 12 (the newest
+    # checkpoint is step 8). Sampling is seeded by step and rank and the backend gets the restored weights, so steps
+    # 9-16 repeat exactly.
+    out = tmp_path / "out"
+    for name in ("base", "grpo_zero"):
+        shutil.copytree(rl_run / name, out / name)
+    stage = out / "grpo_zero"
+    (stage / "DONE").unlink()
+    shutil.rmtree(stage / "hf")
+    shutil.rmtree(stage / "checkpoints" / "step-000016")
+    train(recipe, out, nproc=2, timeout_s=900)
+    before = (rl_run / "grpo_zero" / "metrics.jsonl").read_text().splitlines()
+    after = (stage / "metrics.jsonl").read_text().splitlines()
+    # Resumed from step 8: lines 1-8 (timings included) are the first run's, the rest were written again.
+    assert after[:8] == before[:8] and after[8] != before[8]
+    rerun = [json.loads(line) for line in after]
+    assert [r["step"] for r in rerun] == list(range(1, 17))
+    for a, b in zip(rows, rerun, strict=True):
+        for key in ("rollout/reward", "rollout/format_acc", "rollout/response_len", "train/loss", "train/grad_norm"):
+            assert a[key] == b[key], (key, a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_ppo_minibatches_kl_and_tis(rl_run):
     """2 mini-batches x 2 epochs per rollout batch, a KL penalty to the starting model and truncated importance
-    sampling, 2 gloo ranks: the first update of each rollout is on-policy (ratio and KL exactly 0 at the start),
-    later ones are off-policy; rollout stats are logged once per rollout. With the one-pass loss (the other GRPO
-    tests and the tiny recipe use the default)."""
-    recipe = tmp_path / "ppo.toml"
-    recipe.write_text(PPO_RECIPE.format(world=toy_world))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={tmp_path / 'out'}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "out" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    sampling: the first update of each rollout is on-policy (ratio and KL exactly 0 at the start), later ones are
+    off-policy; rollout stats are logged once per rollout. With the one-pass loss (the other GRPO tests and the tiny
+    recipe use the default)."""
+    rows = _rows(rl_run / "ppo" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert ["rollout/reward" in r for r in rows] == [True, False, False, False] * 2
     first = rows[0]
@@ -187,11 +172,11 @@ def test_ppo_minibatches_kl_and_tis(toy_world, tmp_path):
 
 
 def test_ppo_settings_are_validated(toy_world):
-    import tomllib
+    from engine.config import ConfigError
 
-    from engine.config import ConfigError, parse_config
-
-    raw = tomllib.loads(PPO_RECIPE.format(world=toy_world))
+    text = _recipe(toy_world, PPO_STAGE)
+    assert not GRPOStage(parse_config(tomllib.loads(text)).stages[1]).on_policy  # 4 steps a rollout: old log-probs
+    raw = tomllib.loads(text)
     raw["stages"][1]["train"]["steps"] = 6
     raw["stages"][1]["checkpoint"]["every"] = 3
     raw["stages"][1]["grpo"]["tis_cap"] = 0.5

@@ -11,8 +11,7 @@ from kernels._testing import assert_rel_close, grpo_clip_flips
 from kernels.dpo_loss import dpo_loss_ref, pair_groups
 from kernels.grpo_loss import grpo_loss_ref
 
-pytestmark = pytest.mark.requires_cuda
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Triton on GPU)")
+pytestmark = pytest.mark.requires_cuda  # skipped without a CUDA device (tests/conftest.py)
 
 SHAPES = [(1, 13, 16), (130, 1000, 96), (1000, 32000, 512), (4097, 50000, 1024)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -40,7 +39,6 @@ def _run(fn, hidden, weight, *args, **kw):
     return [o.detach().float() for o in vals], h.grad.float(), w.grad.float()
 
 
-@needs_cuda
 @pytest.mark.parametrize("n,v,h", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", ["recompute", "onepass"])
@@ -55,7 +53,6 @@ def test_fused_logprobs_matches_reference(n, v, h, dtype, impl, monkeypatch):
         assert_rel_close(a, r, dtype, kind, name=f"{name} {impl}")
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", ["recompute", "onepass"])
 def test_fused_nll_matches_reference(dtype, impl, monkeypatch):
@@ -82,7 +79,6 @@ def _grpo_args(n, seqs, dtype):
     return hidden, weight, targets.clamp(min=0), adv, old, mask, cu, ref
 
 
-@needs_cuda
 @pytest.mark.parametrize("impl", ["recompute", "onepass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -112,7 +108,6 @@ def _compare(ours, ref, hidden, weight, keep_rows=None):
         assert_rel_close(got[2], ref32[2], hidden.dtype, "grad", name="grad_weight")
 
 
-@needs_cuda
 @pytest.mark.parametrize("impl", ["recompute", "onepass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dpo_loss_matches_reference(dtype, impl, monkeypatch):

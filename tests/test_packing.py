@@ -4,7 +4,6 @@ M-RoPE positions against transformers' get_rope_index per sample, argument error
 import logging
 import random
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -22,6 +21,8 @@ from kernels.packing import (
     unpack,
     unpack_ref,
 )
+
+from ._launch import launch
 
 IMAGE, VIDEO, VSTART, VEND = 60, 61, 62, 63  # token ids of the tiny Qwen2.5-VL config
 MERGE = 2
@@ -55,12 +56,11 @@ def test_fallback_logs_once(monkeypatch, caplog):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: CUDA sources cannot be compile-checked")
+@pytest.mark.subprocess
 def test_nvcc_compiles_pack_cu(tmp_path):
     cmd = ["nvcc", "-std=c++17", "-O1", "-arch=sm_90", "-Xcompiler", "-fPIC", "-Icsrc/packing", "-c",
            "csrc/packing/pack.cu", "-o", str(tmp_path / "pack.o")]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=packing.__file__.rsplit("/kernels/", 1)[0],
-                         timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
+    launch(cmd, timeout_s=120)
 
 
 # ------------------------------------------------------------------------------------------------------ plan_bins
@@ -314,8 +314,6 @@ def test_unpack_repack_errors(pair):
 # ------------------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.requires_cuda
 def test_cuda_twins_match_reference():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     if not packing.native_available("cuda"):
         pytest.fail("kernels._packing_cuda is not built: run `pip install -e . --no-build-isolation` with nvcc")
     rng = random.Random(6)

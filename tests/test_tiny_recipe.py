@@ -2,13 +2,10 @@
 processes under torchrun, shortened by command-line overrides, down to the evaluation report."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import REPO
+from ._launch import REPO, train
 
 # The real recipe, with fewer GRPO steps and distill prompts so CI stays short. Pretrain keeps its 300 steps so that
 # the base samples enough well-formatted answers for the distill stage to find pairs, and the cold start its 30
@@ -19,13 +16,10 @@ STAGES = ["world", "pretrain", "grpo_zero", "distill", "cold_start", "specs", "e
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_tiny_recipe_end_to_end(tmp_path):
     out = tmp_path / "tiny"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "engine" / "train.py"), str(REPO / "recipes" / "tiny.toml"), f"--run.out_dir={out}", *OVERRIDES]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train(REPO / "recipes" / "tiny.toml", out, *OVERRIDES, nproc=2, timeout_s=900)
     for stage in STAGES:
         assert (out / stage / "DONE").is_file(), stage
 

@@ -4,24 +4,18 @@ pixels, SFT formatting, tokenizer, image processor and a tiny Qwen2.5-VL forward
 Uses the session-wide `toy_world` fixture (conftest.py: seed 0, 64 train / 16 test rows).
 """
 
-import os
+import re
+from collections import deque
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
 
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections import deque  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-
-from engine.toy import (  # noqa: E402
+from engine.toy import (
     OOD_TASKS,
     SPECIAL_TOKENS,
     TAG_TOKENS,
@@ -30,9 +24,10 @@ from engine.toy import (  # noqa: E402
     build_toy_world,
     generate_split,
 )
-from engine.toy_draw import BACKGROUND, CELL_PX, COLORS, DIGIT_INK  # noqa: E402
+from engine.toy_draw import BACKGROUND, CELL_PX, COLORS, DIGIT_INK
 
-REPO = Path(__file__).resolve().parents[1]
+from ._launch import child_env, launch, python
+
 WORLD = dict(seed=0, num_train=64, num_test=16)  # what conftest's toy_world fixture builds
 COLUMNS = ["id", "task", "problem", "answer", "choices", "images"]
 FORMATTED = re.compile(r"^<think>.+</think><answer>(.+)</answer>$", re.DOTALL)
@@ -69,6 +64,7 @@ def _count_color(pixels: np.ndarray, name: str) -> int:
     return _components((pixels == np.array(COLORS[name], dtype=np.uint8)).all(-1))
 
 
+@pytest.mark.subprocess
 def test_same_seed_is_byte_identical(toy_world, tmp_path):
     reference = _files(toy_world)
     assert len(reference) >= 10, sorted(reference)
@@ -77,8 +73,7 @@ def test_same_seed_is_byte_identical(toy_world, tmp_path):
     # A fresh process has other hash seeds and a fresh tokenizers thread pool: still identical.
     code = (f"from engine.toy import ToySpec, build_toy_world; "
             f"build_toy_world({str(tmp_path / 'sub')!r}, ToySpec(**{WORLD!r}))")
-    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=120)
+    launch(python("-c", code), env=child_env(PYTHONHASHSEED="12345"), timeout_s=120)
     other = _files(tmp_path / "sub")
     assert other.keys() == reference.keys()
     assert [k for k in reference if other[k] != reference[k]] == []

@@ -2,10 +2,7 @@
 a run killed with SIGKILL and resumed, and a finished stage skipped on rerun."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO
+from ._launch import TRAIN, kill_tree, python, start, train
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+pytestmark = pytest.mark.subprocess
+
 RECIPE = """
 [run]
 name = "t"
@@ -48,35 +46,6 @@ def _recipe(tmp_path: Path, toy_world: Path, steps: int) -> Path:
     return path
 
 
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _train(recipe: Path, out: Path, *, nproc: int) -> subprocess.CompletedProcess:
-    launcher = TORCHRUN if nproc == 2 else [sys.executable]
-    cmd = [*launcher, str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={out}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (torchrun starts its workers in their own process groups)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
 
@@ -86,12 +55,12 @@ def two_proc_run(toy_world, tmp_path_factory):
     """An uninterrupted 2-process run of 8 steps; other tests compare against it."""
     tmp = tmp_path_factory.mktemp("dist")
     recipe = _recipe(tmp, toy_world, steps=8)
-    result = _train(recipe, tmp / "two", nproc=2)
-    return recipe, tmp / "two", result
+    train(recipe, tmp / "two", nproc=2)
+    return recipe, tmp / "two"
 
 
 def test_two_processes_learn_and_match_one_process(two_proc_run, tmp_path):
-    recipe, two, _ = two_proc_run
+    recipe, two = two_proc_run
     metrics = _metrics(two)
     assert [m["step"] for m in metrics] == list(range(1, 9))
     losses = [m["train/loss"] for m in metrics]
@@ -100,7 +69,7 @@ def test_two_processes_learn_and_match_one_process(two_proc_run, tmp_path):
         assert all(key in m for m in metrics), key
 
     one = tmp_path / "one"
-    _train(recipe, one, nproc=1)
+    train(recipe, one)
     single = _metrics(one)
     # Same global batch, split over two ranks or not: FSDP2's averaged gradients equal the single-process ones
     # up to summation order, so every step's loss and gradient norm (which depend on all earlier updates) agree.
@@ -116,31 +85,30 @@ def test_two_processes_learn_and_match_one_process(two_proc_run, tmp_path):
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(two_proc_run, tmp_path):
-    recipe, two, _ = two_proc_run
+    recipe, two = two_proc_run
     out = tmp_path / "killed"
-    cmd = [*TORCHRUN, str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={out}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO,
-                            start_new_session=True)
+    proc = start(python(TRAIN, recipe, f"--run.out_dir={out}", nproc=2))
     metrics_file = out / "sft" / "metrics.jsonl"
     deadline = time.time() + 300
     # Kill the launcher and both ranks at once when step 3 is logged: the checkpoint of step 2 exists by then.
     while time.time() < deadline and proc.poll() is None:
         if metrics_file.is_file() and len(metrics_file.read_text().splitlines()) >= 3:
-            for pid in [proc.pid, *_descendants(proc.pid)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:  # exited between listing and killing
-                    pass
+            kill_tree(proc)
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     time.sleep(1)
     assert not (out / "sft" / "DONE").exists()
-    assert len(metrics_file.read_text().splitlines()) < 8
+    killed = metrics_file.read_text().splitlines()
+    assert len(killed) < 8
+    checkpoint = max(int(p.name.removeprefix("step-")) for p in (out / "sft" / "checkpoints").glob("step-*[0-9]"))
+    assert checkpoint >= 2
 
-    result = _train(recipe, out, nproc=2)
-    assert "resume: from step" in result.stdout
+    train(recipe, out, nproc=2)
+    resumed = metrics_file.read_text().splitlines()
+    # Resumed from the newest checkpoint: the lines up to it (timings included) are the killed run's.
+    assert resumed[:checkpoint] == killed[:checkpoint]
     expected, got = _metrics(two), _metrics(out)
     assert [m["step"] for m in got] == list(range(1, 9))
     for a, b in zip(expected, got, strict=True):
@@ -148,7 +116,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(two_proc_run, tmp_path):
             assert a[key] == b[key], (key, a, b)
 
     # Rerunning a finished run skips the stage and leaves its outputs alone.
-    before = metrics_file.read_text()
-    again = _train(recipe, out, nproc=1)
-    assert "finished earlier, skipped" in again.stdout
-    assert metrics_file.read_text() == before
+    before = {p: p.read_bytes() for p in (out / "sft").rglob("*") if p.is_file()}
+    train(recipe, out)
+    assert {p: p.read_bytes() for p in (out / "sft").rglob("*") if p.is_file()} == before

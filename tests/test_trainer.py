@@ -135,6 +135,7 @@ def _lockstep_worker(rank: int, port: int, out_dir) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.subprocess
 def test_lockstep_and_max_and_sum_on_two_ranks(tmp_path):
     """Two gloo ranks: the shorter list is padded with its first item (or the filler), marked not real; one
     exchange gives maxes and sums."""

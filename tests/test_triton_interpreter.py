@@ -7,24 +7,19 @@ The _interp_ modules skip themselves unless TRITON_INTERPRET=1; on a GPU machine
 (`python -m pytest tests/_interp_fused_logprobs.py`) to test the compiled kernels on CUDA tensors.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from ._launch import REPO, child_env, launch, python
+
 MODULES = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("_interp_*.py"))
 
 
+@pytest.mark.subprocess
 def test_triton_kernels_in_interpreter():
     pytest.importorskip("triton")
     assert len(MODULES) >= 3, MODULES
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *MODULES]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-8000:]}\n{r.stderr[-2000:]}"
+    r = launch(python("-m", "pytest", "-q", "-p", "no:cacheprovider", *MODULES), env=child_env(TRITON_INTERPRET="1"),
+               timeout_s=900)
     last = r.stdout.strip().splitlines()[-1]
     assert " passed" in last and "skipped" not in last, last
     print(last)  # e.g. "80 passed in 95s", visible with -s

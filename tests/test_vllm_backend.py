@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ from engine.data import Processor, encode_rows
 from engine.rollout import BuiltinBackend, Completion, SamplingParams
 from engine.rollout.vllm_backend import collapse_image_pads, images_from_pixel_values
 from engine.sections import RolloutConfig
+
+from ._launch import python, start
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (make test-vllm)")
 
@@ -252,17 +253,15 @@ def test_many_seeded_requests(vllm_backend, prompts):
 
 
 @needs_vllm
+@pytest.mark.subprocess
 def test_torchrun_colocation(model_dir, toy_world, tmp_path):
     """2 torchrun ranks, one engine each inside the trainer's gloo group (external_launcher); the checks are in
     tests/vllm_colocate_worker.py (outputs equal the builtin's before and after an update, independent engines,
     the process group survives a dropped backend, clean exit)."""
     worker = Path(__file__).with_name("vllm_colocate_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           str(model_dir), str(toy_world / "hf"), str(tmp_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     log_path = tmp_path / "torchrun.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = start(python(worker, model_dir, toy_world / "hf", tmp_path, nproc=2), stdout=log)
         try:
             rc = proc.wait(timeout=480)  # ~70 s on 2 busy cores
         except subprocess.TimeoutExpired:
