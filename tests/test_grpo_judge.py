@@ -1,14 +1,12 @@
 """A GRPO stage on the toy world whose open-ended rows are graded by a stub OpenAI-compatible judge (2 gloo ranks)."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import datasets
+import pytest
 
-from .conftest import REPO
+from ._launch import TRAIN, child_env, launch, python
 from .judge_stubs import StubOpenAI
 
 RECIPE = """
@@ -59,6 +57,7 @@ def _question(prompt: str) -> str:
     return re.search(r"Question:\n(.*?)\n\nReference answer:", prompt, re.DOTALL).group(1)
 
 
+@pytest.mark.subprocess
 def test_grpo_with_a_stub_judge(toy_world, tmp_path):
     """Every open-ended completion the rules miss is judged (the stub says YES to digit-sum rows and fails with 500
     on colour-counting rows); the metrics count the calls, the failures and the judged share; multiple-choice rows
@@ -70,13 +69,10 @@ def test_grpo_with_a_stub_judge(toy_world, tmp_path):
     try:
         recipe = tmp_path / "r.toml"
         recipe.write_text(RECIPE.format(world=toy_world, data=data, url=stub.url))
-        env = {**os.environ, "JUDGE_API_KEY": "sk-stub-SECRET-123"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={tmp_path / 'out'}"]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+        cmd = python(TRAIN, recipe, f"--run.out_dir={tmp_path / 'out'}", nproc=2)
+        result = launch(cmd, env=child_env(JUDGE_API_KEY="sk-stub-SECRET-123"))
     finally:
         stub.close()
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "sk-stub-SECRET-123" not in result.stdout + result.stderr
     lines = (tmp_path / "out" / "grpo" / "metrics.jsonl").read_text().splitlines()
     metrics = [json.loads(line) for line in lines]

@@ -1,14 +1,11 @@
 """The SFT stage's loss through kernels.fused_nll: both implementations train the same model."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from ._launch import train
 
 RECIPE = """
 [run]
@@ -38,15 +35,12 @@ def _losses(tmp_path: Path, toy_world: Path, impl: str) -> list[float]:
     recipe = tmp_path / f"{impl}.toml"
     recipe.write_text(RECIPE.format(hf=toy_world / "hf", data=toy_world / "data" / "sft.parquet", impl=impl))
     out = tmp_path / impl
-    cmd = [sys.executable, str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={out}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train(recipe, out)
     rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_onepass_and_recompute_train_alike(toy_world, tmp_path):
     """Same data, seed and steps: the per-step losses agree to fp32 round-off (the first step exactly the same
     model), so the loss_impl switch changes speed and memory, not the training."""

@@ -3,10 +3,8 @@ from_pretrained bit for bit, on 1 and 2 ranks, for bf16 and fp32, tied and untie
 checkpoint stops every rank with an error naming the file and tensor."""
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +15,16 @@ from transformers import AutoConfig
 from engine import plan
 from engine.model import load_hf_model
 
-from .conftest import REPO
+from ._launch import REPO, child_env, launch, python
 from .tiny_checkpoints import save_qwen2, save_qwen2_5_vl
 
 WORKER = REPO / "tests" / "sharded_load_worker.py"
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _run(out: Path, ckpts: list[Path], nproc: int, export_shard_bytes: int = 0) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    launcher = TORCHRUN if nproc == 2 else [sys.executable]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    if export_shard_bytes:
-        env["EXPORT_SHARD_BYTES"] = str(export_shard_bytes)
-    return subprocess.run([*launcher, str(WORKER), str(out), *map(str, ckpts)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=REPO)
+    env = child_env(EXPORT_SHARD_BYTES=str(export_shard_bytes)) if export_shard_bytes else child_env()
+    return launch(python(WORKER, out, *ckpts, nproc=nproc), timeout_s=300, env=env, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +38,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sharded_load_equals_from_pretrained(checkpoints, tmp_path, nproc):
     assert (checkpoints["vl-bf16-tied-sharded"] / "model.safetensors.index.json").is_file()
@@ -122,6 +116,7 @@ def _bad_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+@pytest.mark.subprocess
 def test_bad_checkpoints_fail_on_every_rank(tmp_path):
     bad = _bad_checkpoints(tmp_path / "ckpts")
     # One launch for all: each rank must raise for each checkpoint and reach the next, none left in a collective.
