@@ -35,7 +35,9 @@ def _reward(completions, **kwargs):
 
 
 def _grpo_args(tmp_path, **overrides):
-    # bf16=False: TRL turns bf16 autocast on by default, also on CPU; these comparisons are in fp32
+    # bf16=False: TRL turns bf16 autocast on by default, also on CPU; these comparisons are in fp32.
+    # optim="sgd": Adam's first step is about lr * sign(grad), which turns rounding-level differences in near-zero
+    # gradients into lr-sized parameter differences; SGD keeps parameter differences at lr * gradient differences.
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
                 max_steps=2, num_iterations=2, learning_rate=0.5, optim="sgd", max_grad_norm=1e9, beta=0.04,
                 use_bias_correction_kl=False, bf16=False,
