@@ -96,8 +96,11 @@ def write_report(cfg, ctx, scores: dict) -> Path:
             needs = ""
             if b.kind == "megabench":
                 from engine.benchmarks.megabench_constrained import NLTK_DATA_HINT, available
+                from engine.sandbox import BWRAP_FIX, problem
 
                 needs += "" if b.run_code else ", their program tests need `run_code = true`"
+                needs += f", their program tests need a sandbox ({problem()}: {BWRAP_FIX})" if (
+                    b.run_code and problem()) else ""
                 needs += "" if available() else f", their constraints need NLTK's data (`{NLTK_DATA_HINT}`)"
             notes.append(f"- **{b.name}**: {first['left_out_unscorable']} rows are left out: an LLM judge scores them, "
                          f"their metric is not re-implemented{needs}, or they hold video.")
