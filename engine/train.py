@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
 from engine.dist import barrier, destroy_distributed, init_distributed  # noqa: E402
 from engine.log import log0, logger, setup_logging  # noqa: E402
+from engine.runlock import acquire_on_main  # noqa: E402
 from engine.stages import DONE_MARKER, StageContext, run_stage  # noqa: E402
 from engine.trainer import NonFiniteError  # noqa: E402
 
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     out_dir = cfg.out_dir
+    lock = None
     try:
+        lock = acquire_on_main(out_dir, dist_info.is_main)  # one run per out_dir, before anything is written
         if dist_info.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.resolved.toml").write_text(to_toml(cfg))
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("traceback", exc_info=True)
         return 1
     finally:
+        if lock is not None:
+            lock.release()
         destroy_distributed()
 
 
