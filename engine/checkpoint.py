@@ -20,6 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -27,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from engine.dist import DistInfo, barrier
+from engine import atomic
+from engine.dist import DistInfo, barrier, gather_object
 from engine.log import log0
 from engine.sections import CheckpointConfig
 
@@ -70,18 +72,27 @@ class Checkpointer:
         return self.dir / f"step-{step:06d}"
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
-        """Collective: every rank writes its shards and RNG; rank 0 renames the directory when all are done."""
+        """Collective: every rank writes its shards and RNG; rank 0 renames the directory when all are done. A
+        failed write on any rank (a full disk: DiskFullError) removes the partial directory and raises the same
+        error on every rank."""
         final, tmp = self.path(step), self.dir / f"step-{step:06d}.tmp"
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash during an earlier save
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
-        if self.dist.is_main:
-            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
-        barrier()
+        failed: BaseException | None = None
+        try:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
+            if self.dist.is_main:
+                (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        except (Exception, CheckpointException) as e:  # every rank reports below: none is left in a collective
+            failed = e
+        failure = f"rank {self.dist.rank}: {type(failed).__name__}: {failed}" if failed else ""
+        outcomes = gather_object((failure, _state_bytes(model_sd) + _state_bytes(optim_sd)))
+        if any(f for f, _ in outcomes):
+            self._fail(tmp, [f for f, _ in outcomes if f], sum(n for _, n in outcomes), failed)
         if self.dist.is_main:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -90,6 +101,16 @@ class Checkpointer:
         barrier()
         log0(f"checkpoint: saved step {step} to {final}")
         return final
+
+    def _fail(self, tmp: Path, failures: list[str], needed_bytes: int, own: BaseException | None) -> None:
+        """Remove the partial checkpoint; raise DiskFullError if the disk is (nearly) full, else the failure."""
+        barrier()
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        if atomic.free_bytes(self.dir) < needed_bytes or (own is not None and atomic.is_disk_full(own)):
+            raise atomic.disk_full(tmp, needed_bytes) from own
+        raise RuntimeError(f"checkpoint save to {tmp} failed: " + "; ".join(failures)) from own
 
     def load(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Restore model, optimizer and this rank's RNG from `step`; returns the trainer state saved with it."""
@@ -106,6 +127,18 @@ class Checkpointer:
         else:  # resumed with a different world size: the data order is still exact, sampling RNG is not
             log0(f"checkpoint: {rng_file.name} missing (world size changed?); RNG not restored")
         return json.loads((path / "trainer.json").read_text())
+
+
+def _state_bytes(state: dict) -> int:
+    """Bytes of this rank's tensors in a (nested) state dict: its share of a checkpoint's size."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, dict):
+            total += _state_bytes(value)
+        elif isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            total += local.numel() * local.element_size()
+    return total
 
 
 def export_hf(model: nn.Module, hf_model: nn.Module, src_dir: Path, out_dir: Path, dist_info: DistInfo,

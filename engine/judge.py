@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from engine import atomic
 from engine.env import env
 from engine.log import log0, logger, warn_once
 
@@ -204,11 +205,10 @@ class VerdictCache:
             if self.path is None:
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                if self._needs_newline:  # never glue a new row onto a truncated one
-                    f.write("\n")
-                    self._needs_newline = False
-                f.write(json.dumps({"key": key, "verdict": verdict, "model": model}) + "\n")
+            # Never glue a new row onto a truncated one; a failed append is cut back (a full disk: DiskFullError).
+            atomic.append_text(self.path, "\n" * self._needs_newline
+                               + json.dumps({"key": key, "verdict": verdict, "model": model}) + "\n")
+            self._needs_newline = False
 
 
 def _api_key() -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from engine import benchmarks
+from engine import atomic, benchmarks
 from engine.benchmarks import BenchRow
 from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object, gather_object
@@ -177,7 +177,7 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
         from engine.report import summarise, write_report
 
         scores = summarise(dataclasses.replace(cfg, models=models), ctx, benches)
-        (ctx.stage_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        atomic.write_text(ctx.stage_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
         report = write_report(cfg, ctx, scores)
         lines = report.read_text().splitlines()
         first = next(i for i, line in enumerate(lines) if line.startswith("| model"))
