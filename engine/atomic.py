@@ -1,6 +1,6 @@
 """File writes that survive a crash or a full disk.
 
-- Whole files (`write_text`, `write_bytes`, `torch_save`, or `replacing` for any writer): written to a temporary
+- Whole files (`write_text`, `write_bytes`, or `replacing` for any writer, e.g. torch.save): written to a temporary
   sibling, fsynced, then renamed over the target: a crash leaves the old file or none, never part of one.
 - Append-only logs (`append_text`): a failed append is cut back to where it started; `read_jsonl` trims a last
   line that a crash cut short (saying so) and names the file and line of any other unreadable line.
@@ -17,8 +17,6 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
 
 from engine.log import logger
 
@@ -106,23 +104,6 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
-
-
-def torch_save(obj, path: Path) -> None:
-    """torch.save, atomically."""
-    with replacing(path, _tensor_bytes(obj)) as tmp:
-        torch.save(obj, tmp)
-
-
-def _tensor_bytes(obj) -> int | None:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        sizes = [_tensor_bytes(x) or 0 for x in obj]
-        return sum(sizes) or None
-    return None
 
 
 def append_text(path: Path, text: str) -> None:

@@ -53,8 +53,8 @@ def test_faked_enospc_leaves_whole_files_and_lines(tmp_path, monkeypatch):
     assert metrics.read_text() == '{"step": 1}\n'  # the failed append was cut back
     with pytest.raises(atomic.DiskFullError):
         atomic.write_text(done, "new\n")
-    with pytest.raises(atomic.DiskFullError):
-        atomic.torch_save(torch.zeros(4), tmp_path / "ref_logps.pt")
+    with pytest.raises(atomic.DiskFullError), atomic.replacing(tmp_path / "ref_logps.pt") as tmp:
+        torch.save(torch.zeros(4), tmp)
     assert done.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["DONE", "metrics.jsonl"]
 
 
@@ -92,9 +92,13 @@ model(torch.ones(1, 64)).sum().backward()
 optimizer.step()
 ckpt = Checkpointer(disk / "checkpoints", CheckpointConfig(), dist)
 
+def save_ref(t, path):  # as engine/stages/dpo.py writes ref_logps.pt
+    with atomic.replacing(path, t.numel() * t.element_size()) as tmp:
+        torch.save(t, tmp)
+
 def writers(tag):
     attempt(f"metrics_{tag}", lambda: [metrics.log(step, row, step_s=1.0) for step in range(1, 60)])
-    attempt(f"ref_logps_{tag}", lambda: atomic.torch_save(torch.zeros(64 << 10), disk / "ref_logps.pt"))
+    attempt(f"ref_logps_{tag}", lambda: save_ref(torch.zeros(64 << 10), disk / "ref_logps.pt"))
     attempt(f"predictions_{tag}", lambda: append_predictions(disk / "p.jsonl", [{"id": str(i), "response": "y" * 3000}
                                                                               for i in range(40)]))
     attempt(f"checkpoint_{tag}", lambda: ckpt.save(1, model, optimizer, {"step": 1}))

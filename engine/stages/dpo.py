@@ -128,7 +128,8 @@ class DPOStage:
             del ref_policy
             gc.collect()
         if ctx.dist.is_main:
-            atomic.torch_save(ref_logps, ref_file)
+            with atomic.replacing(ref_file, ref_logps.numel() * ref_logps.element_size()) as tmp:
+                torch.save(ref_logps, tmp)
         return ref_logps
 
     def micro_batches(self, run: Run, step: int) -> tuple[list[dict], int]:
