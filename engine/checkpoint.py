@@ -71,10 +71,17 @@ class Checkpointer:
     def path(self, step: int) -> Path:
         return self.dir / f"step-{step:06d}"
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict) -> Path | None:
         """Collective: every rank writes its shards and RNG; rank 0 renames the directory when all are done. A
         failed write on any rank (a full disk: DiskFullError) removes the partial directory and raises the same
-        error on every rank."""
+        error on every rank. Nothing is saved (None) while `trainer_state["bad_in_a_row"]` > 0: the step was
+        skipped as non-finite, and its checkpoint would push the last good one out of `keep`."""
+        if trainer_state.get("bad_in_a_row", 0) > 0:
+            last = self.steps()
+            log0(f"checkpoint: step {step} not saved: its update was skipped as non-finite; the last good checkpoint "
+                 f"stays {self.path(last[-1]) if last else 'none'}")
+            return None
         final, tmp = self.path(step), self.dir / f"step-{step:06d}.tmp"
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash during an earlier save
