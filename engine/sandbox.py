@@ -4,8 +4,9 @@ What a sandboxed program gets (checked by tests/test_sandbox.py with a program t
 - its own user, PID, network, IPC, UTS and cgroup namespaces (bwrap --unshare-all --unshare-user): it sees only its
   own processes (no /proc/<our pid>/environ), has no network (not even loopback to us), and no capabilities
   (--cap-drop ALL, no_new_privs, no further user namespaces);
-- a read-only view of the whole file system, except a fresh /tmp (a tmpfs of `Limits.tmp_bytes`) holding its
-  working folder, a private /dev and /proc; nothing it writes outlives it;
+- a read-only view of the system folders (/usr, /etc, ...) and this Python installation only (our data, home
+  folders, checkpoints and the benchmark's expected outputs are not there), a fresh /tmp (a tmpfs of
+  `Limits.tmp_bytes`) holding its working folder, a private /dev and /proc; nothing it writes outlives it;
 - an environment of PATH alone (our own environment, API keys included, never reaches bwrap or the program);
 - a seccomp filter (engine/seccomp.py): it cannot start processes (so no fork bomb, no fork + setsid escape) nor
   reach the kernel interfaces a judged program has no use for;
@@ -14,9 +15,9 @@ What a sandboxed program gets (checked by tests/test_sandbox.py with a program t
   the script), so interpreter start-up is not counted and the program cannot stop the clock.
 What it does not get: the result channel. Whatever the program can see, it can write; the caller therefore
 decides from outside, from the exit status (bwrap's own, which the program sets only by exiting) and the
-output, never from a message the program could forge. It can still read every file the user running us can read
-(but has no channel to send them anywhere) and use one core up to the CPU time limit. Memory is bounded per
-sandbox (one process: its address space plus the two tmpfs), not by a cgroup.
+output, never from a message the program could forge. It can still read the system folders and the Python
+installation (but has no channel to send anything anywhere) and use one core up to the CPU time limit. Memory is
+bounded per sandbox (one process: its address space plus the two tmpfs), not by a cgroup.
 
 Needs `bwrap` (Debian/Ubuntu package bubblewrap; .ci/run installs it) and user namespaces. Where they are missing
 `problem()` says why and `run_python` raises: model-written code is never run unsandboxed.
@@ -68,11 +69,32 @@ class Result:
     """Killed at the wall-clock limit (or it never signalled its start within the start-up allowance)."""
 
 
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+
+
+def _view() -> list[str]:
+    """bwrap arguments for a read-only view of the system folders and this Python installation (with its venv and
+    site-packages), and nothing else: not our data, checkpoints, home folders or the benchmark's answer files.
+    A symlinked path is bound at both its own path and its target."""
+    paths = [p for p in _SYSTEM_DIRS if os.path.exists(p)]
+    paths += [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(sys.executable)]
+    args, bound = [], {}  # destination -> source
+    for path in paths:
+        src = os.path.realpath(path)
+        for dest in (src, os.path.abspath(path)):
+            covered = any(dest.startswith(d + "/") and os.path.join(s, os.path.relpath(dest, d)) == src
+                          for d, s in bound.items())
+            if dest not in bound and not covered and os.path.isdir(src):
+                bound[dest] = src
+                args += ["--ro-bind", src, dest]
+    return args
+
+
 def _bwrap_argv(limits: Limits, seccomp_fd: int) -> list[str]:
     return ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
             "--die-with-parent", "--new-session", "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
             "--uid", "65534", "--gid", "65534",
-            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            *_view(), "--dev", "/dev", "--proc", "/proc",
             "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
             "--size", str(limits.tmp_bytes), "--tmpfs", "/dev/shm",
             "--dir", WORKDIR, "--chdir", WORKDIR, "--seccomp", str(seccomp_fd), "--"]

@@ -52,14 +52,29 @@ def test_parent_environment_is_out_of_reach(monkeypatch):
 
 @needs_sandbox
 def test_writes_outside_its_folder_fail():
-    # Not under /tmp, which the sandbox replaces with its own: a folder of ours it can see.
+    # Not under /tmp, which the sandbox replaces with its own: a folder of ours, which it cannot even see.
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as folder:
         target = Path(folder) / "escaped.txt"
         ok, out = mc.run_case(f"open({str(target)!r}, 'w').write('x')", [])
-        assert not ok and "Read-only file system" in out
+        assert not ok and "No such file or directory" in out
         assert not target.exists()
+    ok, out = mc.run_case(f"open({sys.prefix + '/escaped.txt'!r}, 'w').write('x')", [])  # a folder it does see
+    assert not ok and "Read-only file system" in out
+    assert not Path(sys.prefix, "escaped.txt").exists()
     ok, out = mc.run_case("import os\nopen('here.txt', 'w').write('x')\nprint(os.getcwd(), os.listdir())", [])
     assert ok and out == f"{sandbox.WORKDIR} ['here.txt']"  # its own folder is writable
+
+
+@needs_sandbox
+def test_our_files_are_not_visible():
+    """Only system folders and the Python installation are in its view: not the repo, the benchmark's expected
+    outputs, home folders or checkpoints."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    ok, out = mc.run_case(f"import os\nprint(os.path.exists({str(readme)!r}), os.path.exists(os.path.expanduser('~'))"
+                          f", sorted(os.listdir('/tmp')))", [])
+    assert ok and out == "False False ['sandbox']"
+    ok, out = mc.run_case("import numpy, json\nprint(int(numpy.arange(4).sum()))", [])  # its libraries are
+    assert ok and out == "6"
 
 
 @needs_sandbox
