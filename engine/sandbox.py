@@ -66,7 +66,11 @@ class Result:
     """The program's exit status as bwrap reports it (128 + signal for a signal); None if it was killed by us."""
     stdout: bytes
     timed_out: bool
-    """Killed at the wall-clock limit (or it never signalled its start within the start-up allowance)."""
+    """Killed at the wall-clock limit."""
+    started: bool = True
+    """The script reported its start; when False the untrusted code never ran (`stderr` says why)."""
+    stderr: str = ""
+    """The start of its standard error (bwrap's own messages come there)."""
 
 
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
@@ -126,31 +130,38 @@ def run_python(script: str, stdin: bytes, timeout_s: float, startup_s: float = 1
     """Run `script` with this interpreter in the sandbox, `stdin` as its standard input (a file).
 
     The script must call `started()` (defined for it) right before it runs untrusted code: the wall-clock limit
-    `timeout_s` counts from then; the start itself must come within `startup_s`. Raises RuntimeError naming the
-    fix when no sandbox can be made here (see `problem()`)."""
+    `timeout_s` counts from then. Raises RuntimeError naming the fix when no sandbox can be made here (see
+    `problem()`), and when the script did not start within `startup_s` (the untrusted code never ran: a problem of
+    this machine, not a verdict on the code)."""
     if why := problem():
         raise RuntimeError(f"cannot run model-written code: no sandbox here ({why}); {BWRAP_FIX}")
-    return _run(script, stdin, timeout_s, startup_s, limits)
+    result = _run(script, stdin, timeout_s, startup_s, limits)
+    if not result.started:
+        raise RuntimeError(f"the sandbox did not start the program within {startup_s:g} s (exit code "
+                           f"{result.exit_code}{': ' + result.stderr.strip() if result.stderr.strip() else ''})")
+    return result
 
 
 def _run(script: str, stdin: bytes, timeout_s: float, startup_s: float, limits: Limits) -> Result:
     start_r, start_w = os.pipe()
-    with (tempfile.TemporaryFile() as job, tempfile.TemporaryFile() as out, _seccomp_file() as bpf,
-          open(os.devnull, "wb") as devnull):
+    with (tempfile.TemporaryFile() as job, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err,
+          _seccomp_file() as bpf):
         job.write(stdin)
         job.seek(0)
         argv = _bwrap_argv(limits, bpf.fileno()) + [sys.executable, "-I", "-c", _prelude(limits, start_w) + script]
-        # stderr goes to /dev/null: the program may write there, nothing reads it. env={} keeps our environment
+        # stdout and stderr are files (bounded by the file-size limit, unlike pipes). env={} keeps our environment
         # (API keys) out of bwrap itself too; bwrap's --clearenv then gives the program PATH only.
         try:
-            proc = subprocess.Popen(argv, stdin=job, stdout=out, stderr=devnull, env={}, start_new_session=True,
+            proc = subprocess.Popen(argv, stdin=job, stdout=out, stderr=err, env={}, start_new_session=True,
                                     pass_fds=(bpf.fileno(), start_w))
         finally:
             os.close(start_w)
         timed_out = False
         try:
-            if not _wait_start(start_r, startup_s, proc):
-                timed_out = proc.poll() is None
+            started = _wait_start(start_r, startup_s, proc)
+            if not started:  # it ended (or closed the pipe) before the start: let it exit, for its exit code
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=2)
             else:
                 try:
                     proc.wait(timeout=timeout_s)
@@ -164,9 +175,11 @@ def _run(script: str, stdin: bytes, timeout_s: float, startup_s: float, limits: 
             proc.wait()
             os.close(start_r)
         out.seek(0)
-        stdout = out.read()
+        err.seek(0)
+        stdout, stderr = out.read(), err.read(2000).decode(errors="replace")
     # bwrap exits with the program's status: a channel the program has only through its own exit.
-    return Result(exit_code=None if timed_out else proc.returncode, stdout=stdout, timed_out=timed_out)
+    return Result(exit_code=None if timed_out else proc.returncode, stdout=stdout, timed_out=timed_out,
+                  started=started, stderr=stderr)
 
 
 def _wait_start(fd: int, timeout_s: float, proc: subprocess.Popen) -> bool:
@@ -193,14 +206,6 @@ def problem() -> str | None:
     except OSError as e:
         return f"bwrap failed to start: {e}"
     if result.exit_code != 0 or result.stdout.strip() != b"ok":
-        why = _bwrap_error()
-        return f"bwrap could not create the sandbox ({why or f'exit code {result.exit_code}'})"
+        last = result.stderr.strip().splitlines()[-1:] or [f"exit code {result.exit_code}"]
+        return f"bwrap could not create the sandbox ({last[0]})"
     return None
-
-
-def _bwrap_error() -> str:
-    """bwrap's own message for a trivial sandbox, for the error (run only when the sandbox failed)."""
-    with _seccomp_file() as bpf:
-        r = subprocess.run(_bwrap_argv(Limits(), bpf.fileno()) + ["true"], env={}, capture_output=True,
-                           pass_fds=(bpf.fileno(),), timeout=30)
-    return r.stderr.decode(errors="replace").strip().splitlines()[-1] if r.returncode and r.stderr else ""

@@ -160,8 +160,10 @@ def test_sandbox_exit_status_and_start_clock():
     assert (r.exit_code, r.timed_out) == (7, False)
     r = sandbox.run_python("import sys\nstarted()\nsys.stdout.write(sys.stdin.read())", b"echo", timeout_s=2)
     assert (r.exit_code, r.stdout) == (0, b"echo")
-    r = sandbox.run_python("import time\ntime.sleep(5)\nstarted()", b"", timeout_s=2, startup_s=0.5)
-    assert r.timed_out and r.exit_code is None  # the start never came within its allowance
+    with pytest.raises(RuntimeError, match="did not start the program within 0.5 s"):  # never a verdict
+        sandbox.run_python("import time\ntime.sleep(5)\nstarted()", b"", timeout_s=2, startup_s=0.5)
+    with pytest.raises(RuntimeError, match="(?s)did not start the program .*exit code 1.*ZeroDivisionError"):
+        sandbox.run_python("1 / 0\nstarted()", b"", timeout_s=2)
 
 
 def test_no_sandbox_refuses_to_run_code(monkeypatch, tmp_path):
