@@ -37,14 +37,16 @@ _STARTUP_S = 10.0  # allowance for the sandbox and interpreter start, before the
 
 # Runs in the sandbox after its prelude (limits, `started()`). It reads {"code", "lines", "main"} from stdin, runs
 # the program with its stdout captured and writes that output to a private copy of the real stdout, exiting 0; an
-# exception or any exit (sys.exit, a signal) exits non-zero. The program's own writes to fd 1 go to /dev/null, as
-# the official child's go to a stdout nobody reads.
+# exception or any exit (sys.exit, a signal) exits non-zero. The program's own writes to fds 1 and 2 go to
+# /dev/null, as the official child's go to streams nobody reads (and no amount of them can fail the case).
 _CHILD = r"""
 import builtins, io, json, os, sys
 job = json.loads(sys.stdin.read())
 sys.stdin = io.StringIO("")
 result_fd = os.dup(1)
-os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+devnull = os.open(os.devnull, os.O_WRONLY)
+os.dup2(devnull, 1)
+os.dup2(devnull, 2)
 lines = iter(job["lines"])
 
 def _input(prompt=None):
