@@ -191,3 +191,18 @@ def test_seccomp_filter_shape():
     prog = seccomp.build()
     assert len(prog) % 8 == 0 and len(prog) // 8 < 255  # classic BPF jumps are one byte
     assert sys.platform == "linux"
+
+
+@needs_sandbox
+def test_seccomp_refuses_kernel_interfaces():
+    """Each refused call fails with EPERM inside the sandbox (without the filter, ptrace(TRACEME), unshare(0) and
+    userfaultfd(0) would succeed, the others fail with other errors)."""
+    names = ["ptrace", "unshare", "userfaultfd", "bpf", "io_uring_setup", "keyctl", "perf_event_open", "setns"]
+    table = seccomp._ARCHES[seccomp.platform.machine()][1]
+    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nout = []\n"
+            f"for nr in {[table[n] for n in names]}:\n"
+            "    ctypes.set_errno(0)\n    r = libc.syscall(nr, 0, 0, 0, 0, 0)\n"
+            "    out.append((r, ctypes.get_errno()))\n"
+            "print(out)")
+    ok, out = mc.run_case(code, [])
+    assert ok and out == str([(-1, 1)] * len(names))
