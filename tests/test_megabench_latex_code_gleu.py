@@ -154,6 +154,15 @@ def test_program_judge_contains_runaway_programs():
 
 
 @needs_sandbox
+def test_program_judge_long_output_fails_as_officially():
+    """The official child blocks on a result that overflows its queue's 64 KiB pipe and is killed at the time limit
+    (measured with the official CodeTester: 65,510 characters pass, 65,515 fail)."""
+    assert mc.run_case("print('x' * 65510)", []) == (True, "x" * 65510)
+    ok, out = mc.run_case("print('x' * 65515)", [])
+    assert not ok and out.startswith("time limit")
+
+
+@needs_sandbox
 def test_program_judge_string_input_is_fed_per_character():
     """The official feed joins `input` with newlines: a string gives one line per character."""
     code = "print(input() + input())"

@@ -13,6 +13,10 @@ output, right-stripped, must equal `expected` right-stripped. Behaviours that ch
 - An exception fails the case; so does `sys.exit()` or any other exit (the official child process then produces
   no output); so does a run longer than 2 s.
 - sys.stdin is empty (the official child process reads /dev/null); sys.stdout is captured, sys.stderr is not.
+- An output whose pickle does not fit the 64 KiB pipe of the official result queue (about 65,500 characters of
+  ASCII) fails as a time limit: the official child blocks flushing it until the parent, which reads only after
+  the 2 s join, kills it (checked against the official CodeTester at the boundary: 65,510 characters pass,
+  65,515 fail).
 
 Unlike the official code, which runs the program in a fork of the evaluator, each case runs in a fresh `python -I`
 in a bubblewrap sandbox (engine/sandbox.py: no network, its own PID namespace, a read-only file system but its own
@@ -28,11 +32,13 @@ leaves the program tasks out, saying why. The eval stage runs any of it only whe
 from __future__ import annotations
 
 import json
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from engine import sandbox
 
 TIMEOUT_S = 2.0  # the official per-case limit
+_PIPE_BYTES = 65536  # Linux's default pipe capacity: the official result queue's message must fit it
 _STARTUP_S = 10.0  # allowance for the sandbox and interpreter start, before the program's clock starts
 
 # Runs in the sandbox after its prelude (limits, `started()`). It reads {"code", "lines", "main"} from stdin, runs
@@ -91,7 +97,10 @@ def run_case(code: str, input_lines: Any, timeout: float | None = None) -> tuple
         text = result.stdout.decode("utf-8", "replace")
     if result.exit_code != 0:
         return False, text[:500] or f"no result (exit code {result.exit_code})"
-    return True, text.rstrip()
+    output = text.rstrip()
+    if 4 + len(ForkingPickler.dumps(output)) > _PIPE_BYTES:  # 4: the queue's length header
+        return False, "time limit (the official evaluator's result queue blocks on an output this long)"
+    return True, output
 
 
 def program_judge(response: Any, eval_context: dict) -> float:
