@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import IO
 
 from engine import seccomp
 
@@ -118,7 +119,7 @@ def _prelude(limits: Limits, start_fd: int) -> str:
             f"    _os.close({start_fd})\n")
 
 
-def _seccomp_file() -> tempfile.TemporaryFile:
+def _seccomp_file() -> IO[bytes]:
     f = tempfile.TemporaryFile()
     f.write(seccomp.build())
     f.seek(0)
