@@ -20,10 +20,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
-from engine.dist import DistInfo, barrier
+from engine import atomic
+from engine.dist import DistInfo, barrier, gather_object
 from engine.log import log0
 from engine.sections import CheckpointConfig
 
@@ -66,19 +72,35 @@ class Checkpointer:
     def path(self, step: int) -> Path:
         return self.dir / f"step-{step:06d}"
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
-        """Collective: every rank writes its shards and RNG; rank 0 renames the directory when all are done."""
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict) -> Path | None:
+        """Collective: every rank writes its shards and RNG; rank 0 renames the directory when all are done. A
+        failed write on any rank (a full disk: DiskFullError) removes the partial directory and raises the same
+        error on every rank. Nothing is saved (None) while `trainer_state["bad_in_a_row"]` > 0: the step was
+        skipped as non-finite, and its checkpoint would push the last good one out of `keep`."""
+        if trainer_state.get("bad_in_a_row", 0) > 0:
+            last = self.steps()
+            log0(f"checkpoint: step {step} not saved: its update was skipped as non-finite; the last good checkpoint "
+                 f"stays {self.path(last[-1]) if last else 'none'}")
+            return None
         final, tmp = self.path(step), self.dir / f"step-{step:06d}.tmp"
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash during an earlier save
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
-        if self.dist.is_main:
-            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
-        barrier()
+        failed: BaseException | None = None
+        try:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
+            if self.dist.is_main:
+                (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        except (Exception, CheckpointException) as e:  # every rank reports below: none is left in a collective
+            failed = e
+        failure = f"rank {self.dist.rank}: {type(failed).__name__}: {failed}" if failed else ""
+        outcomes = gather_object((failure, _state_bytes(model_sd) + _state_bytes(optim_sd)))
+        if any(f for f, _ in outcomes):
+            self._fail(tmp, [f for f, _ in outcomes if f], sum(n for _, n in outcomes), failed)
         if self.dist.is_main:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -87,6 +109,16 @@ class Checkpointer:
         barrier()
         log0(f"checkpoint: saved step {step} to {final}")
         return final
+
+    def _fail(self, tmp: Path, failures: list[str], needed_bytes: int, own: BaseException | None) -> None:
+        """Remove the partial checkpoint; raise DiskFullError if the disk is (nearly) full, else the failure."""
+        barrier()
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        if atomic.free_bytes(self.dir) < needed_bytes or (own is not None and atomic.is_disk_full(own)):
+            raise atomic.disk_full(tmp, needed_bytes) from own
+        raise RuntimeError(f"checkpoint save to {tmp} failed: " + "; ".join(failures)) from own
 
     def load(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Restore model, optimizer and this rank's RNG from `step`; returns the trainer state saved with it."""
@@ -103,6 +135,18 @@ class Checkpointer:
         else:  # resumed with a different world size: the data order is still exact, sampling RNG is not
             log0(f"checkpoint: {rng_file.name} missing (world size changed?); RNG not restored")
         return json.loads((path / "trainer.json").read_text())
+
+
+def _state_bytes(state: dict) -> int:
+    """Bytes of this rank's tensors in a (nested) state dict: its share of a checkpoint's size."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, dict):
+            total += _state_bytes(value)
+        elif isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            total += local.numel() * local.element_size()
+    return total
 
 
 def export_hf(model: nn.Module, hf_model: nn.Module, src_dir: Path, out_dir: Path, dist_info: DistInfo,

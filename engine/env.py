@@ -16,6 +16,11 @@ VARS: dict[str, tuple[str, str]] = {
     "RANK": ("0", "Global rank (torchrun)."),
     "LOCAL_RANK": ("0", "Rank on this node (torchrun)."),
     "WORLD_SIZE": ("1", "Number of processes (torchrun)."),
+    # Proxies for the judge's HTTPS requests (engine/http_json.py), as curl reads them.
+    "HTTPS_PROXY": ("", "Proxy (host:port or http://host:port) for HTTPS requests; https_proxy works too."),
+    "https_proxy": ("", "Same as HTTPS_PROXY (checked when HTTPS_PROXY is unset)."),
+    "NO_PROXY": ("", "Comma-separated hosts (and their subdomains) reached without the proxy; * for all."),
+    "no_proxy": ("", "Same as NO_PROXY (checked when NO_PROXY is unset)."),
     # Secrets: read only by the judges (engine/judge.py, engine/reward_judge.py), never logged or written anywhere.
     "GEMINI_API_KEY": ("", "API key for the optional Gemini judge (engine/judge.py) if GOOGLE_API_KEY is unset."),
     "GOOGLE_API_KEY": ("", "API key for the optional Gemini judge; takes precedence over GEMINI_API_KEY."),

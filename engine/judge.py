@@ -1,23 +1,26 @@
-"""Optional LLM judge (Gemini through google-genai): yes/no questions, answered concurrently, cached on disk.
+"""Optional LLM judge (Gemini's REST API): yes/no questions, answered concurrently, cached on disk.
 
 Used by the SPECS distill stage (arXiv:2510.25801) to keep only self-distilled chosen responses whose
 reasoning supports their final answer (`Judge.judge_many`); `Judge.ask_many` is the generic yes/no
 interface (e.g. grading open-ended answers).
 
 Decisions:
-- Threads, not asyncio: a pool of `max_concurrency` workers shares one sync client (httpx2 under
-  google-genai 3.6.1 is thread-safe), so the judge works from any caller, inside an event loop or not.
-- Retries with exponential backoff and seeded jitter on 408, 429, 5xx and transport errors/timeouts
-  (httpx2.TimeoutException, matched by class name so an httpx-backed client works too). Other 4xx are
-  not retried. The client's own retries stay off (no `retry_options`), so every request is counted here.
-- A reply with no parseable YES/NO (or a malformed body: invalid JSON, no candidates) is retried once,
+- Threads, not asyncio: a pool of `max_concurrency` workers, each request a plain HTTP call, so the judge works
+  from any caller, inside an event loop or not.
+- The transport is engine/http_json.py, not an SDK: `timeout_s` is a deadline for the whole request (a server
+  sending one byte at a time cannot hold us), the reply is capped at 1 MiB, redirects are refused (they would
+  carry the key elsewhere), and no body (invalid JSON, nested past the recursion limit, wrong shape) raises.
+- Retries with exponential backoff and seeded jitter on 408, 429, 5xx and transport errors/timeouts. Other 4xx
+  and redirects are not retried. Every request is counted here.
+- A reply with no parseable YES/NO (or a malformed body: invalid JSON, no candidates, too large) is retried once,
   immediately; a second one makes the item "unjudged". Retrying more rarely helps at temperature 0.
 - "unjudged" items (retries spent, budget spent, unparseable, non-retryable error) are kept or dropped
   per `on_unjudged`; they are never cached, so a rerun asks again.
 - Cache: append-only JSONL, one line per yes/no verdict, keyed by sha256 of (model, prompt). A truncated
   last line (crash mid-write) is skipped on load and the next append starts on a fresh line.
 - The API key comes only from GOOGLE_API_KEY or GEMINI_API_KEY (engine/env.py; GOOGLE_API_KEY wins, as
-  in google-genai), is passed straight to the client, and is redacted from every error string we keep.
+  in google-genai), is sent only in the `x-goog-api-key` header to `base_url`, and is redacted from every error
+  string we keep.
 """
 
 import hashlib
@@ -31,11 +34,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from engine import atomic
 from engine.env import env
+from engine.http_json import (
+    HTTPStatusError,
+    MalformedResponseError,
+    RedirectError,
+    TransportError,
+    post_json,
+)
 from engine.log import log0, logger, warn_once
 
 KEY_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 RETRY_CODES = frozenset({408, 429})  # plus every 5xx
+GEMINI_URL = "https://generativelanguage.googleapis.com"
 
 SUPPORT_PROMPT = """You are checking a worked solution for internal consistency.
 
@@ -84,7 +96,7 @@ class JudgeConfig:
     max_backoff_s: float = 30.0
     """Cap on one wait, in seconds (before jitter)."""
     timeout_s: float = 60.0
-    """Per-request timeout, in seconds (sent to google-genai in whole milliseconds)."""
+    """Deadline of one request, connect to last byte, in seconds."""
     request_budget: int = 0
     """Max HTTP requests per Judge (retries included); past it items are "unjudged". 0 means no limit."""
     on_unjudged: Literal["keep", "drop"] = "keep"
@@ -92,7 +104,7 @@ class JudgeConfig:
     cache_path: str = ""
     """JSONL verdict cache; "" keeps the cache in memory only."""
     base_url: str = ""
-    """API endpoint override (tests, proxies); "" is Google's default."""
+    """API endpoint override (tests, proxies); "" is Google's default. Redirects from it are not followed."""
     max_output_tokens: int = 64
     """Reply length cap, in tokens; the verdict is the first word."""
     thinking_budget: int = 0
@@ -204,11 +216,10 @@ class VerdictCache:
             if self.path is None:
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                if self._needs_newline:  # never glue a new row onto a truncated one
-                    f.write("\n")
-                    self._needs_newline = False
-                f.write(json.dumps({"key": key, "verdict": verdict, "model": model}) + "\n")
+            # Never glue a new row onto a truncated one; a failed append is cut back (a full disk: DiskFullError).
+            atomic.append_text(self.path, "\n" * self._needs_newline
+                               + json.dumps({"key": key, "verdict": verdict, "model": model}) + "\n")
+            self._needs_newline = False
 
 
 def _api_key() -> str:
@@ -222,20 +233,39 @@ def _api_key() -> str:
 
 
 def _is_api_error(exc: BaseException) -> bool:
-    from google.genai import errors
-
-    return isinstance(exc, errors.APIError)
+    """A definite answer from the server that retrying cannot change (a 4xx other than 408/429, a redirect)."""
+    return isinstance(exc, (HTTPStatusError, RedirectError))
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    from google.genai import errors
+    if isinstance(exc, HTTPStatusError):
+        return exc.code in RETRY_CODES or 500 <= exc.code < 600
+    return isinstance(exc, (TimeoutError, TransportError)) and not isinstance(exc, RedirectError)
 
-    if isinstance(exc, errors.APIError):
-        return exc.code in RETRY_CODES or 500 <= (exc.code or 0) < 600
-    if isinstance(exc, TimeoutError):
-        return True
-    # httpx2 (google-genai 3.6.1) or httpx: ReadTimeout, ConnectError, ... all derive from TransportError.
-    return any(cls.__name__ in ("TimeoutException", "TransportError") for cls in type(exc).__mro__)
+
+def gemini_request(prompt: str, max_output_tokens: int, thinking_budget: int) -> dict:
+    """The generateContent body for one prompt at temperature 0."""
+    config: dict = {"temperature": 0.0, "maxOutputTokens": max_output_tokens}
+    if thinking_budget >= 0:
+        config["thinkingConfig"] = {"thinkingBudget": thinking_budget}
+    return {"contents": [{"role": "user", "parts": [{"text": prompt}]}], "generationConfig": config}
+
+
+def gemini_text(body) -> str | None:
+    """The reply text of a generateContent response (its first candidate's non-thought text parts), None when
+    there is none; a body of the wrong shape is a MalformedResponseError."""
+    if not isinstance(body, dict):
+        raise MalformedResponseError(f"expected a JSON object, got {type(body).__name__}")
+    candidates = body.get("candidates") or []
+    if not isinstance(candidates, list) or not candidates:
+        return None
+    content = candidates[0].get("content") if isinstance(candidates[0], dict) else None
+    parts = content.get("parts") if isinstance(content, dict) else None
+    if not isinstance(parts, list):
+        return None
+    texts = [p["text"] for p in parts
+             if isinstance(p, dict) and isinstance(p.get("text"), str) and not p.get("thought")]
+    return "".join(texts) or None
 
 
 class Judge:
@@ -245,21 +275,9 @@ class Judge:
         errs = cfg.check()
         if errs:
             raise ValueError("judge config: " + "; ".join(errs))
-        from google import genai
-        from google.genai import types
-
         self.cfg = cfg
         self._key = _api_key()
-        self._client = genai.Client(
-            api_key=self._key,
-            http_options=types.HttpOptions(
-                base_url=cfg.base_url or None, api_version="v1beta", timeout=max(1, round(cfg.timeout_s * 1000))
-            ),
-        )
-        thinking = types.ThinkingConfig(thinking_budget=cfg.thinking_budget) if cfg.thinking_budget >= 0 else None
-        self._gen_config = types.GenerateContentConfig(
-            temperature=0.0, max_output_tokens=cfg.max_output_tokens, thinking_config=thinking
-        )
+        self._url = f"{(cfg.base_url or GEMINI_URL).rstrip('/')}/v1beta/models/{cfg.model}:generateContent"
         self.cache = VerdictCache(cfg.cache_path)
         self.stats = JudgeStats()
         self._lock = threading.Lock()
@@ -282,8 +300,9 @@ class Judge:
         return min(self.cfg.max_backoff_s, self.cfg.initial_backoff_s * 2 ** (num_retry - 1)) * jitter
 
     def _send(self, prompt: str) -> str | None:
-        resp = self._client.models.generate_content(model=self.cfg.model, contents=prompt, config=self._gen_config)
-        return resp.text  # None when the body has no candidates or no text part
+        body = post_json(self._url, gemini_request(prompt, self.cfg.max_output_tokens, self.cfg.thinking_budget),
+                         {"x-goog-api-key": self._key}, self.cfg.timeout_s)
+        return gemini_text(body)  # None when the body has no candidates or no text part
 
     def _ask_one(self, prompt: str) -> Verdict:
         key = cache_key(self.cfg.model, prompt)
@@ -308,7 +327,7 @@ class Judge:
                     return Verdict(verdict, attempts=attempts, reply=reply)
                 num_bad_replies += 1
                 error = f"unparseable reply: {reply!r}"
-            except ValueError as exc:  # invalid JSON or a body the client cannot read
+            except ValueError as exc:  # MalformedResponseError: invalid JSON, too deep, too large, wrong shape
                 num_bad_replies += 1
                 error = f"malformed response: {type(exc).__name__}: {exc}"
             except Exception as exc:

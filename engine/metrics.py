@@ -2,7 +2,8 @@
 
 Keys are grouped by a slash prefix (`train/loss`, `rollout/reward`, `perf/mfu`, `time/step_s`, `mem/...`); the
 README's metrics table lists every key with its unit. Only rank 0 writes. On resume the file is cut back to the
-checkpoint's step, so a restarted stage appends exactly the lines an uninterrupted run would have written.
+checkpoint's step (a last line torn by a crash or a full disk is trimmed, with a warning), so a restarted stage
+appends exactly the lines an uninterrupted run would have written; an append that fails is cut back too.
 Throughput and MFU are per step in the file; the averages in the progress line's ETA and in the end-of-stage
 summary leave out the first `WARMUP_STEPS` steps of the process (allocator warm-up, compilation, first rollout).
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engine import atomic
 from engine.log import log0
 
 WARMUP_STEPS = 2
@@ -62,8 +64,8 @@ class Metrics:
         """Drop lines of steps after `last_step` (written after the checkpoint we resume from)."""
         if not (self.is_main and self.path.is_file()):
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in atomic.read_jsonl(self.path) if row["step"] <= last_step]  # trims a torn last line
+        atomic.write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def log(self, step: int, values: dict, *, step_s: float) -> None:
         """Append `values` for `step` (1-based) with the step's time, throughput, MFU and memory; print the progress
@@ -81,8 +83,7 @@ class Metrics:
         elif self.num_logged > WARMUP_STEPS:
             self.warm_tokens += tokens
             self.warm_step_s += step_s
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        atomic.append_text(self.path, json.dumps(record) + "\n")  # cut back if the disk fills mid-line
         if step % self.log_every == 0 or step == self.total_steps:
             log0(self.progress_line(step, record))
 

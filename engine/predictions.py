@@ -6,8 +6,9 @@ with at least `id`, `category`, `score` (0..1), `response`, `finish_reason` and 
 """
 
 import json
-import os
 from pathlib import Path
+
+from engine import atomic
 
 
 def predictions_path(stage_dir: Path, model: str, benchmark: str) -> Path:
@@ -32,15 +33,10 @@ def drop_partial_line(path: Path) -> None:
     if path.exists():
         text = path.read_text()
         if text and not text.endswith("\n"):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text[:text.rfind("\n") + 1])
-            os.replace(tmp, path)
+            atomic.write_text(path, text[:text.rfind("\n") + 1])
 
 
 def append_predictions(path: Path, rows: list[dict]) -> None:
-    """Append rows and make them durable before returning: a rerun trusts every complete line it finds."""
-    with path.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append rows and make them durable before returning: a rerun trusts every complete line it finds. A failed
+    append (a full disk: DiskFullError) is cut back, leaving only whole rows."""
+    atomic.append_text(path, "".join(json.dumps(row) + "\n" for row in rows))

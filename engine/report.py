@@ -11,8 +11,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from engine import benchmarks
+from engine import atomic, benchmarks
 from engine.gf import generalization_factor, group_gain
+from engine.log import logger
 from engine.predictions import predictions_path, read_predictions
 
 CURVES = (("rollout/reward", "reward"), ("rollout/format_acc", "format accuracy"), ("rollout/accuracy", "accuracy"),
@@ -96,8 +97,11 @@ def write_report(cfg, ctx, scores: dict) -> Path:
             needs = ""
             if b.kind == "megabench":
                 from engine.benchmarks.megabench_constrained import NLTK_DATA_HINT, available
+                from engine.sandbox import BWRAP_FIX, problem
 
                 needs += "" if b.run_code else ", their program tests need `run_code = true`"
+                needs += f", their program tests need a sandbox ({problem()}: {BWRAP_FIX})" if (
+                    b.run_code and problem()) else ""
                 needs += "" if available() else f", their constraints need NLTK's data (`{NLTK_DATA_HINT}`)"
             notes.append(f"- **{b.name}**: {first['left_out_unscorable']} rows are left out: an LLM judge scores them, "
                          f"their metric is not re-implemented{needs}, or they hold video.")
@@ -120,19 +124,28 @@ def write_report(cfg, ctx, scores: dict) -> Path:
     plots = _plots(ctx, scores, has_gf)
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     out = ctx.stage_dir / "report.md"
-    out.write_text("\n".join(lines) + "\n")
+    atomic.write_text(out, "\n".join(lines) + "\n")
     return out
+
+
+def _finished(done: Path) -> str:
+    """When a stage finished, from its DONE marker ("~", sorting last, when absent or unreadable)."""
+    if not done.exists():
+        return "~"
+    try:
+        return str(json.loads(done.read_text()).get("finished", "~"))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        logger.warning(f"{done}: unreadable stage marker ({type(e).__name__}), its curve is ordered last")
+        return "~"
 
 
 def _grpo_curves(out_dir: Path) -> dict[str, list[dict]]:
     """metrics.jsonl of every stage in the run that logged rollout rewards, in the order the stages finished."""
     found = []
     for metrics in out_dir.glob("*/metrics.jsonl"):
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        rows = atomic.read_jsonl(metrics, repair=False)
         if rows and "rollout/reward" in rows[0]:
-            done = metrics.parent / "DONE"
-            when = json.loads(done.read_text()).get("finished", "") if done.exists() else "~"
-            found.append((when, metrics.parent.name, rows))
+            found.append((_finished(metrics.parent / "DONE"), metrics.parent.name, rows))
     return {name: rows for _, name, rows in sorted(found)}
 
 

@@ -24,10 +24,12 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from engine import atomic  # noqa: E402
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
 from engine.dist import barrier, destroy_distributed, init_distributed  # noqa: E402
 from engine.log import log0, logger, setup_logging  # noqa: E402
 from engine.plan import check_at_startup  # noqa: E402
+from engine.runlock import acquire_on_main  # noqa: E402
 from engine.stages import DONE_MARKER, StageContext, run_stage  # noqa: E402
 from engine.trainer import NonFiniteError  # noqa: E402
 
@@ -78,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     out_dir = cfg.out_dir
+    lock = None
     try:
+        lock = acquire_on_main(out_dir, dist_info.is_main)  # one run per out_dir, before anything is written
         if dist_info.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.resolved.toml").write_text(to_toml(cfg))
+            atomic.write_text(out_dir / "config.resolved.toml", to_toml(cfg))
             log0("resolved config:\n" + to_toml(cfg))
         _startup_block(cfg, dist_info)
         check_at_startup(cfg, dist_info.world_size, dist_info.device, allow_oversize=args.ignore_memory_plan)
@@ -102,17 +106,19 @@ def main(argv: list[str] | None = None) -> int:
             if dist_info.is_main:
                 done = {"stage": stage.name, "kind": stage.kind, "elapsed_s": round(elapsed_s, 2),
                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                (stage_dir / DONE_MARKER).write_text(json.dumps(done) + "\n")
+                atomic.write_text(stage_dir / DONE_MARKER, json.dumps(done) + "\n")
             log0(f"stage {stage.name} ({stage.kind}): done in {elapsed_s:.1f} s -> {stage_dir}")
         log0(f"all stages done: {out_dir}")
         return 0
-    except (ValueError, NonFiniteError) as e:
+    except (ValueError, NonFiniteError, atomic.DiskFullError) as e:
         # Bad data, bad settings found at run time, or a diverged run: say what and where, keep what is written.
         # Anything else is a bug and keeps its traceback.
         logger.error(f"stage failed: {type(e).__name__}: {e}")
         logger.debug("traceback", exc_info=True)
         return 1
     finally:
+        if lock is not None:
+            lock.release()
         destroy_distributed()
 
 

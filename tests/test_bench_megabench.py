@@ -19,7 +19,7 @@ from engine.benchmarks import megabench as mb
 from engine.benchmarks import megabench_constrained as mcg
 from engine.benchmarks import megabench_metrics as mm
 
-from .test_megabench_latex_code_gleu import TIME_12H
+from .test_megabench_latex_code_gleu import TIME_12H, needs_sandbox
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks" / "megabench"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "megabench"
@@ -362,13 +362,30 @@ _TIME_12H = "Answer: " + TIME_12H
     ("ocr_math_equation/0", "Answer: \\frac{b+a}{2}\\geq\\sqrt{ab}", 1.0),  # symbolic LaTeX equality
     ("ocr_math_equation/0", "Answer: \\frac{a+b}{2} \\leq \\sqrt{ab}", 0.0),
     ("image_translation_en2cn/0", "Answer: 我们在两个阶段预训练我们的图像适配器。", 1.0),  # GLEU
-    ("code_programming_test_easy/0", _TIME_12H, 1.0),  # both test cases pass
-    ("code_programming_test_easy/0", _TIME_12H.replace("h < 12", "h < 22"), 0.5),  # 09:05 passes, 21:11 not
+    pytest.param("code_programming_test_easy/0", _TIME_12H, 1.0, marks=needs_sandbox),  # both test cases pass
+    pytest.param("code_programming_test_easy/0", _TIME_12H.replace("h < 12", "h < 22"), 0.5,
+                 marks=needs_sandbox),  # 09:05 passes, 21:11 not
 ])
 def test_score_latex_gleu_and_code(tmp_path_factory, row_id, response, expected):
     rows = {row.id: row for row in mb.load(_hf_dir(tmp_path_factory.mktemp("code")), run_code=True)}
     assert rows[row_id].meta["scorable"]
     assert mb.score(rows[row_id], response) == pytest.approx(expected)
+
+
+def test_program_tasks_left_out_without_a_sandbox(tmp_path, monkeypatch):
+    """With run_code set but no sandbox on this machine, program rows are left out and say why, naming the fix;
+    scoring one refuses rather than run the code unsandboxed."""
+    from engine import sandbox
+
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    sandbox.problem.cache_clear()
+    try:
+        row = {r.id: r for r in mb.load(_hf_dir(tmp_path), run_code=True)}["code_programming_test_easy/0"]
+        assert row.meta["unsupported_metrics"] == ["program_judge"] and not row.meta["scorable"]
+        with pytest.raises(ValueError, match="bwrap .bubblewrap. is not installed.*apt-get install -y bubblewrap"):
+            mb.score(row, _TIME_12H)
+    finally:
+        sandbox.problem.cache_clear()
 
 
 def test_score_planning(hf_rows):

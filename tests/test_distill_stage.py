@@ -200,3 +200,18 @@ def test_recipe_validation():
     text = str(e.value)
     assert "set policy" in text and "'shuffle'" in text and "max_chosen_per_prompt must be >= 1" in text
     assert "nowhere.parquet" in text
+
+
+def test_duplicate_ids_are_refused(tmp_path, toy_world, scripted):
+    """Duplicate ids used to pair a chosen answer with another row (49 of 99 pairs mismatched), found one stage
+    later; now the input is refused, naming the ids and rows."""
+    train = datasets.Dataset.from_parquet(str(toy_world / "data" / "train.parquet"))
+    ids = [str(x) for x in train["id"]]
+    ids[3] = ids[1]
+    data = tmp_path / "dup.parquet"
+    train.remove_columns(["id"]).add_column("id", ids).to_parquet(str(data))
+    cfg = _cfg(toy_world)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(data)))
+    with pytest.raises(ValueError, match=rf"dup.parquet: 1 ids are not unique \('{ids[1]}' at rows \[1, 3\]\)"):
+        distill_stage.run(cfg, _ctx(tmp_path, toy_world))
+    assert scripted.calls == []  # refused before sampling

@@ -1,4 +1,5 @@
-"""The Gemini judge, run with the real google-genai client against a stub Gemini server on 127.0.0.1."""
+"""The Gemini judge and its HTTP transport (engine/http_json.py) against a stub Gemini server on 127.0.0.1, including
+servers that misbehave: endless or dripping replies, redirects, deeply nested JSON."""
 
 import json
 import logging
@@ -20,7 +21,8 @@ class StubGemini:
 
     Each prompt carries a tag `[[name]]`; `scripts[name]` is the list of actions for its 1st, 2nd, ...
     request (the last one repeats). An action is ("text", reply), ("status", code[, body]), ("sleep", s, reply),
-    ("raw", bytes) or ("json", obj). Untagged prompts get "YES".
+    ("raw", bytes), ("json", obj), ("redirect", url) (a 307), ("chunked_forever",) (an endless chunked body) or
+    ("drip", interval_s) (a body one byte per interval). Untagged prompts get "YES".
     """
 
     def __init__(self):
@@ -30,6 +32,7 @@ class StubGemini:
         self.in_flight = self.max_in_flight = 0
         self.delay_s = 0.0
         self.keys_seen: set[str] = set()
+        self.bytes_sent = 0
         self.paths: set[str] = set()
         self.lock = threading.Lock()
         stub = self
@@ -61,6 +64,8 @@ class StubGemini:
             def _act(self, action):
                 time.sleep(stub.delay_s)
                 kind, code = action[0], 200
+                if kind in ("chunked_forever", "drip", "redirect"):
+                    return self._misbehave(action)
                 if kind == "sleep":
                     time.sleep(action[1])
                     kind, action = "text", ("text", action[2])
@@ -83,6 +88,32 @@ class StubGemini:
                     self.wfile.write(out)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
+
+            def _misbehave(self, action):
+                kind = action[0]
+                try:
+                    if kind == "redirect":
+                        self.send_response(307)
+                        self.send_header("Location", action[1])
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    if kind == "chunked_forever":
+                        self.wfile.write((head + "Transfer-Encoding: chunked\r\n\r\n").encode())
+                        chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
+                        while stub.bytes_sent < 1 << 30:  # 1 GiB at most, should the client never stop
+                            self.wfile.write(chunk)
+                            stub.bytes_sent += len(chunk)
+                    else:  # drip: a 600-byte body, one byte at a time
+                        self.wfile.write((head + "Content-Length: 600\r\n\r\n").encode())
+                        for _ in range(600):
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                            stub.bytes_sent += 1
+                            time.sleep(action[1])
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up, as it should
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -284,3 +315,46 @@ def test_key_never_leaks(stub, key_env, tmp_path, caplog):
     stub.scripts["leaky"] = [("status", 400, {"error": {"code": 400, "message": f"bad key {SECRET}", "status": "X"}})]
     (v,) = _judge(stub).ask_many(["[[leaky]]"])
     assert v.verdict == "unjudged" and "<redacted>" in v.error and SECRET not in v.error
+
+
+def test_deadline_covers_the_whole_reply(stub, key_env):
+    """A server sending one byte every 0.05 s: each read is quick, the reply never ends (30 s). timeout_s used to be
+    per read, so this held the caller for the whole drip."""
+    stub.scripts["drip"] = [("drip", 0.05)]
+    t0 = time.perf_counter()
+    (v,) = _judge(stub, timeout_s=0.5, max_retries=1).ask_many(["[[drip]]"])
+    assert (v.verdict, v.attempts) == ("unjudged", 2) and "RequestTimeoutError" in v.error
+    assert time.perf_counter() - t0 < 3
+
+
+def test_endless_reply_is_cut_at_the_size_cap(stub, key_env):
+    """An endless chunked reply used to grow the process without bound (14 GB in 41 s)."""
+    stub.scripts["flood"] = [("chunked_forever",)]
+    t0 = time.perf_counter()
+    (v,) = _judge(stub, timeout_s=30).ask_many(["[[flood]]"])
+    assert v.verdict == "unjudged" and "larger than" in v.error and v.attempts == 2  # malformed: retried once
+    assert time.perf_counter() - t0 < 10 and stub.bytes_sent < 64 << 20
+
+
+def test_redirect_is_not_followed_with_the_key(stub, key_env):
+    """A 307 to another port used to be followed, sending x-goog-api-key there."""
+    other = StubGemini()
+    try:
+        stub.scripts["moved"] = [("redirect", other.url + "/v1beta/models/m:generateContent")]
+        (v,) = _judge(stub).ask_many(["[[moved]]"])
+        assert other.num_requests == 0 and other.keys_seen == set()
+    finally:
+        other.close()
+    assert (v.verdict, v.attempts) == ("unjudged", 1) and "redirect" in v.error and SECRET not in v.error
+
+
+def test_deeply_nested_reply_is_unjudged_not_a_crash(stub, key_env):
+    """A deeply nested JSON body used to raise RecursionError out of ask_many."""
+    deep = b"[" * 200_000 + b"]" * 200_000
+    stub.scripts["deep"] = [("raw", deep)]
+    stub.scripts["deep_inside"] = [("raw", b'{"candidates": ' + deep + b"}")]
+    stub.scripts["odd_shape"] = [("json", {"candidates": [{"content": {"parts": [["x"], 3, {"text": 5}]}}]})]
+    judge = _judge(stub)
+    got = judge.ask_many(["[[deep]]", "[[deep_inside]]", "[[odd_shape]]", "[[fine]]"])
+    assert [v.verdict for v in got] == ["unjudged", "unjudged", "unjudged", "yes"]
+    assert "nested too deeply" in got[0].error and judge.stats.num_unjudged == 3

@@ -26,7 +26,8 @@ Rows that our rules cannot score carry meta["scorable"] = False and `score` rais
 (meta["needs_judge"], a GPT-4o judge scores a field) and worldle (its geo_proximity metric geocodes place names
 online), so 439 of the 440 core tasks can be scored. Two metrics need more than our code (meta
 ["unsupported_metrics"] lists them when missing): program_judge (8 tasks) runs the response's code
-(megabench_code.py), only with `load(..., run_code=True)`; constrained_generation (18 tasks) needs NLTK's punkt_tab
+(megabench_code.py), only with `load(..., run_code=True)` and where its sandbox works (engine/sandbox.py:
+bubblewrap); constrained_generation (18 tasks) needs NLTK's punkt_tab
 and WordNet data (megabench_constrained.py; not on PyPI: `python -m nltk.downloader punkt_tab wordnet`). The eval
 skips the rows it cannot score and reports how many; its core number then averages fewer tasks than the official
 440.
@@ -55,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import sandbox
 from engine.benchmarks import (
     BenchRow,
     answer_text,
@@ -96,7 +98,9 @@ _NO_CODE = ("runs the response's code (engine/benchmarks/megabench_code.py): loa
 def _why_not(metric: str) -> str | None:
     """Why a metric that our code implements cannot score here (code not allowed, data missing); None otherwise."""
     if metric in CODE_METRICS:
-        return f"{metric} {_NO_CODE}"
+        why = sandbox.problem()  # with run_code set, this is what stopped it
+        return f"{metric} {_NO_CODE}" + (f"; and no sandbox can run it here ({why}): {sandbox.BWRAP_FIX}"
+                                          if why else "")
     if metric in _NEEDS_DATA:
         return f"{metric} needs NLTK's punkt_tab and WordNet data: {megabench_constrained.NLTK_DATA_HINT}"
     return None
@@ -200,7 +204,7 @@ def _unscorable_metrics(query: dict, run_code: bool = False) -> list[str]:
     if not query["context_per_query"]:
         out += sorted({m for m in used if m in ALL_CONTEXT_METRICS})
     else:
-        out += sorted({m for m in used if (m in CODE_METRICS and not run_code)
+        out += sorted({m for m in used if (m in CODE_METRICS and (not run_code or sandbox.problem()))
                        or (m in _NEEDS_DATA and not _NEEDS_DATA[m]())})
     scored = set(info["field_score_function"]) | set(info.get("global_aux_metrics", {}))
     # A weight for a field without a metric is a global_aux_metrics entry our metric table lacks (worldle's proximity)

@@ -13,58 +13,59 @@ output, right-stripped, must equal `expected` right-stripped. Behaviours that ch
 - An exception fails the case; so does `sys.exit()` or any other exit (the official child process then produces
   no output); so does a run longer than 2 s.
 - sys.stdin is empty (the official child process reads /dev/null); sys.stdout is captured, sys.stderr is not.
+- An output whose pickle does not fit the 64 KiB pipe of the official result queue (about 65,500 characters of
+  ASCII) fails as a time limit: the official child blocks flushing it until the parent, which reads only after
+  the 2 s join, kills it (checked against the official CodeTester at the boundary: 65,510 characters pass,
+  65,515 fail).
 
-Unlike the official code, which runs the program in a fork of the evaluator, each case runs in a fresh
-`python -I` subprocess (its own session) in a temporary folder, with limits on memory (4 GiB address space), file
-size (16 MiB, which also bounds what it writes to its stdout, a file) and CPU time, and no environment variables;
-the whole session is killed when the case ends. That contains accidents, not a hostile program: it is the
-model's code running with your user's rights. The eval stage therefore runs it only when the benchmark's
-`run_code` is set.
+Unlike the official code, which runs the program in a fork of the evaluator, each case runs in a fresh `python -I`
+in a bubblewrap sandbox (engine/sandbox.py: no network, its own PID namespace, a read-only file system but its own
+temporary folder, no new processes, no environment but PATH, memory, file-size and CPU limits). The verdict is
+decided outside it, from its exit status and output: the harness below exits 0 after writing the captured output,
+and 1 for an exception or any exit; the wall-clock limit is enforced from outside too. Consequences: a program
+cannot forge a pass except by printing the expected output and exiting with status 0 (`os.write` to its standard
+output then `os._exit(0)` passes here, fails officially), and a program that starts processes (subprocess,
+multiprocessing) fails here, works officially. Where no sandbox can be made, `run_case` raises and the eval stage
+leaves the program tasks out, saying why. The eval stage runs any of it only when the benchmark's `run_code` is set.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-TIMEOUT_S = 2.0  # the official per-case limit
-_MEMORY_BYTES = 4 << 30
-_STARTUP_S = 5.0  # interpreter start-up allowance on top of TIMEOUT_S; the limit itself is kept inside the child
+from engine import sandbox
 
-# Runs in the child. It reads {"code", "lines"} from stdin and writes one JSON line to the real stdout:
-# the job's random token, then {"output": ...} or {"error": ...}; an exit without that line (sys.exit, os._exit, a
-# kill) is a failed case, and the token keeps a program from forging the line.
+TIMEOUT_S = 2.0  # the official per-case limit
+_PIPE_BYTES = 65536  # Linux's default pipe capacity: the official result queue's message must fit it
+_STARTUP_S = 10.0  # allowance for the sandbox and interpreter start, before the program's clock starts
+
+# Runs in the sandbox after its prelude (limits, `started()`). It reads {"code", "lines", "main"} from stdin, runs
+# the program with its stdout captured and writes that output to a private copy of the real stdout, exiting 0; an
+# exception or any exit (sys.exit, a signal) exits non-zero. The program's own writes to fds 1 and 2 go to
+# /dev/null, as the official child's go to streams nobody reads (and no amount of them can fail the case).
 _CHILD = r"""
-import builtins, io, json, resource, signal, sys
+import builtins, io, json, os, sys
 job = json.loads(sys.stdin.read())
 sys.stdin = io.StringIO("")
-real_stdout = sys.stdout
-for limit, value in ((resource.RLIMIT_AS, job["memory"]), (resource.RLIMIT_FSIZE, 1 << 24),
-                     (resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, int(job["timeout"]) + 2)):
-    resource.setrlimit(limit, (value, value))
+result_fd = os.dup(1)
+devnull = os.open(os.devnull, os.O_WRONLY)
+os.dup2(devnull, 1)
+os.dup2(devnull, 2)
 lines = iter(job["lines"])
-
-class _TimeLimit(BaseException):
-    pass
-
-def _expire(signum, frame):
-    raise _TimeLimit
 
 def _input(prompt=None):
     return next(lines)  # StopIteration past the last line, as the official mock raises
 
+def _finish(text, status):
+    os.write(result_fd, text.encode("utf-8", "surrogatepass"))
+    os._exit(status)
+
 builtins.input = _input
-signal.signal(signal.SIGALRM, _expire)
-signal.setitimer(signal.ITIMER_REAL, job["timeout"])
 captured = io.StringIO()
 sys.stdout = captured
+started()
 try:
     if job["main"]:
         exec(job["code"], {"__name__": "__main__", "__builtins__": builtins})
@@ -73,48 +74,33 @@ try:
         module = {"__name__": "metrics.scoring.program_judge", "__builtins__": builtins, "io": _io, "json": _json,
                   "multiprocessing": _mp, "pathlib": _pathlib}
         exec(job["code"], module, {})
-except _TimeLimit:
-    result = {"error": "time limit"}
-except Exception as e:
-    result = {"error": f"{type(e).__name__}: {e}"}
-else:
-    result = {"output": captured.getvalue().rstrip()}
-signal.setitimer(signal.ITIMER_REAL, 0)
-real_stdout.write("\n" + job["token"] + json.dumps(result) + "\n")
-real_stdout.flush()
+except BaseException as e:  # SystemExit too: any exit fails the case, as the official child then reports nothing
+    _finish(f"{type(e).__name__}: {e}", 1)
+_finish(captured.getvalue(), 0)
 """
 
 
 def run_case(code: str, input_lines: Any, timeout: float | None = None) -> tuple[bool, str]:
-    """(ran to the end, its output or the error) for one run of `code` with `input_lines` fed to input()."""
+    """(ran to the end, its output or why not) for one run of `code` with `input_lines` fed to input().
+
+    Raises RuntimeError (naming the fix) where no sandbox can be made: the code is never run unsandboxed."""
     # The official feed is "\n".join(input) + "\n" split into lines: a string input becomes one line per character.
     lines = ("\n".join(input_lines) + "\n").splitlines()
-    timeout = TIMEOUT_S if timeout is None else timeout
-    token = secrets.token_hex(16)
-    job = {"code": code, "lines": lines, "main": 'if __name__ == "__main__":' in code, "timeout": timeout,
-           "memory": _MEMORY_BYTES, "token": token}
-    # stdout goes to an unnamed file, where the file-size limit bounds what a runaway program can write (a pipe
-    # would fill the parent's memory); stderr is dropped, as the official evaluator never reads it.
-    with tempfile.TemporaryDirectory(prefix="megabench-code-") as cwd, tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen([sys.executable, "-I", "-c", _CHILD], stdin=subprocess.PIPE, stdout=out,
-                                stderr=subprocess.DEVNULL, cwd=cwd, env={}, start_new_session=True)
-        try:
-            proc.communicate(json.dumps(job).encode(), timeout=timeout + _STARTUP_S)
-        except subprocess.TimeoutExpired:
-            return False, "time limit"
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the child, and whatever processes the program started
-            proc.wait()
-        out.seek(0)
-        last = out.read().decode(errors="replace").rstrip("\n").rpartition("\n")[2]
-    if not last.startswith(token):
-        return False, f"no result (exit code {proc.returncode})"
+    job = {"code": code, "lines": lines, "main": 'if __name__ == "__main__":' in code}
+    result = sandbox.run_python(_CHILD, json.dumps(job).encode(), TIMEOUT_S if timeout is None else timeout,
+                                startup_s=_STARTUP_S, limits=sandbox.Limits(cpu_s=int(TIMEOUT_S) + 2))
+    if result.timed_out:
+        return False, "time limit"
     try:
-        result = json.loads(last[len(token):])
-    except json.JSONDecodeError:  # cut short by the file-size limit
-        return False, "no result"
-    return ("output" in result), result.get("output", result.get("error"))
+        text = result.stdout.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        text = result.stdout.decode("utf-8", "replace")
+    if result.exit_code != 0:
+        return False, text[:500] or f"no result (exit code {result.exit_code})"
+    output = text.rstrip()
+    if 4 + len(ForkingPickler.dumps(output)) > _PIPE_BYTES:  # 4: the queue's length header
+        return False, "time limit (the official evaluator's result queue blocks on an output this long)"
+    return True, output
 
 
 def program_judge(response: Any, eval_context: dict) -> float:

@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
 
 import datasets
 
+from engine import atomic
 from engine.corrupt import corrupt, split_response
 from engine.data import Processor, encode_rows, load_rows
-from engine.dist import barrier, broadcast_object, gather_object
+from engine.dist import broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
 from engine.log import log0
 from engine.reward_judge import RewardJudge, check_ready, grade_scored
@@ -54,10 +54,22 @@ answers whose accuracy the judge decided, `judge_failures`: those it could not, 
 
 
 def _write_atomic(path: Path, write) -> None:
-    """`write(tmp_path)`, then rename over `path`: a crash leaves the old file or none, never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """`write(tmp_path)`, then fsync and rename over `path`: a crash leaves the old file or none, never half a
+    file; a full disk raises DiskFullError and leaves nothing."""
+    with atomic.replacing(path) as tmp:
+        write(tmp)
+
+
+def _unique_ids(ids: list[str], source: Path) -> None:
+    """Raise ValueError naming the duplicated ids and their rows: pairs are matched to their row by id."""
+    rows_of: dict[str, list[int]] = {}
+    for i, row_id in enumerate(ids):
+        rows_of.setdefault(row_id, []).append(i)
+    dups = {row_id: rows for row_id, rows in rows_of.items() if len(rows) > 1}
+    if dups:
+        shown = "; ".join(f"{row_id!r} at rows {rows[:5]}" for row_id, rows in list(dups.items())[:5])
+        raise ValueError(f"{source}: {len(dups)} ids are not unique ({shown}); each row's pairs are matched to it "
+                         "by id: give every row its own id, or drop the id column to number the rows")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -178,6 +190,7 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     if cfg.distill.num_prompts:
         prompts = prompts[:cfg.distill.num_prompts]
     ids = [str(x) for x in rows["id"]] if "id" in rows.column_names else [f"row-{i}" for i in range(len(rows))]
+    _unique_ids(ids, path)  # every rank reads the same rows, so every rank stops with the same message
     index_of = {row_id: i for i, row_id in enumerate(ids)}
     problems = rows["problem"]
     answer_types = rows["answer_type"] if "answer_type" in rows.column_names else [""] * len(rows)
@@ -254,9 +267,15 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
                  f"and well formatted -> {counts['pairs']} pairs ({time.perf_counter() - t0:.1f} s)")
     if todo:
         backend.close()
+    error = ""
     if rank == 0:
-        _finish(cfg, ctx, parts_dir, num_chunks, settings, report.num_skipped, judge)
-    barrier()
+        try:
+            _finish(cfg, ctx, parts_dir, num_chunks, settings, report.num_skipped, judge)
+        except ValueError as e:  # "no pairs": every rank stops with it, none is left waiting at a collective
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise ValueError(error)
 
 
 def _finish(cfg: DistillStageConfig, ctx: StageContext, parts_dir: Path, num_chunks: int, settings: dict,

@@ -17,9 +17,10 @@ from typing import ClassVar
 
 import torch
 
+from engine import atomic
 from engine.data import Processor, Sample, encode_rows, load_rows
 from engine.dist import all_reduce, lockstep
-from engine.log import log0
+from engine.log import log0, logger
 from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.stages import StageContext
 from engine.stages._train import Run, run_training
@@ -114,11 +115,12 @@ class DPOStage:
         ctx, mbt = run.ctx, self.cfg.train.micro_batch_tokens
         ref_file = ctx.stage_dir / "ref_logps.pt"
         if ref_file.is_file():
-            return torch.load(ref_file)
-        if run.resumed:
-            raise RuntimeError(f"{ref_file} is missing but the stage resumes from a checkpoint; delete "
-                               f"{ctx.stage_dir / 'checkpoints'} to start the stage over")
-        if self.ref_dir == run.init_dir:  # the untouched policy is the reference: no second model
+            try:
+                return torch.load(ref_file, weights_only=True)
+            except Exception as e:  # written atomically now; an older run's crash could leave it cut short
+                logger.warning(f"{ref_file} is unreadable ({type(e).__name__}: {e}): computing it again")
+        # The untouched policy is the reference: no second model. Once training has begun (a resume) it is not.
+        if self.ref_dir == run.init_dir and not run.resumed:
             ref_logps = reference_logps(run.policy, self.pairs, ctx, mbt, run.merge_size)
         else:
             ref_policy, _ = build_policy(self.ref_dir, ctx.model, ctx.dist)
@@ -126,7 +128,8 @@ class DPOStage:
             del ref_policy
             gc.collect()
         if ctx.dist.is_main:
-            torch.save(ref_logps, ref_file)
+            with atomic.replacing(ref_file, ref_logps.numel() * ref_logps.element_size()) as tmp:
+                torch.save(ref_logps, tmp)
         return ref_logps
 
     def micro_batches(self, run: Run, step: int) -> tuple[list[dict], int]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from engine import benchmarks
+from engine import atomic, benchmarks
 from engine.benchmarks import BenchRow
 from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object, gather_object
@@ -173,17 +173,28 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                     append_predictions(path, records)
         if backend is not None:
             backend.close()  # the next model's backend gets the accelerator memory
+    error = ""
     if rank == 0:
-        from engine.report import summarise, write_report
+        try:
+            _summarise_and_report(cfg, ctx, models, benches)
+        except (ValueError, atomic.DiskFullError) as e:  # every rank stops with it, none is left in a collective
+            error = f"{type(e).__name__}: {e}"
+    error = broadcast_object(error)
+    if error:
+        raise ValueError(f"eval report: {error}")
 
-        scores = summarise(dataclasses.replace(cfg, models=models), ctx, benches)
-        (ctx.stage_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-        report = write_report(cfg, ctx, scores)
-        lines = report.read_text().splitlines()
-        first = next(i for i, line in enumerate(lines) if line.startswith("| model"))
-        table = lines[first:lines.index("", first)]
-        log0("eval: scores (%%), gains over %s and GF; full report: %s\n%s", scores["base"], report, "\n".join(table))
-    barrier()
+
+def _summarise_and_report(cfg: EvalStageConfig, ctx: StageContext, models: list[str], benches: list) -> None:
+    """scores.json and report.md from the prediction files (rank 0)."""
+    from engine.report import summarise, write_report
+
+    scores = summarise(dataclasses.replace(cfg, models=models), ctx, benches)
+    atomic.write_text(ctx.stage_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
+    report = write_report(cfg, ctx, scores)
+    lines = report.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| model"))
+    table = lines[first:lines.index("", first)]
+    log0("eval: scores (%%), gains over %s and GF; full report: %s\n%s", scores["base"], report, "\n".join(table))
 
 
 def _judge_wrong(judge, module, scored: list[tuple]) -> dict[str, str]:
