@@ -3,8 +3,11 @@
     torchrun --nproc_per_node 2 engine/train.py recipes/tiny.toml [--section.key=value ...]
     python engine/train.py recipes/tiny.toml                       # a single process works too
 
-Each stage writes `<run.out_dir>/<stage>/`; a stage with a DONE marker is skipped, an unfinished one resumes
-from its newest checkpoint. Exit codes: 0 done, 1 a stage failed, 2 the recipe is invalid (nothing ran).
+Each stage writes `<run.out_dir>/<stage>/`, starting with `config.toml`, the settings it runs with. On a rerun a
+finished stage with the same settings is skipped and an unfinished one resumes from its newest checkpoint; a stage
+whose settings changed stops the run before any work (engine/stage_record.py), unless `--rerun STAGE` or `--force`
+says to run it and every later stage again. Exit codes: 0 done, 1 a stage failed, 2 the recipe is invalid or
+asks a finished stage for other settings (nothing ran).
 """
 
 import sys
@@ -25,8 +28,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
-from engine.dist import barrier, destroy_distributed, init_distributed  # noqa: E402
+from engine.dist import barrier, broadcast_object, destroy_distributed, init_distributed  # noqa: E402
 from engine.log import log0, logger, setup_logging  # noqa: E402
+from engine.stage_record import Plan, RerunError, move_aside, plan_stages, write_record  # noqa: E402
 from engine.stages import DONE_MARKER, StageContext, run_stage  # noqa: E402
 from engine.trainer import NonFiniteError  # noqa: E402
 
@@ -60,10 +64,35 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _plan(cfg: Config, args, is_main: bool) -> Plan:
+    """Rank 0 compares the stage records with the recipe; every rank gets the same plan or the same error."""
+    plan, error = None, ""
+    if is_main:
+        try:
+            plan = plan_stages(cfg, cfg.out_dir, rerun=args.rerun, force=args.force)
+        except RerunError as e:
+            error = str(e)
+    plan, error = broadcast_object((plan, error))
+    if error:
+        raise RerunError(error)
+    return plan
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     epilog="Any other --section.key=value overrides a recipe value.")
     parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/tiny.toml")
-    args, overrides = parser.parse_known_args(argv)
+    parser.add_argument("--rerun", metavar="STAGE", help="run STAGE and every later stage again (their old "
+                        "directories move to <out_dir>/replaced/<time>/)")
+    parser.add_argument("--force", action="store_true", help="run again from the first stage whose settings "
+                        "differ from what it ran with (old directories move aside as with --rerun)")
+    parser.add_argument("--print-config", action="store_true", help="also print the resolved config on the "
+                        "console (it is always written to <out_dir>/config.resolved.toml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parser().parse_known_args(argv)
     try:
         cfg = load_config(args.recipe, overrides)
     except ConfigError as e:  # user input: a clear message, no traceback, nothing started
@@ -76,20 +105,31 @@ def main(argv: list[str] | None = None) -> int:
         torch.use_deterministic_algorithms(True)
     out_dir = cfg.out_dir
     try:
+        plan = _plan(cfg, args, dist_info.is_main)
+        for note in plan.notes:
+            logger.warning(note)
         if dist_info.is_main:
+            moved = move_aside(out_dir, plan.move_aside)
+            if moved:
+                log0(f"--{'rerun' if args.rerun else 'force'}: moved {', '.join(plan.move_aside)} to {moved}")
             out_dir.mkdir(parents=True, exist_ok=True)
+            # Written only after the stage records agree with it: it never claims settings a stage did not run with.
             (out_dir / "config.resolved.toml").write_text(to_toml(cfg))
+        if args.print_config:
             log0("resolved config:\n" + to_toml(cfg))
+        log0(f"config: {args.recipe}" + (f" with {' '.join(overrides)}" if overrides else "")
+             + f" -> {out_dir / 'config.resolved.toml'} (every default filled in; --print-config shows it here)")
         _startup_block(cfg, dist_info)
         for index, stage in enumerate(cfg.stages):
             stage_dir = out_dir / stage.name
-            if (stage_dir / DONE_MARKER).is_file():
-                log0(f"stage {stage.name} ({stage.kind}): finished earlier, skipped")
+            action = plan.actions[stage.name]
+            if action == "skip":
+                log0(f"stage {stage.name} ({stage.kind}): finished earlier with these settings, skipped")
                 continue
-            log0(f"stage {stage.name} ({stage.kind}): start")
+            log0(f"stage {stage.name} ({stage.kind}): {'resume' if action == 'resume' else 'start'}")
             start_s = time.perf_counter()
-            if dist_info.is_main:
-                stage_dir.mkdir(parents=True, exist_ok=True)
+            if dist_info.is_main and action == "run":
+                write_record(cfg, stage, stage_dir)  # before any work, so a resume is checked against it too
             barrier()
             _seed_everything(cfg.run.seed + index)  # per stage, so skipping earlier stages changes nothing
             run_stage(stage, StageContext(cfg.run, cfg.model, dist_info, out_dir, stage_dir))
@@ -102,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             log0(f"stage {stage.name} ({stage.kind}): done in {elapsed_s:.1f} s -> {stage_dir}")
         log0(f"all stages done: {out_dir}")
         return 0
+    except RerunError as e:  # the recipe asks a finished stage for other settings: nothing ran
+        logger.error(f"error: {e}")
+        return 2
     except (ValueError, NonFiniteError) as e:
         # Bad data, bad settings found at run time, or a diverged run: say what and where, keep what is written.
         # Anything else is a bug and keeps its traceback.

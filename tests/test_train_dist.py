@@ -150,5 +150,5 @@ def test_sigkill_then_resume_matches_uninterrupted_run(two_proc_run, tmp_path):
     # Rerunning a finished run skips the stage and leaves its outputs alone.
     before = metrics_file.read_text()
     again = _train(recipe, out, nproc=1)
-    assert "finished earlier, skipped" in again.stdout
+    assert "finished earlier with these settings, skipped" in again.stdout
     assert metrics_file.read_text() == before
