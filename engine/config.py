@@ -40,11 +40,15 @@ class RunConfig:
     """Use deterministic torch algorithms (slower on GPU; the CPU paths are deterministic anyway)."""
     log_every: int = 1
     """Print one progress line every this many optimizer steps."""
+    progress_every_s: float = 30.0
+    """Long loops (rollouts, eval and distill chunks) print a progress line at most this often, in seconds."""
 
     def check(self) -> list[str]:
         problems = [] if self.name.strip() else ["run.name must not be empty"]
         if self.log_every < 1:
             problems.append(f"run.log_every must be >= 1, got {self.log_every}")
+        if self.progress_every_s <= 0:
+            problems.append(f"run.progress_every_s must be > 0, got {self.progress_every_s}")
         return problems
 
 

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     dist_info = init_distributed()
-    setup_logging(dist_info.rank)
+    setup_logging(dist_info.rank, progress_every_s=cfg.run.progress_every_s)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     out_dir = cfg.out_dir

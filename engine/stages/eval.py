@@ -31,7 +31,7 @@ from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
 from engine.judge import make_judge
-from engine.log import log0
+from engine.log import Progress, log0
 from engine.predictions import append_predictions, drop_partial_line, predictions_path, read_predictions
 from engine.rewards import format_ok
 from engine.rollout import RolloutBackend, SamplingParams, make_backend
@@ -155,6 +155,7 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                                        processor=processor, gpu_memory_utilization=cfg.gpu_memory_utilization,
                                        max_model_len=cfg.max_model_len, seed=ctx.run.seed)
             path.parent.mkdir(parents=True, exist_ok=True)
+            progress = Progress(f"eval: {model} on {b.name}", len(todo), "prompts")
             for start in range(0, len(todo), cfg.chunk_prompts):
                 chunk = todo[start:start + cfg.chunk_prompts]
                 local = _generate(cfg, processor, backend, chunk[rank::world], sampling)
@@ -171,6 +172,7 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                         records.append({"id": row.id, "category": row.category, "score": s, "correct": s == 1.0,
                                         "judge": verdict, "format": format_ok(p["response"]), **p})
                     append_predictions(path, records)
+                progress.update(len(chunk))
         if backend is not None:
             backend.close()  # the next model's backend gets the accelerator memory
     if rank == 0:
