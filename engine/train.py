@@ -18,6 +18,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "engine"]
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
 from engine.dist import barrier, broadcast_object, destroy_distributed, init_distributed  # noqa: E402
+from engine.hub import resolve_model_path  # noqa: E402
 from engine.log import log0, logger, setup_logging  # noqa: E402
 from engine.stage_record import Plan, RerunError, move_aside, plan_stages, write_record  # noqa: E402
 from engine.stages import DONE_MARKER, StageContext, run_stage  # noqa: E402
@@ -78,6 +80,29 @@ def _plan(cfg: Config, args, is_main: bool) -> Plan:
     return plan
 
 
+def _local_model(cfg: Config, plan: Plan, is_main: bool):
+    """[model] with `path` a local directory: a Hugging Face id is resolved through the cache (rank 0 downloads it
+    when it is missing and the hub is reachable, then the other ranks resolve it from their cache). Only when a
+    stage that runs uses the base model."""
+    uses_base = any(plan.actions[s.name] != "skip" and "model" in s.model_inputs().values() for s in cfg.stages)
+    if not (cfg.model.path and uses_base):
+        return cfg.model
+    path, error = None, ""
+    if is_main:  # first, alone: it downloads what is missing
+        try:
+            path = str(resolve_model_path(cfg.model.path))
+        except ValueError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise ValueError(error)
+    if not is_main:  # then the others, from the shared cache or their node's own
+        path = str(resolve_model_path(cfg.model.path))
+    if path != cfg.model.path:
+        log0(f"model: {cfg.model.path} -> {path}")
+    return dataclasses.replace(cfg.model, path=path)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      epilog="Any other --section.key=value overrides a recipe value.")
@@ -120,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         log0(f"config: {args.recipe}" + (f" with {' '.join(overrides)}" if overrides else "")
              + f" -> {out_dir / 'config.resolved.toml'} (every default filled in; --print-config shows it here)")
         _startup_block(cfg, dist_info)
+        model = _local_model(cfg, plan, dist_info.is_main)  # the records keep the id as written in the recipe
         for index, stage in enumerate(cfg.stages):
             stage_dir = out_dir / stage.name
             action = plan.actions[stage.name]
@@ -132,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_record(cfg, stage, stage_dir)  # before any work, so a resume is checked against it too
             barrier()
             _seed_everything(cfg.run.seed + index)  # per stage, so skipping earlier stages changes nothing
-            run_stage(stage, StageContext(cfg.run, cfg.model, dist_info, out_dir, stage_dir))
+            run_stage(stage, StageContext(cfg.run, model, dist_info, out_dir, stage_dir))
             barrier()
             elapsed_s = time.perf_counter() - start_s
             if dist_info.is_main:

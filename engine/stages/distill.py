@@ -159,7 +159,7 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     source = str(cfg.model_dir or cfg.policy)
     processor = Processor.from_pretrained(model_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     path = ctx.resolve_path(cfg.data.train)
-    rows = load_rows(str(path))
+    rows = load_rows(str(path), columns=cfg.data.columns)
     prompts, report = encode_rows(rows, processor, template=cfg.data.template, system=cfg.data.system or None,
                                   on_bad_row=cfg.data.on_bad_row, max_tokens=cfg.data.max_tokens, source=str(path),
                                   max_pixel_bytes=cfg.data.max_pixel_bytes)

@@ -71,7 +71,8 @@ class GRPOStage:
 
     def load(self, processor: Processor, ctx: StageContext) -> int:
         data, path = self.cfg.data, ctx.resolve_path(self.cfg.data.train)
-        self.prompts, report = encode_rows(load_rows(str(path)), processor, template=data.template,
+        self.prompts, report = encode_rows(load_rows(str(path), columns=data.columns), processor,
+                                           template=data.template,
                                            system=data.system or None, on_bad_row=data.on_bad_row,
                                            max_tokens=data.max_tokens, source=str(path),
                                            max_pixel_bytes=data.max_pixel_bytes)
