@@ -130,6 +130,9 @@ setup(
         "vllm": ["vllm>=0.32"],
         "flash": ["flash-attn>=2.7"],
         "judge": ["google-genai>=3.6"],
-        "dev": ["pytest>=8", "ruff>=0.15", "pybind11>=2.12", "google-genai>=3.6"],
+        "tensorboard": ["tensorboard>=2.16"],
+        "wandb": ["wandb>=0.19"],
+        # tensorboardX: a 3 MB TensorBoard event writer, so the tests read real event files back.
+        "dev": ["pytest>=8", "ruff>=0.15", "pybind11>=2.12", "google-genai>=3.6", "tensorboardX>=2.6"],
     },
 )

@@ -44,6 +44,13 @@ class RunConfig:
     """Print one progress line every this many optimizer steps."""
     progress_every_s: float = 30.0
     """Long loops (rollouts, eval and distill chunks) print a progress line at most this often, in seconds."""
+    trackers: list[Literal["tensorboard", "wandb"]] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides `<stage>/metrics.jsonl` (engine/tracking.py): TensorBoard event files in
+    `<out_dir>/tensorboard/`, Weights & Biases, both, or [] for none. A tracker not installed is skipped with a note."""
+    wandb_project: str = "specs-engine"
+    """Weights & Biases project (with "wandb" in trackers); the W&B run is named after `run.name`."""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """auto: online when a W&B API key is configured (WANDB_API_KEY or `wandb login`), offline otherwise."""
 
     def check(self) -> list[str]:
         problems = [] if self.name.strip() else ["run.name must not be empty"]

@@ -19,6 +19,8 @@ VARS: dict[str, tuple[str, str]] = {
     # Secrets: read only by engine/judge.py, never logged or written anywhere.
     "GEMINI_API_KEY": ("", "API key for the optional Gemini judge (engine/judge.py) if GOOGLE_API_KEY is unset."),
     "GOOGLE_API_KEY": ("", "API key for the optional Gemini judge; takes precedence over GEMINI_API_KEY."),
+    # Read only by engine/tracking.py to choose W&B's online/offline mode; wandb itself reads it to log in.
+    "WANDB_API_KEY": ("", "Weights & Biases API key (run.trackers = [\"wandb\"], run.wandb_mode = \"auto\")."),
 }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.log import log0
+from engine.tracking import log_metrics
 
 WARMUP_STEPS = 2
 """Steps of each process left out of the averaged throughput, MFU and ETA."""
@@ -83,6 +84,7 @@ class Metrics:
             self.warm_step_s += step_s
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        log_metrics(self.name, step, record)  # TensorBoard / W&B, when run.trackers has them
         if step % self.log_every == 0 or step == self.total_steps:
             log0(self.progress_line(step, record))
 

@@ -28,6 +28,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from engine import tracking  # noqa: E402
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
 from engine.dist import barrier, broadcast_object, destroy_distributed, init_distributed  # noqa: E402
 from engine.hub import resolve_model_path  # noqa: E402
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         log0(f"config: {args.recipe}" + (f" with {' '.join(overrides)}" if overrides else "")
              + f" -> {out_dir / 'config.resolved.toml'} (every default filled in; --print-config shows it here)")
         _startup_block(cfg, dist_info)
+        tracking.start(cfg.run, out_dir, to_toml(cfg), dist_info.is_main)
         model = _local_model(cfg, plan, dist_info.is_main)  # the records keep the id as written in the recipe
         for index, stage in enumerate(cfg.stages):
             stage_dir = out_dir / stage.name
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             _seed_everything(cfg.run.seed + index)  # per stage, so skipping earlier stages changes nothing
             run_stage(stage, StageContext(cfg.run, model, dist_info, out_dir, stage_dir))
             barrier()
+            tracking.flush()
             elapsed_s = time.perf_counter() - start_s
             if dist_info.is_main:
                 done = {"stage": stage.name, "kind": stage.kind, "elapsed_s": round(elapsed_s, 2),
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("traceback", exc_info=True)
         return 1
     finally:
+        tracking.finish()
         destroy_distributed()
 
 

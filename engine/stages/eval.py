@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from engine import benchmarks
+from engine import benchmarks, tracking
 from engine.benchmarks import BenchRow
 from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object, gather_object
@@ -181,6 +181,7 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
         scores = summarise(dataclasses.replace(cfg, models=models), ctx, benches)
         (ctx.stage_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         report = write_report(cfg, ctx, scores)
+        tracking.log_eval(scores, report)
         lines = report.read_text().splitlines()
         first = next(i for i, line in enumerate(lines) if line.startswith("| model"))
         table = lines[first:lines.index("", first)]
