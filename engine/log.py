@@ -39,6 +39,9 @@ def setup_logging(rank: int = 0, progress_every_s: float | None = None) -> None:
         warnings.filterwarnings("ignore")  # library warnings: rank 0 prints the same ones
     if env("ENGINE_LOG_LEVEL").upper() != "DEBUG":
         _quiet_third_party(quiet_other_ranks)
+        # Known harmless: the eval stage converts a training checkpoint in one process on purpose
+        # (engine/checkpoint.py, dcp.load(no_dist=True)), and torch warns about exactly that.
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
 
 
 def _quiet_third_party(errors_only: bool) -> None:

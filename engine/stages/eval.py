@@ -185,7 +185,9 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
         lines = report.read_text().splitlines()
         first = next(i for i, line in enumerate(lines) if line.startswith("| model"))
         table = lines[first:lines.index("", first)]
-        log0("eval: scores (%%), gains over %s and GF; full report: %s\n%s", scores["base"], report, "\n".join(table))
+        found = [line for line in lines[:first] if line.startswith("- **")]  # the claims, as measured
+        log0("eval: scores (%%) with 95%% intervals, gains over %s and GF; full report: %s\n%s\n%s", scores["base"],
+             report, "\n".join(table), "\n".join(found))
     barrier()
 
 
