@@ -6,8 +6,10 @@
 Each stage writes `<run.out_dir>/<stage>/`, starting with `config.toml`, the settings it runs with. On a rerun a
 finished stage with the same settings is skipped and an unfinished one resumes from its newest checkpoint; a stage
 whose settings changed stops the run before any work (engine/stage_record.py), unless `--rerun STAGE` or `--force`
-says to run it and every later stage again. Exit codes: 0 done, 1 a stage failed, 2 the recipe is invalid or
-asks a finished stage for other settings (nothing ran).
+says to run it and every later stage again. SIGTERM or Ctrl-C stops the run after the current optimizer step (with
+a checkpoint) or distill/eval chunk; rerunning the same command resumes there (engine/preempt.py).
+Exit codes: 0 done, 1 a stage failed, 2 the recipe is invalid or asks a finished stage for other settings (nothing
+ran), 128 + N stopped by signal N (143: SIGTERM, 130: Ctrl-C).
 """
 
 import sys
@@ -22,13 +24,14 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine import tracking  # noqa: E402
+from engine import preempt, tracking  # noqa: E402
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
 from engine.dist import barrier, broadcast_object, destroy_distributed, init_distributed  # noqa: E402
 from engine.hub import resolve_model_path  # noqa: E402
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     dist_info = init_distributed()
+    preempt.install()  # SIGTERM / SIGINT: stop after the current step with a checkpoint (engine/preempt.py)
     setup_logging(dist_info.rank, progress_every_s=cfg.run.progress_every_s)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -174,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     except RerunError as e:  # the recipe asks a finished stage for other settings: nothing ran
         logger.error(f"error: {e}")
         return 2
+    except preempt.Preempted as e:
+        if dist_info.is_main:
+            logger.warning(f"stopped by {signal.Signals(e.signum).name}: {e.where}. To resume, run the same command "
+                           f"again: finished stages are skipped and this one continues from where it stopped")
+        return 128 + e.signum
     except (ValueError, NonFiniteError) as e:
         # Bad data, bad settings found at run time, or a diverged run: say what and where, keep what is written.
         # Anything else is a bug and keeps its traceback.
@@ -182,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         tracking.finish()
+        preempt.uninstall()
         destroy_distributed()
 
 

@@ -25,6 +25,8 @@ from engine.dist import DistInfo, all_reduce, lockstep
 from engine.fsdp import build_optimizer, build_scheduler
 from engine.log import log0, logger
 from engine.metrics import Metrics
+from engine.preempt import KEY as PREEMPT_KEY
+from engine.preempt import Preempted, stat
 from engine.sections import CheckpointConfig, OptimConfig, TrainConfig
 
 MicroBatch = dict[str, torch.Tensor]
@@ -87,11 +89,16 @@ class Trainer:
                  extra: dict | None = None, start_s: float | None = None) -> dict[str, float]:
         """One optimizer step, then count it, log it and save a checkpoint every `checkpoint.every` steps."""
         start_s = time.perf_counter() if start_s is None else start_s
-        values = self.train_step(micro_batches, loss_fn, num_passes=num_passes, extra=extra)
+        # The preemption request rides in the step's one all-reduce, so every rank stops after the same step.
+        values = self.train_step(micro_batches, loss_fn, num_passes=num_passes, extra={**(extra or {}), **stat()})
+        stop = values.pop(PREEMPT_KEY) > 0
         self.step += 1
         self.metrics.log(self.step, values, step_s=time.perf_counter() - start_s)
-        if self.every and self.step % self.every == 0 and self.step < self.total_steps:
+        if (self.every and self.step % self.every == 0 and self.step < self.total_steps) or stop:
             self.save()
+        if stop:
+            raise Preempted(f"stage {self.metrics.name} after step {self.step}/{self.total_steps}, checkpoint "
+                            f"{self.checkpointer.path(self.step)}")
         return values
 
     def finish(self) -> None:

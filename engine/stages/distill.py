@@ -32,6 +32,7 @@ from pathlib import Path
 
 import datasets
 
+from engine import preempt
 from engine.corrupt import corrupt, split_response
 from engine.data import Processor, encode_rows, load_rows
 from engine.dist import barrier, broadcast_object, gather_object
@@ -232,6 +233,8 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
             _write_json(parts_dir / f"part-{c:05d}.json", {k: counts[k] for k in COUNT_KEYS})  # marks it done
             log0(f"distill: part {c + 1}/{num_chunks}: {counts['candidates']}/{counts['samples']} samples correct "
                  f"and well formatted -> {counts['pairs']} pairs ({time.perf_counter() - t0:.1f} s)")
+        if preempt.agreed(dist_info.device):  # a signal: stop after this part, which is written
+            raise preempt.Preempted(f"distill after part {c + 1}/{num_chunks} (written; a rerun continues)")
     if todo:
         backend.close()
     if rank == 0:

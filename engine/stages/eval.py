@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from engine import benchmarks, tracking
+from engine import benchmarks, preempt, tracking
 from engine.benchmarks import BenchRow
 from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object, gather_object
@@ -173,6 +173,9 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                                         "judge": verdict, "format": format_ok(p["response"]), **p})
                     append_predictions(path, records)
                 progress.update(len(chunk))
+                if preempt.agreed(dist_info.device):  # a signal: stop after this chunk, which is written
+                    raise preempt.Preempted(f"eval: {model} on {b.name} after {start + len(chunk)} of {len(todo)} "
+                                            f"prompts (written; a rerun continues from there)")
         if backend is not None:
             backend.close()  # the next model's backend gets the accelerator memory
     if rank == 0:
