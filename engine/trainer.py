@@ -52,6 +52,10 @@ class Trainer:
                                log_every=log_every, name=Path(stage_dir).name, flops_per_token=flops_per_token,
                                device=dist_info.device, world_size=dist_info.world_size)
         self.step = 0  # optimizer steps done
+        self.stop_every = 1
+        """A preemption stop (and its checkpoint) waits for a step that is a multiple of this (GRPO: of a rollout
+        batch's steps, so that a resume never needs a half-used rollout batch)."""
+        self.stop_requested = False
         self.num_skipped = 0
         self.bad_in_a_row = 0
 
@@ -91,8 +95,9 @@ class Trainer:
         start_s = time.perf_counter() if start_s is None else start_s
         # The preemption request rides in the step's one all-reduce, so every rank stops after the same step.
         values = self.train_step(micro_batches, loss_fn, num_passes=num_passes, extra={**(extra or {}), **stat()})
-        stop = values.pop(PREEMPT_KEY) > 0
+        self.stop_requested |= values.pop(PREEMPT_KEY) > 0  # the same on every rank: it was all-reduced
         self.step += 1
+        stop = self.stop_requested and self.step % self.stop_every == 0
         self.metrics.log(self.step, values, step_s=time.perf_counter() - start_s)
         if (self.every and self.step % self.every == 0 and self.step < self.total_steps) or stop:
             self.save()

@@ -58,6 +58,33 @@ def _when(predicate, timeout_s=300.0):
     return False
 
 
+def test_a_grpo_stop_waits_for_the_end_of_its_rollout_batch(tmp_path, toy_world, monkeypatch):
+    """With 3 optimizer steps a rollout batch (stop_every = 3), a request during step 1 stops after step 3."""
+    from engine import preempt
+    from engine.dist import init_distributed
+
+    from .test_trainer import _make, _sft_loss
+
+    policy, _, trainer = _make(toy_world, init_distributed(), tmp_path)
+    trainer.stop_every = 3
+    loss_fn = _sft_loss(policy)
+    processor_batches = _batches(toy_world)
+    monkeypatch.setattr(preempt, "_requested", signal.SIGTERM)
+    trainer.run_step([processor_batches[0]], loss_fn)
+    trainer.run_step([processor_batches[1]], loss_fn)
+    with pytest.raises(preempt.Preempted, match="after step 3/4"):
+        trainer.run_step([processor_batches[2]], loss_fn)
+    assert trainer.checkpointer.steps()[-1] == 3
+
+
+def _batches(toy_world):
+    from engine.data import Processor, collate, encode_rows
+
+    processor = Processor.from_pretrained(toy_world / "hf")
+    samples, _ = encode_rows(toy_world / "data" / "sft.parquet", processor, response_column="response")
+    return [collate(samples[i:i + 4], processor.pad_id) for i in range(0, 12, 4)]
+
+
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, toy_world):
     recipe, out = _recipe(tmp_path, toy_world, steps=12), tmp_path / "out"
     metrics = out / "sft" / "metrics.jsonl"
@@ -120,4 +147,5 @@ def test_eval_stops_after_the_chunk_it_is_writing(tmp_path, toy_world, scripted,
     assert _lines(ctx.stage_dir / "predictions" / "model" / "toy_id.jsonl") == 4  # the chunk is written
     monkeypatch.setattr(preempt, "_requested", 0)
     eval_stage.run(cfg, ctx)
-    assert (ctx.stage_dir / "report.md").is_file() and len(scripted.calls) == 2 * 32 - 2  # each once; row 0 never generates
+    assert (ctx.stage_dir / "report.md").is_file()
+    assert len(scripted.calls) == 2 * 32 - 2  # every row once; row 0 of toy_id cannot be encoded
