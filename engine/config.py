@@ -271,6 +271,23 @@ def parse_config(raw: dict, overrides: list[str] = (), source: str = "<recipe>",
     return cfg
 
 
+def parse_stage(table: dict, overrides: list[str] = (), source: str = "<stage>") -> StageConfig:
+    """One `[[stages]]` table, validated like a recipe's stage but without the checks that need other stages.
+    `overrides` are `--key=value` relative to the stage (`--max_new_tokens=2048`, `--judge.enabled=true`)."""
+    problems: list[str] = []
+    table = dict(table)
+    apply_overrides(table, list(overrides), problems)
+    name, kind = table.get("name", "stage"), table.get("kind")
+    if kind not in STAGE_KINDS:
+        raise ConfigError(source, [f"kind: {kind!r} not in {{{', '.join(STAGE_KINDS)}}}"])
+    stage = _build(STAGE_KINDS[kind], table, name, problems)
+    if stage is not None:
+        problems.extend(f"{name}.{p}" for p in stage.check())
+    if problems:
+        raise ConfigError(source, list(dict.fromkeys(problems)))
+    return stage
+
+
 def _cross_checks(cfg: Config, files: list[str]) -> list[str]:
     """Problems that need more than one table: stage names, references to earlier stages. Problems with files
     (missing paths, a model directory without weights, an uncached hub id offline) go to `files`."""

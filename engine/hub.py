@@ -65,7 +65,7 @@ def model_path_problems(text: str, key: str) -> list[str]:
     if snapshot is not None:
         return model_dir_problems(snapshot, key)
     if env_flag("HF_HUB_OFFLINE"):
-        return [f"{key}: {text!r} is no local directory, and as a Hugging Face model id it is not in the local cache "
+        return [f"{key}: {text!r} is not a directory, and as a Hugging Face model id it is not in the local cache "
                 f"and the hub is offline (HF_HUB_OFFLINE=1); {download_hint(text)}"]
     return []
 
@@ -85,5 +85,5 @@ def resolve_model_path(text: str, key: str = "model.path") -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=_DOWNLOAD_PATTERNS))
     except Exception as e:  # network, authentication, a missing repo: all end in the same advice
-        raise ValueError(f"{key}: could not download {text!r} ({type(e).__name__}: {e}); {download_hint(text)}") \
-            from None
+        raise ValueError(f"{key}: {text!r} is not a directory, and downloading it as a Hugging Face model id failed "
+                         f"({type(e).__name__}: {e}); {download_hint(text)}") from None
