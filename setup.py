@@ -135,4 +135,10 @@ setup(
         # tensorboardX: a 3 MB TensorBoard event writer, so the tests read real event files back.
         "dev": ["pytest>=8", "ruff>=0.15", "pybind11>=2.12", "google-genai>=3.6", "tensorboardX>=2.6"],
     },
+    # Installed commands (in .venv/bin after `make venv`): the same as the module entry points.
+    entry_points={"console_scripts": [
+        "specs-train = engine.train:main",  # python engine/train.py RECIPE; torchrun takes the script path
+        "specs-eval = engine.eval:main",  # python -m engine.eval --model ... --benchmarks ...
+        "specs-config = engine.config:main",  # python -m engine.config RECIPE: the resolved config
+    ]},
 )
