@@ -107,12 +107,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(stage, names: dict[str, str], out: Path) -> int:
     from engine import preempt
+    from engine.console import quiet_third_party
     from engine.dist import broadcast_object, destroy_distributed, init_distributed
     from engine.log import log0, logger, setup_logging
     from engine.stages.eval import run
 
     dist_info = init_distributed()
     setup_logging(dist_info.rank)
+    quiet_third_party(dist_info.rank)
     preempt.install()
     cfg = Config(run=RunConfig(name="eval", out_dir=str(out)), model=ModelConfig(), stages=[stage])
     try:

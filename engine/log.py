@@ -1,15 +1,13 @@
 """Logging for the engine: `logger`, `log0` (rank 0 only), `warn_once` and `Progress` for long loops.
 
 Only rank 0 prints progress unless ENGINE_LOG_ALL_RANKS=1; warnings and errors of the `engine` logger print on
-every rank so a problem on rank 3 is never hidden. Third-party progress bars (transformers' "Loading weights",
-datasets' "Generating split") are off on every rank: the engine logs what it loaded in one line. Python warnings
-from libraries are shown on rank 0 only (every rank would print the same one).
+every rank so a problem on rank 3 is never hidden. Third-party output is quieted by engine/console.py (kept apart
+so that reading a recipe imports neither transformers nor datasets).
 """
 
 import logging
 import sys
 import time
-import warnings
 
 from engine.env import env, env_flag
 
@@ -33,35 +31,8 @@ def setup_logging(rank: int = 0, progress_every_s: float | None = None) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(env("ENGINE_LOG_LEVEL").upper())
-    quiet_other_ranks = rank != 0 and not env_flag("ENGINE_LOG_ALL_RANKS")
-    if quiet_other_ranks:
+    if rank != 0 and not env_flag("ENGINE_LOG_ALL_RANKS"):
         logger.setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore")  # library warnings: rank 0 prints the same ones
-    if env("ENGINE_LOG_LEVEL").upper() != "DEBUG":
-        _quiet_third_party(quiet_other_ranks)
-        # Known harmless: the eval stage converts a training checkpoint in one process on purpose
-        # (engine/checkpoint.py, dcp.load(no_dist=True)), and torch warns about exactly that.
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
-
-
-def _quiet_third_party(errors_only: bool) -> None:
-    """Third-party progress bars off; on ranks other than 0, third-party logs at error level only."""
-    try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        if errors_only:
-            transformers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-        if errors_only:
-            datasets.logging.set_verbosity_error()
-    except ImportError:  # the lent GPU machine has no `datasets`
-        pass
 
 
 def log0(msg: str, *args) -> None:

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from engine import preempt, tracking  # noqa: E402
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
+from engine.console import quiet_third_party  # noqa: E402
 from engine.dist import barrier, broadcast_object, destroy_distributed, init_distributed  # noqa: E402
 from engine.hub import resolve_model_path  # noqa: E402
 from engine.log import log0, logger, setup_logging  # noqa: E402
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = init_distributed()
     preempt.install()  # SIGTERM / SIGINT: stop after the current step with a checkpoint (engine/preempt.py)
     setup_logging(dist_info.rank, progress_every_s=cfg.run.progress_every_s)
+    quiet_third_party(dist_info.rank)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     out_dir = cfg.out_dir

@@ -6,6 +6,7 @@ import warnings
 import pytest
 
 from engine import log
+from engine.console import quiet_third_party
 from engine.log import Progress, setup_logging
 
 
@@ -68,12 +69,23 @@ def test_other_ranks_quiet_third_party(restore_logging):
     import transformers
 
     setup_logging(1)
+    quiet_third_party(1)
     assert not transformers.utils.logging.is_progress_bar_enabled()
     assert not datasets.is_progress_bar_enabled()
     assert transformers.utils.logging.get_verbosity() == logging.ERROR
     assert log.logger.level == logging.WARNING  # the engine's own warnings still print on every rank
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
-        setup_logging(1)  # installs the filter again inside this block
+        quiet_third_party(1)  # installs the filter again inside this block
         warnings.warn("a library warning", UserWarning, stacklevel=1)
     assert not seen
+
+
+def test_rank0_keeps_library_warnings_but_not_the_known_harmless_one(restore_logging):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        quiet_third_party(0)
+        warnings.warn("a library warning", UserWarning, stacklevel=1)
+        warnings.warn("torch.distributed is disabled, unavailable or uninitialized, assuming ...", UserWarning,
+                      stacklevel=1)
+    assert [str(w.message) for w in seen] == ["a library warning"]
