@@ -129,7 +129,8 @@ def _run(stage, names: dict[str, str], out: Path) -> int:
                 error = str(e)
         error = broadcast_object(error)
         if error:
-            logger.error(f"error: {error}")
+            if dist_info.is_main:  # every rank has the same message
+                logger.error(f"error: {error}")
             return 2
         paths = {k: resolve_model_path(v) for k, v in names.items()}  # every rank, from the cache rank 0 filled
         log0("eval: models " + ", ".join(f"{k} = {v}" for k, v in paths.items()))

@@ -108,6 +108,26 @@ def _local_model(cfg: Config, plan: Plan, is_main: bool):
     return dataclasses.replace(cfg.model, path=path)
 
 
+def _prepare(cfg: Config, args, overrides: list[str], is_main: bool) -> Plan:
+    """Check the stage records, move stages to rerun aside, write the resolved config; the plan of each stage."""
+    plan = _plan(cfg, args, is_main)
+    out_dir = cfg.out_dir
+    if is_main:
+        for note in plan.notes:
+            logger.warning(note)
+        moved = move_aside(out_dir, plan.move_aside)
+        if moved:
+            log0(f"--{'rerun' if args.rerun else 'force'}: moved {', '.join(plan.move_aside)} to {moved}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Written only after the stage records agree with it: it never claims settings a stage did not run with.
+        (out_dir / "config.resolved.toml").write_text(to_toml(cfg))
+    if args.print_config:
+        log0("resolved config:\n" + to_toml(cfg))
+    log0(f"config: {args.recipe}" + (f" with {' '.join(overrides)}" if overrides else "")
+         + f" -> {out_dir / 'config.resolved.toml'} (every default filled in; --print-config shows it here)")
+    return plan
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      epilog="Any other --section.key=value overrides a recipe value.")
@@ -137,20 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.use_deterministic_algorithms(True)
     out_dir = cfg.out_dir
     try:
-        plan = _plan(cfg, args, dist_info.is_main)
-        for note in plan.notes:
-            logger.warning(note)
-        if dist_info.is_main:
-            moved = move_aside(out_dir, plan.move_aside)
-            if moved:
-                log0(f"--{'rerun' if args.rerun else 'force'}: moved {', '.join(plan.move_aside)} to {moved}")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            # Written only after the stage records agree with it: it never claims settings a stage did not run with.
-            (out_dir / "config.resolved.toml").write_text(to_toml(cfg))
-        if args.print_config:
-            log0("resolved config:\n" + to_toml(cfg))
-        log0(f"config: {args.recipe}" + (f" with {' '.join(overrides)}" if overrides else "")
-             + f" -> {out_dir / 'config.resolved.toml'} (every default filled in; --print-config shows it here)")
+        plan = _prepare(cfg, args, overrides, dist_info.is_main)
         _startup_block(cfg, dist_info)
         tracking.start(cfg.run, out_dir, to_toml(cfg), dist_info.is_main)
         model = _local_model(cfg, plan, dist_info.is_main)  # the records keep the id as written in the recipe
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         log0(f"all stages done: {out_dir}")
         return 0
     except RerunError as e:  # the recipe asks a finished stage for other settings: nothing ran
-        logger.error(f"error: {e}")
+        if dist_info.is_main:  # every rank has the same message
+            logger.error(f"error: {e}")
         return 2
     except preempt.Preempted as e:
         if dist_info.is_main:
