@@ -89,7 +89,7 @@ def _gain(r: dict, group: str, key: str, is_base: bool) -> str:
 
 def write_report(cfg, ctx, scores: dict) -> Path:
     """report.md plus the PNG plots, in the eval stage directory; returns the markdown path."""
-    from engine.report_claims import intro, pct_ci, sampled_rollouts
+    from engine.report_claims import intro, pct_ci, sampled_rollouts, window
 
     names = [b.name for b in cfg.benchmarks]
     has_gf = bool(scores["groups"]["id"] and scores["groups"]["ood"])
@@ -113,17 +113,19 @@ def write_report(cfg, ctx, scores: dict) -> Path:
         lines.append("| " + " | ".join(cells) + " |")
     if rollouts:
         lines += ["", "## Sampled format and answer accuracy (GRPO rollouts)", "",
-                  "Share of sampled responses on training prompts that are well formatted / correct, in the first "
-                  "rollout batch of each GRPO stage (the policy it starts from) and the last (the policy it ends "
-                  "with), with 95% Wilson intervals. The paper's format-accuracy figure (41.6% -> 96.7% in "
-                  "GRPO-zero) is this measure.", "",
-                  "| stage | starts from | samples a rollout | format, first | format, last | accuracy, first | "
-                  "accuracy, last |", "|---|---|---|---|---|---|---|"]
+                  "Share of sampled responses on training prompts that are well formatted / correct, with 95% "
+                  "Wilson intervals: format in the first rollout batch of each GRPO stage (the policy it starts "
+                  "from) and over its last few; accuracy over its first and last few batches (different prompts "
+                  "of the same training set). The paper's format-accuracy figure (41.6% -> 96.7% in GRPO-zero) is "
+                  "this measure.", "",
+                  "| stage | starts from | samples a rollout | format, first batch | format, last batches | accuracy, "
+                  "first batches | accuracy, last batches |", "|---|---|---|---|---|---|---|"]
         for r in rollouts:
-            n = r["samples"]
-            lines.append(f"| {r['stage']} | {r['init']} | {n or '?'} | {pct_ci(r['format'][0], n)} (step "
-                         f"{r['first_step']}) | {pct_ci(r['format'][1], n)} (step {r['last_step']}) | "
-                         f"{pct_ci(r['accuracy'][0], n)} | {pct_ci(r['accuracy'][1], n)} |")
+            n, nk = r["samples"], r["samples"] and r["samples"] * r["window"]
+            lines.append(f"| {r['stage']} | {r['init']} | {n or '?'} | {pct_ci(r['format_start'], n)} (step "
+                         f"{r['steps'][0]}) | {pct_ci(r['format'][1], nk)} ({window(r, 1)}) | "
+                         f"{pct_ci(r['accuracy'][0], nk)} ({window(r, 0)}) | {pct_ci(r['accuracy'][1], nk)} "
+                         f"({window(r, 1)}) |")
     notes = []
     for b in cfg.benchmarks:
         first = next(iter(scores["models"].values()))["benchmarks"][b.name]

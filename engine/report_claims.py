@@ -5,9 +5,10 @@ the interval of the effect excludes zero upwards, "not shown" when it includes z
 below. Nothing here picks models, rows or settings to make a claim hold.
 
 Sampled format and answer accuracy come from the GRPO stages' own rollouts (metrics.jsonl: training prompts,
-the stage's temperature): the first rollout batch measures the policy a stage starts from, the last one the
-policy it ends with. That is the measure of the paper's format-accuracy figure (41.6% -> 96.7% during GRPO-zero);
-the eval tables decode greedily, which on a small model can give a very different format share.
+the stage's temperature): the first rollout batch measures the policy a stage starts from; accuracy changes are
+compared over the first and last few batches (different prompts of the same training set). That is the measure
+of the paper's format-accuracy figure (41.6% -> 96.7% during GRPO-zero); the eval tables decode greedily, which
+on a small model can give a very different format share.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ from pathlib import Path
 
 from engine.report_stats import Z95, verdict, wilson
 
+WINDOW_STEPS = 5
+"""Rollout batches averaged at each end of a GRPO stage for its accuracy change (at most a quarter of its steps)."""
+
 
 def sampled_rollouts(out_dir: Path) -> list[dict]:
-    """Per GRPO stage of the run (in the order they finished): where it started, samples per rollout batch, and
-    sampled format / answer accuracy of its first and last rollout batch."""
+    """Per GRPO stage of the run (in the order they finished): where it started, samples per rollout batch, sampled
+    format of its first rollout batch (the policy it starts from) and of its last ones, and sampled answer accuracy
+    over its first and last few rollout batches (one batch is 16-ish prompts: too few to compare alone)."""
     found = []
     for metrics in out_dir.glob("*/metrics.jsonl"):
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        if not rows or "rollout/format_acc" not in rows[0]:
+        rows = [r for r in rows if "rollout/format_acc" in r]  # with mini-batches, a rollout's first step only
+        if not rows:
             continue
         stage_dir = metrics.parent
         done = stage_dir / "DONE"
@@ -33,11 +39,25 @@ def sampled_rollouts(out_dir: Path) -> list[dict]:
         record = stage_dir / "config.toml"  # engine/stage_record.py: the settings the stage ran with
         stage = tomllib.loads(record.read_text()).get("stage", {}) if record.is_file() else {}
         samples = (stage.get("train", {}).get("batch_size", 0) * stage.get("rollout", {}).get("n", 0)) or None
+        k = max(1, min(WINDOW_STEPS, len(rows) // 4))
+        head, tail = rows[:k], rows[-k:]
+
+        def mean(rs, key):
+            return sum(r[key] for r in rs) / len(rs)
+
         found.append((when, {"stage": stage_dir.name, "init": stage.get("init", "?"), "samples": samples,
-                             "first_step": rows[0]["step"], "last_step": rows[-1]["step"],
-                             "format": (rows[0]["rollout/format_acc"], rows[-1]["rollout/format_acc"]),
-                             "accuracy": (rows[0]["rollout/accuracy"], rows[-1]["rollout/accuracy"])}))
+                             "window": k, "steps": (rows[0]["step"], rows[k - 1]["step"], rows[-k]["step"],
+                                                    rows[-1]["step"]),
+                             "format_start": rows[0]["rollout/format_acc"],
+                             "format": (mean(head, "rollout/format_acc"), mean(tail, "rollout/format_acc")),
+                             "accuracy": (mean(head, "rollout/accuracy"), mean(tail, "rollout/accuracy"))}))
     return [r for _, r in sorted(found, key=lambda x: x[0])]
+
+
+def window(r: dict, end: int) -> str:
+    """`steps 1-5` / `step 1` for the first (end 0) or last (end 1) window of a rollouts entry."""
+    a, b = r["steps"][2 * end], r["steps"][2 * end + 1]
+    return f"step {a}" if a == b else f"steps {a}-{b}"
 
 
 def pct_ci(p: float, n: int | None) -> str:
@@ -65,19 +85,20 @@ def claims(scores: dict, rollouts: list[dict]) -> list[str]:
     """The SPECS claims this run can test, one bullet each, with the effect, its interval and the verdict."""
     out = []
     for r in rollouts:
-        d = _diff(r["accuracy"][0], r["samples"], r["accuracy"][1], r["samples"])
+        n = r["samples"] and r["samples"] * r["window"]
+        d = _diff(r["accuracy"][0], n, r["accuracy"][1], n)
         if d:
-            out.append(f"- **GRPO raises sampled answer accuracy** ({r['stage']}, training prompts, first vs last "
-                       f"rollout): {pct_ci(r['accuracy'][0], r['samples'])} -> "
-                       f"{pct_ci(r['accuracy'][1], r['samples'])}, {_effect(d)}: **{verdict(d[1], d[2])}**.")
+            out.append(f"- **GRPO raises sampled answer accuracy** ({r['stage']}, training prompts, {window(r, 0)} vs "
+                       f"{window(r, 1)}): {pct_ci(r['accuracy'][0], n)} -> {pct_ci(r['accuracy'][1], n)}, "
+                       f"{_effect(d)}: **{verdict(d[1], d[2])}**.")
     if len(rollouts) >= 2:
         first, last = rollouts[0], rollouts[-1]
-        d = _diff(first["format"][0], first["samples"], last["format"][0], last["samples"])
+        d = _diff(first["format_start"], first["samples"], last["format_start"], last["samples"])
         if d:
             out.append(f"- **The cold start hands the final GRPO a well-formatted policy**: {last['stage']} (from "
-                       f"{last['init']}) starts at {pct_ci(last['format'][0], last['samples'])} well-formatted "
+                       f"{last['init']}) starts at {pct_ci(last['format_start'], last['samples'])} well-formatted "
                        f"samples, {first['stage']} (from {first['init']}) started at "
-                       f"{pct_ci(first['format'][0], first['samples'])}; {_effect(d)}: **{verdict(d[1], d[2])}**.")
+                       f"{pct_ci(first['format_start'], first['samples'])}; {_effect(d)}: **{verdict(d[1], d[2])}**.")
     models = [m for m in scores["models"] if m != scores["base"]]
     for model in models:
         g = scores["models"][model].get("group_gain_ci", {})

@@ -45,15 +45,16 @@ def test_group_gain_and_verdict():
 
 
 def _grpo_stage(out, name, init, first, last, finished):
-    """A finished GRPO stage as train.py leaves it: its record (16 prompts x 8 samples) and metrics."""
+    """A finished 8-step GRPO stage as train.py leaves it: its record (16 prompts x 8 samples) and metrics whose
+    format is first[0] at step 1 and last[0] after, and accuracy first[1] in steps 1-4 and last[1] in 5-8."""
     d = out / name
     d.mkdir(parents=True)
     (d / "config.toml").write_text(f'[stage]\nname = "{name}"\ninit = "{init}"\n[stage.train]\nbatch_size = 16\n'
                                    f'[stage.rollout]\nn = 8\n')
     (d / "DONE").write_text(json.dumps({"finished": finished}) + "\n")
-    (d / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "rollout/reward": 0.0, "rollout/format_acc": f, "rollout/accuracy": a}) + "\n"
-        for s, (f, a) in ((1, first), (40, last))))
+    rows = [{"step": s, "rollout/reward": 0.0, "rollout/format_acc": first[0] if s == 1 else last[0],
+             "rollout/accuracy": first[1] if s <= 4 else last[1]} for s in range(1, 9)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_claims_from_a_run_directory(tmp_path):
@@ -67,12 +68,12 @@ def test_claims_from_a_run_directory(tmp_path):
         "specs@40": {"benchmarks": {"id": {"num": 128}},
                      "group_gain_ci": {"id": [-4.7, -9.0, -0.4], "ood": [1.0, -3.0, 5.0]}}}}
     text = "\n".join(claims(scores, rollouts))
-    # grpo_zero: 10% -> 30% of 128 samples (Wilson by hand: centre 0.1117 +- 0.0525, 0.3058 +- 0.0784);
-    # the difference +20 points, se sqrt(.09/128 + .21/128) = 0.0484 -> +-9.5 points.
-    assert "(grpo_zero, training prompts, first vs last rollout): 10.0% [5.9, 16.4] -> 30.0% [22.7, 38.4], " \
-           "+20.0 points [+10.5, +29.5]: **holds**" in text
-    assert "(specs, training prompts, first vs last rollout)" in text
-    assert "+2.0 points [-8.0, +12.0]: **not shown: the interval includes zero**" in text
+    # grpo_zero: 10% -> 30% over 2 batches of 128 samples at each end (8 steps: a quarter), Wilson by hand:
+    # 0.1059 +- 0.0370 and 0.3030 +- 0.0558; the difference +20 points, se sqrt(.09/256 + .21/256) = 0.0342.
+    assert "(grpo_zero, training prompts, steps 1-2 vs steps 7-8): 10.0% [6.9, 14.3] -> 30.0% [24.7, 35.9], " \
+           "+20.0 points [+13.3, +26.7]: **holds**" in text
+    assert "(specs, training prompts, steps 1-2 vs steps 7-8)" in text
+    assert "+2.0 points [-5.1, +9.1]: **not shown: the interval includes zero**" in text
     assert "specs (from cold_start) starts at 75.0%" in text and "grpo_zero (from pretrain) started at 33.0%" in text
     assert "The final model beats the base** (specs@40, greedy, test rows): ID -4.7 points [-9.0, -0.4]: " \
            "**does not hold: a loss**; OOD +1.0 points [-3.0, +5.0]: **not shown" in text
