@@ -165,8 +165,11 @@ def move_aside(out_dir: Path, names: list[str]) -> Path | None:
     """Move the named stage directories to `<out_dir>/replaced/<time>/` (rank 0); returns that folder."""
     if not names:
         return None
-    dest = out_dir / "replaced" / time.strftime("%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True, exist_ok=False)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, i = out_dir / "replaced" / stamp, 2
+    while dest.exists():  # two reruns within a second
+        dest, i = out_dir / "replaced" / f"{stamp}-{i}", i + 1
+    dest.mkdir(parents=True)
     for name in names:
         shutil.move(str(out_dir / name), str(dest / name))
     return dest

@@ -132,3 +132,13 @@ def test_train_main_refuses_then_reruns(tmp_path, capsys):
     (old,) = (out / "replaced").iterdir()
     assert sorted(p.name for p in old.iterdir()) == ["b", "c"] and (old / "b" / "DONE").is_file()
     assert (out / "c" / "DONE").is_file() and (out / "a" / "DONE").is_file()
+
+
+def test_move_aside_twice_in_a_second_keeps_both(tmp_path):
+    from engine.stage_record import move_aside
+
+    for _ in range(2):
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / "DONE").write_text("{}\n")
+        move_aside(tmp_path, ["b"])
+    assert len(list((tmp_path / "replaced").glob("*/b/DONE"))) == 2 and not (tmp_path / "b").exists()
