@@ -26,9 +26,9 @@ def is_hub_id(text: str) -> bool:
     return bool(_HUB_ID.fullmatch(text)) and not Path(text).exists()
 
 
-def download_hint(repo_id: str) -> str:
-    return (f"download it where the hub is reachable with `hf download {repo_id}` (huggingface_hub's CLI; it fills "
-            f"the cache this machine reads, or copy the cache over), or set the path to a local directory")
+def download_hint(repo_id: str, key: str) -> str:
+    return (f"get it with `hf download {repo_id}` where the hub is reachable (huggingface_hub's CLI; it fills the "
+            f"cache this machine reads), or point {key} at a local directory")
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
@@ -65,8 +65,8 @@ def model_path_problems(text: str, key: str) -> list[str]:
     if snapshot is not None:
         return model_dir_problems(snapshot, key)
     if env_flag("HF_HUB_OFFLINE"):
-        return [f"{key}: {text!r} is not a directory, and as a Hugging Face model id it is not in the local cache "
-                f"and the hub is offline (HF_HUB_OFFLINE=1); {download_hint(text)}"]
+        return [f"{key}: {text!r} is not a directory (cwd: {Path.cwd()}); as a Hugging Face model id it is not in "
+                f"the local cache, and the hub is offline (HF_HUB_OFFLINE=1): {download_hint(text, key)}"]
     return []
 
 
@@ -85,5 +85,5 @@ def resolve_model_path(text: str, key: str = "model.path") -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=_DOWNLOAD_PATTERNS))
     except Exception as e:  # network, authentication, a missing repo: all end in the same advice
-        raise ValueError(f"{key}: {text!r} is not a directory, and downloading it as a Hugging Face model id failed "
-                         f"({type(e).__name__}: {e}); {download_hint(text)}") from None
+        raise ValueError(f"{key}: {text!r} is not a directory (cwd: {Path.cwd()}); downloading it as a Hugging Face "
+                         f"model id failed ({type(e).__name__}: {e}): {download_hint(text, key)}") from None

@@ -112,7 +112,7 @@ def test_hub_id_resolves_through_the_cache_or_names_the_download(tmp_path, monke
     monkeypatch.chdir(tmp_path)  # so the id is no relative path that exists
     with pytest.raises(ConfigError) as e:
         _parse(_uses_model("Qwen/Qwen2.5-VL-7B-Instruct"))
-    assert "not in the local cache and the hub is offline" in str(e.value)
+    assert "not in the local cache, and the hub is offline" in str(e.value)
     assert "`hf download Qwen/Qwen2.5-VL-7B-Instruct`" in str(e.value)
     with pytest.raises(ValueError, match="hf download Qwen/Qwen2.5-VL-7B-Instruct"):
         resolve_model_path("Qwen/Qwen2.5-VL-7B-Instruct")
