@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(stage, names: dict[str, str], out: Path) -> int:
-    from engine import preempt
+    from engine import preempt, tracking
     from engine.console import quiet_third_party
     from engine.dist import broadcast_object, destroy_distributed, init_distributed
     from engine.log import log0, logger, setup_logging
@@ -135,6 +135,7 @@ def _run(stage, names: dict[str, str], out: Path) -> int:
         paths = {k: resolve_model_path(v) for k, v in names.items()}  # every rank, from the cache rank 0 filled
         log0("eval: models " + ", ".join(f"{k} = {v}" for k, v in paths.items()))
         ctx = ExternalModels(cfg.run, cfg.model, dist_info, out, out / "eval", paths=paths)
+        tracking.start(cfg.run, out, text, dist_info.is_main)  # scores, report and plots, when installed
         run(stage, ctx)
         return 0
     except preempt.Preempted as e:
@@ -145,6 +146,7 @@ def _run(stage, names: dict[str, str], out: Path) -> int:
         logger.error(f"eval failed: {e}")
         return 1
     finally:
+        tracking.finish()
         preempt.uninstall()
         destroy_distributed()
 
