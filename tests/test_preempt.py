@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,13 @@ from engine import train
 
 from .conftest import REPO
 from .test_eval_stage import scripted  # noqa: F401, F811 - a fixture
-from .test_train_dist import TORCHRUN, _env
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
 
 RECIPE = """
 [run]
