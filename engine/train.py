@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             if action == "skip":
                 log0(f"stage {stage.name} ({stage.kind}): finished earlier with these settings, skipped")
                 continue
+            if preempt.agreed(dist_info.device):  # a signal during the previous stage's last part: stop here
+                raise preempt.Preempted(f"before stage {stage.name} (every earlier stage finished)")
             log0(f"stage {stage.name} ({stage.kind}): {'resume' if action == 'resume' else 'start'}")
             start_s = time.perf_counter()
             if dist_info.is_main and action == "run":

@@ -156,3 +156,22 @@ def test_eval_stops_after_the_chunk_it_is_writing(tmp_path, toy_world, scripted,
     eval_stage.run(cfg, ctx)
     assert (ctx.stage_dir / "report.md").is_file()
     assert len(scripted.calls) == 2 * 32 - 2  # every row once; row 0 of toy_id cannot be encoded
+
+
+def test_a_signal_between_stages_stops_before_the_next(tmp_path, monkeypatch):
+    """A stage without safe points (the toy world) finishes; the run stops before the next stage starts."""
+    from engine import preempt, stages
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[run]\nname = "p"\n' + "".join(
+        f'[[stages]]\nname = "{n}"\nkind = "toy"\nnum_train = 16\nnum_test = 8\nvocab_size = 400\n' for n in "ab"))
+    run_stage = stages.run_stage
+
+    def run_then_signal(cfg, ctx):
+        run_stage(cfg, ctx)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives as stage a ends
+
+    monkeypatch.setattr(train, "run_stage", run_then_signal)
+    assert train.main([str(recipe), f"--run.out_dir={tmp_path / 'out'}"]) == 128 + signal.SIGTERM
+    assert (tmp_path / "out" / "a" / "DONE").is_file() and not (tmp_path / "out" / "b").exists()
+    assert preempt.requested() is False  # main() left the process as it found it
