@@ -17,6 +17,19 @@ _warned: set[str] = set()
 _progress_every_s = 30.0
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to `sys.stdout` as it is when a line is logged, not as it was when logging was set up (a stream
+    replaced later, e.g. by a test's capture or a notebook, still gets the lines)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns one; the property always answers sys.stdout
+        pass
+
+
 def setup_logging(rank: int = 0, progress_every_s: float | None = None) -> None:
     """Configure the `engine` logger once per process; later calls only update the rank (and the interval
     between `Progress` lines, in seconds)."""
@@ -25,7 +38,7 @@ def setup_logging(rank: int = 0, progress_every_s: float | None = None) -> None:
     if progress_every_s is not None:
         _progress_every_s = progress_every_s
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         prefix = f"[rank{rank}] " if env_flag("ENGINE_LOG_ALL_RANKS") else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname).1s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
