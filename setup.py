@@ -134,6 +134,16 @@ setup(
         # call, _compute_loss): pinned to the minor version its tests ran against. verl has no extra: its metadata
         # pins transformers<5.11 (`make test-verl` installs it --no-deps in its own venv).
         "trl": ["trl>=1.16,<1.17"],
-        "dev": ["pytest>=8", "ruff>=0.15", "pybind11>=2.12", "google-genai>=3.6", "trl>=1.16,<1.17"],
+        "tensorboard": ["tensorboard>=2.16"],
+        "wandb": ["wandb>=0.19"],
+        # tensorboardX: a 3 MB TensorBoard event writer, so the tests read real event files back.
+        "dev": ["pytest>=8", "ruff>=0.15", "pybind11>=2.12", "google-genai>=3.6", "trl>=1.16,<1.17",
+                "tensorboardX>=2.6"],
     },
+    # Installed commands (in .venv/bin after `make venv`): the same as the module entry points.
+    entry_points={"console_scripts": [
+        "specs-train = engine.train:main",  # python engine/train.py RECIPE; torchrun takes the script path
+        "specs-eval = engine.eval:main",  # python -m engine.eval --model ... --benchmarks ...
+        "specs-config = engine.config:main",  # python -m engine.config RECIPE: the resolved config
+    ]},
 )

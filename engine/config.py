@@ -5,10 +5,12 @@ its kind needs (`[stages.optim]`, `[stages.train]`, ...). Loading collects every
 did-you-mean, wrong types, bad values, cross-stage references) and raises one `ConfigError` before any work.
 
     python -m engine.config recipes/tiny.toml [--stages.pretrain.optim.lr=1e-3]   # print the resolved config
+                                                  # (files that do not exist yet are listed as warnings)
 """
 
 import dataclasses
 import difflib
+import re
 import sys
 import tomllib
 import types
@@ -40,11 +42,22 @@ class RunConfig:
     """Use deterministic torch algorithms (slower on GPU; the CPU paths are deterministic anyway)."""
     log_every: int = 1
     """Print one progress line every this many optimizer steps."""
+    progress_every_s: float = 30.0
+    """Long loops (rollouts, eval and distill chunks) print a progress line at most this often, in seconds."""
+    trackers: list[Literal["tensorboard", "wandb"]] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides `<stage>/metrics.jsonl` (engine/tracking.py): TensorBoard event files in
+    `<out_dir>/tensorboard/`, Weights & Biases, both, or [] for none. A tracker not installed is skipped with a note."""
+    wandb_project: str = "specs-engine"
+    """Weights & Biases project (with "wandb" in trackers); the W&B run is named after `run.name`."""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """auto: online when a W&B API key is configured (WANDB_API_KEY or `wandb login`), offline otherwise."""
 
     def check(self) -> list[str]:
         problems = [] if self.name.strip() else ["run.name must not be empty"]
         if self.log_every < 1:
             problems.append(f"run.log_every must be >= 1, got {self.log_every}")
+        if self.progress_every_s <= 0:
+            problems.append(f"run.progress_every_s must be > 0, got {self.progress_every_s}")
         return problems
 
 
@@ -108,6 +121,12 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: {value!r} not in {{{', '.join(map(str, args))}}}{hint}")
             return _INVALID
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a table, e.g. {{a = \"b\"}}, got {type(value).__name__} {value!r}")
+            return _INVALID
+        items = {k: _convert(v, args[1], f"{where}.{k}", problems) for k, v in value.items()}
+        return _INVALID if any(v is _INVALID for v in items.values()) else items
     if origin is list:
         if not isinstance(value, list):
             problems.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
@@ -203,8 +222,19 @@ def _check_tree(obj: Any, where: str, problems: list[str]) -> None:
         _check_tree(getattr(obj, f.name), where, problems)
 
 
-def parse_config(raw: dict, overrides: list[str] = (), source: str = "<recipe>") -> Config:
-    """Validate a raw TOML dict (plus overrides) into a `Config`, or raise one `ConfigError` with everything."""
+def _stage_problem(stage: StageConfig, problem: str) -> str:
+    """`stages.<name>.<key>...` when a stage's check names one of its keys first, else `stages.<name>: ...`."""
+    first = problem.split(" ", 1)[0].split(".", 1)[0].split("[", 1)[0]
+    named_key = first in {f.name for f in dataclasses.fields(stage)}
+    return f"stages.{stage.name}.{problem}" if named_key else f"stages.{stage.name}: {problem}"
+
+
+def parse_config(raw: dict, overrides: list[str] = (), source: str = "<recipe>",
+                 file_warnings: list[str] | None = None) -> Config:
+    """Validate a raw TOML dict (plus overrides) into a `Config`, or raise one `ConfigError` with everything.
+
+    `file_warnings`: when a list, problems with files that do not exist (yet) go there instead of failing, so a
+    recipe can be printed before its data and models are in place."""
     problems: list[str] = []
     apply_overrides(raw, list(overrides), problems)
     stages_raw = raw.pop("stages", [])
@@ -229,16 +259,40 @@ def parse_config(raw: dict, overrides: list[str] = (), source: str = "<recipe>")
         _check_tree(cfg.run, "", problems)
         _check_tree(cfg.model, "", problems)
         for stage in stages:
-            for p in stage.check():
-                problems.append(f"stages.{stage.name}.{p}")
-        problems.extend(_cross_checks(cfg))
+            problems.extend(_stage_problem(stage, p) for p in stage.check())
+        files: list[str] = []
+        problems.extend(_cross_checks(cfg, files))
+        if file_warnings is None:
+            problems.extend(files)
+        else:
+            file_warnings.extend(dict.fromkeys(files))
     if problems:
         raise ConfigError(source, list(dict.fromkeys(problems)))  # once each (a bad model.path, for one)
     return cfg
 
 
-def _cross_checks(cfg: Config) -> list[str]:
-    """Problems that need more than one table: stage names, references to earlier stages, paths."""
+def parse_stage(table: dict, overrides: list[str] = (), source: str = "<stage>") -> StageConfig:
+    """One `[[stages]]` table, validated like a recipe's stage but without the checks that need other stages.
+    `overrides` are `--key=value` relative to the stage (`--max_new_tokens=2048`, `--judge.enabled=true`)."""
+    problems: list[str] = []
+    table = dict(table)
+    apply_overrides(table, list(overrides), problems)
+    name, kind = table.get("name", "stage"), table.get("kind")
+    if kind not in STAGE_KINDS:
+        raise ConfigError(source, [f"kind: {kind!r} not in {{{', '.join(STAGE_KINDS)}}}"])
+    stage = _build(STAGE_KINDS[kind], table, name, problems)
+    if stage is not None:
+        problems.extend(f"{name}.{p}" for p in stage.check())
+    if problems:
+        raise ConfigError(source, list(dict.fromkeys(problems)))
+    return stage
+
+
+def _cross_checks(cfg: Config, files: list[str]) -> list[str]:
+    """Problems that need more than one table: stage names, references to earlier stages. Problems with files
+    (missing paths, a model directory without weights, an uncached hub id offline) go to `files`."""
+    from engine.hub import model_path_problems
+
     problems = []
     seen: dict[str, StageConfig] = {}
     for stage in cfg.stages:
@@ -250,9 +304,10 @@ def _cross_checks(cfg: Config) -> list[str]:
         for key, ref in stage.model_inputs().items():
             if ref == "model":
                 if not cfg.model.path:
-                    problems.append(f"{where}.{key} = 'model' but [model].path is empty (set it to a checkpoint dir)")
-                elif not Path(cfg.model.path).is_dir():
-                    problems.append(f"model.path: {cfg.model.path!r} is not a directory")
+                    problems.append(f"{where}.{key} = 'model' but [model].path is empty (set it to a Hugging Face "
+                                    f"model directory or id)")
+                else:
+                    files.extend(model_path_problems(cfg.model.path, "model.path"))
             elif ref not in seen:
                 known = ", ".join(["model", *seen])
                 problems.append(f"{where}.{key} = {ref!r}: not the base model or an earlier stage (known: {known})")
@@ -264,13 +319,13 @@ def _cross_checks(cfg: Config) -> list[str]:
                 problems.append(f"{where}.{key} = {path!r}: {stage_ref!r} is not an earlier stage "
                                 f"(use '<stage>:relative/path' for a stage's output, or a plain path)")
             elif not sep and not Path(path).exists():
-                problems.append(f"{where}.{key}: {path!r} does not exist")
+                files.append(f"{where}.{key}: {path!r} does not exist")
         seen[stage.name] = stage
     return problems
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read and validate a recipe file."""
+def load_config(path: str | Path, overrides: list[str] = (), file_warnings: list[str] | None = None) -> Config:
+    """Read and validate a recipe file (`file_warnings`: see `parse_config`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), [f"recipe file not found (cwd: {Path.cwd()})"])
@@ -278,11 +333,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [f"not valid TOML: {e}"]) from None
-    return parse_config(raw, overrides, source=str(path))
+    return parse_config(raw, overrides, source=str(path), file_warnings=file_warnings)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing the resolved config back as TOML (tomllib only reads).
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _toml_value(v: Any) -> str:
@@ -294,6 +352,9 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table; keys quoted unless bare
+        return "{" + ", ".join(f"{k if _BARE_KEY.fullmatch(k) else _toml_value(k)} = {_toml_value(x)}"
+                               for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -336,12 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-"):
         sys.stderr.write("usage: python -m engine.config RECIPE.toml [--section.key=value ...]\n")
         return 2
+    missing: list[str] = []
     try:
-        cfg = load_config(argv[0], argv[1:])
+        cfg = load_config(argv[0], argv[1:], file_warnings=missing)
     except ConfigError as e:
         sys.stderr.write(f"{e}\n")
         return 2
     sys.stdout.write(to_toml(cfg))
+    for problem in missing:  # after the config, so they are the last thing on the screen
+        sys.stderr.write(f"warning: {problem} (engine/train.py needs it before it starts)\n")
     return 0
 
 

@@ -13,6 +13,7 @@ Letters in shapes: B batch, T tokens, P vision patches (all images of the batch)
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import logging
@@ -28,6 +29,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from engine.dist import gather_object, rank_world
+from engine.sections import COLUMNS
 
 try:  # the lent GPU machine has no `datasets`: Processor, collate and the planners still work there
     import datasets
@@ -46,6 +48,10 @@ IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN = "<|image_pad|>"
 END_OF_TURN = "<|im_end|>"
 _EXTENSIONS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".arrow": "arrow"}
+# Names other datasets give our columns: the first one present is suggested when ours is missing.
+_LIKELY = {"problem": ("question", "query", "prompt", "instruction", "input", "text"),
+           "answer": ("solution", "ground_truth", "gt_answer", "final_answer", "label", "target", "output"),
+           "images": ("image", "image_path", "img", "picture", "decoded_image")}
 
 # Used only when neither the tokenizer nor the model dir has a template that renders images. This is the
 # Qwen2-VL / Qwen2.5-VL processor template (chat_template.json of Qwen2.5-VL-7B-Instruct) minus video, add_vision_id.
@@ -112,7 +118,7 @@ class PixelLoader:
         key = (id(self.rows), self.index)
         hit = PixelLoader._cache.pop(key, None)
         if hit is None:
-            entries = self.rows.with_format("arrow")[self.index:self.index + 1].to_pylist()[0].get("images") or []
+            entries = row_images(self.rows.with_format("arrow")[self.index:self.index + 1].to_pylist()[0])
             images = [_open_image(e, self.base_dir) for e in entries]
             hit = self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
         PixelLoader._cache[key] = hit  # most recent last
@@ -134,7 +140,7 @@ class BadRowReport:
 
 def load_rows(
     path: str | os.PathLike, *, split_name: str = "train", response_column: str | None = None,
-    cache_dir: str | None = None,
+    cache_dir: str | None = None, columns: dict[str, str] | None = None,
 ) -> datasets.Dataset:  # fmt: skip
     """Read a parquet / jsonl / json / arrow file, a directory of such files, or a `save_to_disk` directory.
 
@@ -143,9 +149,11 @@ def load_rows(
         split_name: split name handed to `datasets` (only a label here).
         response_column: if set, this column is required too (SFT).
         cache_dir: `datasets` cache directory (None = the HF default).
+        columns: our column name -> the data's (`{"images": "image"}`), applied before the checks.
 
     Returns:
-        The rows, with image columns as `datasets` stores them (decoded later by `encode_rows`).
+        The rows, with image columns as `datasets` stores them (decoded later by `encode_rows`). A column `image`
+        (one image a row) becomes `images` when there is no `images` column.
     """
     if datasets is None:
         raise RuntimeError("reading data files needs `datasets`: pip install datasets (see requirements/)")
@@ -167,11 +175,48 @@ def load_rows(
         )
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"data path {str(p)!r} holds splits {list(ds)}; point at one split's directory")
+    ds = map_columns(ds, columns or {}, str(p))
     required = ["problem", "answer"] + ([response_column] if response_column else [])
     missing = [c for c in required if c not in ds.column_names]
     if missing:
-        raise ValueError(f"data path {str(p)!r}: missing required column(s) {missing} (found: {ds.column_names})")
+        raise ValueError(f"data path {str(p)!r}: missing required column(s) {missing} (found: "
+                         f"{', '.join(ds.column_names)}){_mapping_hint(missing, ds.column_names)}")
     return ds
+
+
+def _mapping_hint(missing: list[str], found: list[str]) -> str:
+    """`; map yours with data.columns = {problem = "question"}` for the missing columns a likely name exists for."""
+    pairs = []
+    for ours in missing:
+        likely = [c for c in _LIKELY.get(ours, ()) if c in found] or difflib.get_close_matches(ours, found, n=1)
+        if likely:
+            pairs.append(f'{ours} = "{likely[0]}"')
+    if not pairs:
+        return f"; name the data's columns in the recipe with data.columns = {{{missing[0]} = \"...\"}}"
+    return f"; if those are yours, map them in the recipe: data.columns = {{{', '.join(pairs)}}}"
+
+
+def map_columns(ds: datasets.Dataset, columns: dict[str, str], source: str) -> datasets.Dataset:
+    """Rename the data's columns to ours (`columns`: ours -> theirs); read a lone `image` column as `images`."""
+    unknown = [k for k in columns if k not in COLUMNS]
+    absent = [v for v in columns.values() if v not in ds.column_names]
+    if unknown or absent:
+        raise ValueError(f"{source}: data.columns = {columns}: " + "; ".join(
+            ([f"{unknown} are not our columns ({', '.join(COLUMNS)})"] if unknown else [])
+            + ([f"the data has no column(s) {absent} (found: {', '.join(ds.column_names)})"] if absent else [])))
+    renames = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
+    shadowed = [ours for ours in renames.values() if ours in ds.column_names and ours not in renames]
+    ds = ds.remove_columns(shadowed).rename_columns(renames) if renames else ds  # the mapped column wins
+    if "images" not in ds.column_names and "image" in ds.column_names:
+        logger.info("%s: reading column 'image' as the images (one a row)", source)
+        ds = ds.rename_column("image", "images")
+    return ds
+
+
+def row_images(row: dict) -> list:
+    """A row's `images` entries as a list: the column holds a list of images, or one image (an Image column)."""
+    entries = row.get("images")
+    return [] if entries is None else entries if isinstance(entries, list) else [entries]
 
 
 def _open_image(entry: Any, base_dir: Path) -> Image.Image:
@@ -372,6 +417,9 @@ def encode_rows(
     if response_column and response_column not in data.column_names:
         raise ValueError(f"{source}: response column {response_column!r} not in {data.column_names}")
     rank, world = rank_world() if shard else (0, 1)
+    no_images_hint = "" if "images" in data.column_names else (
+        f"; the data has no images column (found: {', '.join(data.column_names)}): if one holds the images, map it "
+        f'with data.columns = {{images = "..."}}')
     mine: list[tuple[int, Sample]] = []
     bad: list[tuple[int, BadRow]] = []
     pixel_bytes, lazy, dropped = 0, False, 0
@@ -385,7 +433,8 @@ def encode_rows(
                 continue
             row_id = str(row["id"]) if row.get("id") not in (None, "") else f"row-{i}"
             try:
-                images = [_open_image(e, base_dir) for e in row.get("images") or []]
+                entries = row_images(row)
+                images = [_open_image(e, base_dir) for e in entries]
                 response = (row[response_column] or "") if response_column else None  # encode rejects ""
                 sample = processor.encode(
                     row["problem"] or "", images, template=template, response=response, system=system, row_id=row_id
@@ -393,7 +442,8 @@ def encode_rows(
                 if max_tokens is not None and len(sample.input_ids) > max_tokens:
                     raise BadRow(row_id, "too long", f"{len(sample.input_ids)} tokens > max_tokens={max_tokens}")
             except BadRow as e:
-                bad.append((i, BadRow(row_id, e.reason, e.detail, source)))
+                hint = no_images_hint if e.reason == "placeholder mismatch" and not entries else ""
+                bad.append((i, BadRow(row_id, e.reason, e.detail + hint, source)))
                 if on_bad_row == "error" and world == 1:
                     raise bad[-1][1] from None
                 continue

@@ -28,6 +28,8 @@ VARS: dict[str, tuple[str, str]] = {
                        "judge.api_key_env; engine/judge_openai.py)."),
     "JUDGE_API_KEY": ("", "API key for an OpenAI-compatible judge, when judge.api_key_env = 'JUDGE_API_KEY' (e.g. a "
                       "local vLLM/SGLang server started with --api-key)."),
+    # Read only by engine/tracking.py to choose W&B's online/offline mode; wandb itself reads it to log in.
+    "WANDB_API_KEY": ("", "Weights & Biases API key (run.trackers = [\"wandb\"], run.wandb_mode = \"auto\")."),
 }
 
 

@@ -43,7 +43,7 @@ from engine.http_json import (
     TransportError,
     post_json,
 )
-from engine.log import log0, logger, warn_once
+from engine.log import Progress, log0, logger, warn_once
 
 KEY_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
 RETRY_CODES = frozenset({408, 429})  # plus every 5xx
@@ -348,8 +348,12 @@ class Judge:
     def ask_many(self, prompts: list[str]) -> list[Verdict]:
         """Ask each yes/no prompt; identical prompts are sent once. Returns one Verdict per prompt, in order."""
         unique = list(dict.fromkeys(prompts))
+        progress, answers = Progress(f"judge {self.cfg.model}", len(unique), "prompts"), []
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency, thread_name_prefix="judge") as pool:
-            by_prompt = dict(zip(unique, pool.map(self._ask_one, unique), strict=True))
+            for verdict in pool.map(self._ask_one, unique):  # in order, as they arrive: a line every 30 s or so
+                answers.append(verdict)
+                progress.update(1)
+        by_prompt = dict(zip(unique, answers, strict=True))
         out = []
         for prompt in prompts:
             v = by_prompt[prompt]

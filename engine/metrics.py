@@ -17,6 +17,7 @@ import torch
 
 from engine import atomic
 from engine.log import log0
+from engine.tracking import log_metrics
 
 WARMUP_STEPS = 2
 """Steps of each process left out of the averaged throughput, MFU and ETA."""
@@ -84,6 +85,7 @@ class Metrics:
             self.warm_tokens += tokens
             self.warm_step_s += step_s
         atomic.append_text(self.path, json.dumps(record) + "\n")  # cut back if the disk fills mid-line
+        log_metrics(self.name, step, record)  # TensorBoard / W&B, when run.trackers has them
         if step % self.log_every == 0 or step == self.total_steps:
             log0(self.progress_line(step, record))
 

@@ -105,6 +105,10 @@ DEFAULT_TEMPLATE = (
 )
 
 
+COLUMNS = ("problem", "answer", "images", "choices", "id")
+"""Our column names in training data; `data.columns` maps them to a dataset's own."""
+
+
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
     train: str
@@ -127,6 +131,10 @@ class DataConfig:
     on_bad_row: Literal["skip", "error"] = "skip"
     """A row with a missing/corrupt image, a placeholder/image count mismatch or empty text: skip it (counted
     and logged with its id) or stop with an error naming it."""
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The data's names for our columns, for data named otherwise: `{images = "image", problem = "question"}`
+    (keys: problem, answer, images, choices, id). A column `image` holding one image a row is read as `images`
+    without a mapping."""
 
     @property
     def max_pixel_bytes(self) -> int:
@@ -142,6 +150,8 @@ class DataConfig:
             problems.append(f"data.max_cached_pixel_gib must be >= 0, got {self.max_cached_pixel_gib}")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             problems.append(f"data.min_pixels ({self.min_pixels}) > data.max_pixels ({self.max_pixels})")
+        problems.extend(f"data.columns.{k}: not one of our columns ({', '.join(COLUMNS)}); the key is our name, "
+                        f"the value the data's" for k in self.columns if k not in COLUMNS)
         return problems
 
 

@@ -3,8 +3,13 @@
     torchrun --nproc_per_node 2 engine/train.py recipes/tiny.toml [--section.key=value ...]
     python engine/train.py recipes/tiny.toml                       # a single process works too
 
-Each stage writes `<run.out_dir>/<stage>/`; a stage with a DONE marker is skipped, an unfinished one resumes
-from its newest checkpoint. Exit codes: 0 done, 1 a stage failed, 2 the recipe is invalid (nothing ran).
+Each stage writes `<run.out_dir>/<stage>/`, starting with `config.toml`, the settings it runs with. On a rerun a
+finished stage with the same settings is skipped and an unfinished one resumes from its newest checkpoint; a stage
+whose settings changed stops the run before any work (engine/stage_record.py), unless `--rerun STAGE` or `--force`
+says to run it and every later stage again. SIGTERM or Ctrl-C stops the run after the current optimizer step (with
+a checkpoint) or distill/eval chunk; rerunning the same command resumes there (engine/preempt.py).
+Exit codes: 0 done, 1 a stage failed, 2 the recipe is invalid or asks a finished stage for other settings (nothing
+ran), 128 + N stopped by signal N (143: SIGTERM, 130: Ctrl-C).
 """
 
 import sys
@@ -15,21 +20,26 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "engine"]
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine import atomic  # noqa: E402
+from engine import atomic, preempt, tracking  # noqa: E402
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
-from engine.dist import barrier, destroy_distributed, init_distributed  # noqa: E402
+from engine.console import quiet_third_party  # noqa: E402
+from engine.dist import barrier, broadcast_object, destroy_distributed, init_distributed  # noqa: E402
+from engine.hub import resolve_model_path  # noqa: E402
 from engine.log import log0, logger, setup_logging  # noqa: E402
 from engine.plan import check_at_startup  # noqa: E402
 from engine.runlock import acquire_on_main  # noqa: E402
+from engine.stage_record import Plan, RerunError, move_aside, plan_stages, write_record  # noqa: E402
 from engine.stages import DONE_MARKER, StageContext, run_stage  # noqa: E402
 from engine.trainer import NonFiniteError  # noqa: E402
 
@@ -63,12 +73,80 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _plan(cfg: Config, args, is_main: bool) -> Plan:
+    """Rank 0 compares the stage records with the recipe; every rank gets the same plan or the same error."""
+    plan, error = None, ""
+    if is_main:
+        try:
+            plan = plan_stages(cfg, cfg.out_dir, rerun=args.rerun, force=args.force)
+        except RerunError as e:
+            error = str(e)
+    plan, error = broadcast_object((plan, error))
+    if error:
+        raise RerunError(error)
+    return plan
+
+
+def _local_model(cfg: Config, plan: Plan, is_main: bool):
+    """[model] with `path` a local directory: a Hugging Face id is resolved through the cache (rank 0 downloads it
+    when it is missing and the hub is reachable, then the other ranks resolve it from their cache). Only when a
+    stage that runs uses the base model."""
+    uses_base = any(plan.actions[s.name] != "skip" and "model" in s.model_inputs().values() for s in cfg.stages)
+    if not (cfg.model.path and uses_base):
+        return cfg.model
+    path, error = None, ""
+    if is_main:  # first, alone: it downloads what is missing
+        try:
+            path = str(resolve_model_path(cfg.model.path))
+        except ValueError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise ValueError(error)
+    if not is_main:  # then the others, from the shared cache or their node's own
+        path = str(resolve_model_path(cfg.model.path))
+    if path != cfg.model.path:
+        log0(f"model: {cfg.model.path} -> {path}")
+    return dataclasses.replace(cfg.model, path=path)
+
+
+def _prepare(cfg: Config, args, overrides: list[str], is_main: bool) -> Plan:
+    """Check the stage records, move stages to rerun aside, write the resolved config; the plan of each stage."""
+    plan = _plan(cfg, args, is_main)
+    out_dir = cfg.out_dir
+    if is_main:
+        for note in plan.notes:
+            logger.warning(note)
+        moved = move_aside(out_dir, plan.move_aside)
+        if moved:
+            log0(f"--{'rerun' if args.rerun else 'force'}: moved {', '.join(plan.move_aside)} to {moved}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Written only after the stage records agree with it: it never claims settings a stage did not run with.
+        atomic.write_text(out_dir / "config.resolved.toml", to_toml(cfg))
+    if args.print_config:
+        log0("resolved config:\n" + to_toml(cfg))
+    log0(f"config: {args.recipe}" + (f" with {' '.join(overrides)}" if overrides else "")
+         + f" -> {out_dir / 'config.resolved.toml'} (every default filled in; --print-config shows it here)")
+    return plan
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     epilog="Any other --section.key=value overrides a recipe value.")
     parser.add_argument("recipe", help="recipe TOML file, e.g. recipes/tiny.toml")
     parser.add_argument("--ignore-memory-plan", action="store_true", help="start even if the memory plan says a "
                         "stage does not fit the GPU")
-    args, overrides = parser.parse_known_args(argv)
+    parser.add_argument("--rerun", metavar="STAGE", help="run STAGE and every later stage again (their old "
+                        "directories move to <out_dir>/replaced/<time>/)")
+    parser.add_argument("--force", action="store_true", help="run again from the first stage whose settings "
+                        "differ from what it ran with (old directories move aside as with --rerun)")
+    parser.add_argument("--print-config", action="store_true", help="also print the resolved config on the "
+                        "console (it is always written to <out_dir>/config.resolved.toml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parser().parse_known_args(argv)
     try:
         cfg = load_config(args.recipe, overrides)
     except ConfigError as e:  # user input: a clear message, no traceback, nothing started
@@ -76,32 +154,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     dist_info = init_distributed()
-    setup_logging(dist_info.rank)
+    preempt.install()  # SIGTERM / SIGINT: stop after the current step with a checkpoint (engine/preempt.py)
+    setup_logging(dist_info.rank, progress_every_s=cfg.run.progress_every_s)
+    quiet_third_party(dist_info.rank)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     out_dir = cfg.out_dir
     lock = None
     try:
         lock = acquire_on_main(out_dir, dist_info.is_main)  # one run per out_dir, before anything is written
-        if dist_info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(out_dir / "config.resolved.toml", to_toml(cfg))
-            log0("resolved config:\n" + to_toml(cfg))
+        plan = _prepare(cfg, args, overrides, dist_info.is_main)
         _startup_block(cfg, dist_info)
         check_at_startup(cfg, dist_info.world_size, dist_info.device, allow_oversize=args.ignore_memory_plan)
+        tracking.start(cfg.run, out_dir, to_toml(cfg), dist_info.is_main)
+        model = _local_model(cfg, plan, dist_info.is_main)  # the records keep the id as written in the recipe
         for index, stage in enumerate(cfg.stages):
             stage_dir = out_dir / stage.name
-            if (stage_dir / DONE_MARKER).is_file():
-                log0(f"stage {stage.name} ({stage.kind}): finished earlier, skipped")
+            action = plan.actions[stage.name]
+            if action == "skip":
+                log0(f"stage {stage.name} ({stage.kind}): finished earlier with these settings, skipped")
                 continue
-            log0(f"stage {stage.name} ({stage.kind}): start")
+            if preempt.agreed(dist_info.device):  # a signal during the previous stage's last part: stop here
+                raise preempt.Preempted(f"before stage {stage.name} (every earlier stage finished)")
+            log0(f"stage {stage.name} ({stage.kind}): {'resume' if action == 'resume' else 'start'}")
             start_s = time.perf_counter()
-            if dist_info.is_main:
-                stage_dir.mkdir(parents=True, exist_ok=True)
+            if dist_info.is_main and action == "run":
+                write_record(cfg, stage, stage_dir)  # before any work, so a resume is checked against it too
             barrier()
             _seed_everything(cfg.run.seed + index)  # per stage, so skipping earlier stages changes nothing
-            run_stage(stage, StageContext(cfg.run, cfg.model, dist_info, out_dir, stage_dir))
+            run_stage(stage, StageContext(cfg.run, model, dist_info, out_dir, stage_dir))
             barrier()
+            tracking.flush()
             elapsed_s = time.perf_counter() - start_s
             if dist_info.is_main:
                 done = {"stage": stage.name, "kind": stage.kind, "elapsed_s": round(elapsed_s, 2),
@@ -110,6 +193,15 @@ def main(argv: list[str] | None = None) -> int:
             log0(f"stage {stage.name} ({stage.kind}): done in {elapsed_s:.1f} s -> {stage_dir}")
         log0(f"all stages done: {out_dir}")
         return 0
+    except RerunError as e:  # the recipe asks a finished stage for other settings: nothing ran
+        if dist_info.is_main:  # every rank has the same message
+            logger.error(f"error: {e}")
+        return 2
+    except preempt.Preempted as e:
+        if dist_info.is_main:
+            logger.warning(f"stopped by {signal.Signals(e.signum).name}: {e.where}. To resume, run the same command "
+                           f"again: finished stages are skipped and this one continues from where it stopped")
+        return 128 + e.signum
     except (ValueError, NonFiniteError, atomic.DiskFullError) as e:
         # Bad data, bad settings found at run time, or a diverged run: say what and where, keep what is written.
         # Anything else is a bug and keeps its traceback.
@@ -117,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("traceback", exc_info=True)
         return 1
     finally:
+        tracking.finish()
+        preempt.uninstall()
         if lock is not None:
             lock.release()
         destroy_distributed()

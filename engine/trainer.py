@@ -25,6 +25,8 @@ from engine.dist import DistInfo, all_reduce, lockstep
 from engine.fsdp import build_optimizer, build_scheduler
 from engine.log import log0, logger
 from engine.metrics import Metrics
+from engine.preempt import KEY as PREEMPT_KEY
+from engine.preempt import Preempted, stat
 from engine.sections import CheckpointConfig, OptimConfig, TrainConfig
 
 MicroBatch = dict[str, torch.Tensor]
@@ -50,6 +52,10 @@ class Trainer:
                                log_every=log_every, name=Path(stage_dir).name, flops_per_token=flops_per_token,
                                device=dist_info.device, world_size=dist_info.world_size)
         self.step = 0  # optimizer steps done
+        self.stop_every = 1
+        """A preemption stop (and its checkpoint) waits for a step that is a multiple of this (GRPO: of a rollout
+        batch's steps, so that a resume never needs a half-used rollout batch)."""
+        self.stop_requested = False
         self.num_skipped = 0
         self.bad_in_a_row = 0
 
@@ -87,11 +93,17 @@ class Trainer:
                  extra: dict | None = None, start_s: float | None = None) -> dict[str, float]:
         """One optimizer step, then count it, log it and save a checkpoint every `checkpoint.every` steps."""
         start_s = time.perf_counter() if start_s is None else start_s
-        values = self.train_step(micro_batches, loss_fn, num_passes=num_passes, extra=extra)
+        # The preemption request rides in the step's one all-reduce, so every rank stops after the same step.
+        values = self.train_step(micro_batches, loss_fn, num_passes=num_passes, extra={**(extra or {}), **stat()})
+        self.stop_requested |= values.pop(PREEMPT_KEY) > 0  # the same on every rank: it was all-reduced
         self.step += 1
+        stop = self.stop_requested and self.step % self.stop_every == 0
         self.metrics.log(self.step, values, step_s=time.perf_counter() - start_s)
-        if self.every and self.step % self.every == 0 and self.step < self.total_steps:
+        if (self.every and self.step % self.every == 0 and self.step < self.total_steps) or stop:
             self.save()
+        if stop:
+            raise Preempted(f"stage {self.metrics.name} after step {self.step}/{self.total_steps}, checkpoint "
+                            f"{self.checkpointer.path(self.step)}")
         return values
 
     def finish(self) -> None:

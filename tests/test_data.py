@@ -127,6 +127,46 @@ def test_load_parquet_jsonl_arrow(tmp_path):
         load_rows(tmp_path / "d.jsonl", response_column="response", cache_dir=cache)
 
 
+def test_hf_dataset_with_an_image_column_and_other_names(proc, tmp_path):
+    # The shape of many Hugging Face datasets: one `image` (datasets Image feature) and `question` / `solution`.
+    ds = datasets.Dataset.from_dict({"question": ["<image>How many?", "Count <image>"], "solution": ["3", "4"],
+                                     "image": [img(seed=1), img(seed=2)]})
+    ds = ds.cast_column("image", datasets.Image())
+    ds.to_parquet(str(tmp_path / "hf.parquet"))
+    with pytest.raises(ValueError) as e:
+        load_rows(tmp_path / "hf.parquet")
+    assert "missing required column(s) ['problem', 'answer']" in str(e.value)
+    assert 'data.columns = {problem = "question", answer = "solution"}' in str(e.value)
+
+    rows = load_rows(tmp_path / "hf.parquet", columns={"problem": "question", "answer": "solution"})
+    assert {"problem", "answer", "images"} <= set(rows.column_names)  # `image` read as `images`, one a row
+    samples, report = encode_rows(rows, proc, source=str(tmp_path / "hf.parquet"))
+    assert report.num_skipped == 0 and [s.image_grid_thw.shape[0] for s in samples] == [1, 1]
+    assert [s.answer for s in samples] == ["3", "4"]
+
+
+def test_column_mapping_errors_name_the_fix(tmp_path):
+    datasets.Dataset.from_dict({"problem": ["p"], "answer": ["a"], "picture": [[]]}).to_parquet(
+        str(tmp_path / "d.parquet"))
+    with pytest.raises(ValueError, match=r"no column\(s\) \['image'\] \(found: problem, answer, picture\)"):
+        load_rows(tmp_path / "d.parquet", columns={"images": "image"})
+    with pytest.raises(ValueError, match=r"\['pictures'\] are not our columns"):
+        load_rows(tmp_path / "d.parquet", columns={"pictures": "picture"})
+    rows = load_rows(tmp_path / "d.parquet", columns={"images": "picture", "problem": "problem"})
+    assert rows.column_names == ["problem", "answer", "images"]
+
+
+def test_placeholder_without_images_column_says_where_the_images_are(proc, tmp_path):
+    rows = datasets.Dataset.from_dict({"problem": ["<image>What?"], "answer": ["1"], "img_bytes": [b"x"]})
+    with pytest.raises(ValueError, match="no usable rows"):
+        encode_rows(rows, proc)
+    with pytest.raises(BadRow) as e:
+        encode_rows(rows, proc, on_bad_row="error")
+    assert "1 <image> for 0 images" in str(e.value)
+    assert 'the data has no images column (found: problem, answer, img_bytes)' in str(e.value)
+    assert 'data.columns = {images = "..."}' in str(e.value)
+
+
 # ------------------------------------------------------------------------------------------------ rendering
 
 

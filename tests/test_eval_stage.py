@@ -100,9 +100,18 @@ def test_scores_gf_and_report(tmp_path, toy_world, scripted):
     first = preds["test-00000"]
     assert first["score"] == 0.0 and "placeholder" in first["error"] and first["finish_reason"] == "error"
     report = (ctx.stage_dir / "report.md").read_text()
-    assert "| second | 93.75 | 75.00 | 93.75 | 75.00 | 50.00 | 25.00 | 27.78 |" in report
+    # Each score with its Wilson interval (15/16: [71.7, 98.9]); gains with the paired interval on the same rows
+    # (ID: 8 of 16 rows flip to right, sd of the differences 0.516 -> +-25.3 points).
+    assert ("| second | 93.75 [71.7, 98.9] | 75.00 [50.5, 89.8] | 93.75 | 75.00 | +50.00 [+24.7, +75.3] | "
+            "+25.00 [+3.1, +46.9] | 27.78 |") in report
+    assert "| model | 43.75 [23.1, 66.8] | 50.00 [28.0, 72.0] | 43.75 | 50.00 | (base) | (base) | 0.00 |" in report
+    assert s["group_gain_ci"]["id"] == pytest.approx([50.0, 24.70, 75.30], abs=0.01)
+    assert report.index("**What this run can show.**") < report.index("## Scores")  # the paragraph comes first
+    assert "- **The final model beats the base** (second, greedy, test rows): ID +50.0 points [+24.7, +75.3]: " \
+           "**holds**; OOD +25.0 points [+3.1, +46.9]: **holds**." in report
     assert "### toy_id" in report and "count_shape" in report
     assert m["benchmarks"]["toy_id"]["format"] == 100 * 15 / 16  # every scripted answer is formatted; row 0 errored
+    assert "## Format (greedy)" in report
     assert "| model | toy_id | toy_ood |\n|---|---|---|\n| model | 93.75 | 100.00 |" in report
     for png in ("training_curves.png", "gf.png"):
         assert (ctx.stage_dir / png).read_bytes().startswith(b"\x89PNG")

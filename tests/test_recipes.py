@@ -21,6 +21,9 @@ def _make(root: Path) -> None:
         p = root / rel
         if rel.endswith("/"):
             p.mkdir(parents=True)
+            if "Instruct" in rel or rel.endswith("/hf/"):  # a model directory: what loading needs is checked
+                for name in ("config.json", "model.safetensors", "tokenizer.json"):
+                    (p / name).touch()
         else:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.touch()

@@ -11,7 +11,7 @@ from ._launch import REPO, train
 # the base samples enough well-formatted answers for the distill stage to find pairs, and the cold start its 30
 # (5 s) so that it visibly teaches the format (10 steps moved format accuracy only 0.33 -> 0.41).
 OVERRIDES = ["--stages.grpo_zero.train.steps=8", "--stages.distill.distill.num_prompts=256",
-             "--stages.specs.train.steps=4"]
+             "--stages.specs.train.steps=4", "--stages.world.num_test=128"]  # the demo evaluates 512 rows a split
 STAGES = ["world", "pretrain", "grpo_zero", "distill", "cold_start", "specs", "eval"]
 
 

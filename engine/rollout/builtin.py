@@ -32,7 +32,7 @@ import torch
 from transformers import StaticCache
 
 from engine.data import Sample
-from engine.log import log0, warn_once
+from engine.log import Progress, log0, warn_once
 from engine.model import build_meta_model, load_weights
 from engine.rollout.base import Completion, SamplingParams
 
@@ -134,13 +134,16 @@ class BuiltinBackend:
         gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
         out: list[list[Completion]] = [[] for _ in prompts]
         t0, num_tokens = time.perf_counter(), 0
+        progress = Progress("rollout", len(rows), "samples")
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start:start + self.max_batch_size]
+            batch_tokens = num_tokens
             for i, (ids, lps, text, reason) in zip(chunk, self._generate_batch([prompts[i] for i in chunk],
-                                                                                 sampling, gen), strict=True):
+                                                                                 sampling, gen, progress), strict=True):
                 out[i].append(Completion(prompt_index=i, token_ids=ids, text=text, logprobs=lps,
                                          finish_reason=reason))
                 num_tokens += len(ids)
+            progress.update(len(chunk), tokens=num_tokens - batch_tokens)
         dt = time.perf_counter() - t0
         log0("rollout: %d prompts x %d -> %d tokens in %.2f s (%.0f tok/s)", len(prompts), n, num_tokens, dt,
              num_tokens / max(dt, 1e-9))
@@ -192,7 +195,8 @@ class BuiltinBackend:
         pos_B1 = next_pos[:, None]
         return pos_B1[None].expand(3, -1, -1) if self.is_vlm else pos_B1
 
-    def _generate_batch(self, samples: list[Sample], sampling: SamplingParams, gen: torch.Generator):
+    def _generate_batch(self, samples: list[Sample], sampling: SamplingParams, gen: torch.Generator,
+                        progress: Progress | None = None):
         """Decode one batch. Returns per row (token_ids, logprobs, text, finish_reason).
 
         Rows holding the same Sample object (a prompt's n samples) share one prefill row: U distinct prompts are
@@ -233,6 +237,8 @@ class BuiltinBackend:
             finished_B |= torch.isin(tok_B, eos)
             if step == max_new - 1 or bool(finished_B.all()):  # host sync once a step: lets the batch end early
                 break
+            if progress is not None:  # a line at most every run.progress_every_s: a 10K-token batch takes minutes
+                progress.update(detail=f"batch of {b} rows, decode step {step + 1:,}/{max_new:,}")
             # Static shapes at every step (the whole mask, the cache slot as a tensor): what CUDA graph capture
             # of the decode step needs; slots past the current one are excluded by the causal mask.
             cache_pos_1.fill_(t + step)

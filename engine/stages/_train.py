@@ -63,6 +63,7 @@ def run_training(cfg, ctx: StageContext, stage: TrainingStage) -> None:
     trainer = Trainer(policy, optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint, stage_dir=ctx.stage_dir,
                       dist_info=dist_info, total_steps=total_steps, log_every=ctx.run.log_every,
                       flops_per_token=flops_per_token(hf_model))
+    trainer.stop_every = stage.steps_per_batch  # a preemption checkpoint falls between batches, as every other
     resumed = trainer.resume()
     merge_size = processor.merge_size if vision_tower(hf_model) is not None else None
     stage.fit(Run(ctx, processor, order, policy, trainer, resumed, init_dir, merge_size))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import datasets
 
-from engine import atomic
+from engine import atomic, preempt
 from engine.corrupt import corrupt, split_response
 from engine.data import Processor, encode_rows, load_rows
 from engine.dist import broadcast_object, gather_object
@@ -183,7 +183,7 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     source = str(cfg.model_dir or cfg.policy)
     processor = Processor.from_pretrained(model_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     path = ctx.resolve_path(cfg.data.train)
-    rows = load_rows(str(path))
+    rows = load_rows(str(path), columns=cfg.data.columns)
     prompts, report = encode_rows(rows, processor, template=cfg.data.template, system=cfg.data.system or None,
                                   on_bad_row=cfg.data.on_bad_row, max_tokens=cfg.data.max_tokens, source=str(path),
                                   max_pixel_bytes=cfg.data.max_pixel_bytes)
@@ -265,6 +265,8 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
             _write_json(parts_dir / f"part-{c:05d}.json", {k: counts[k] for k in COUNT_KEYS})  # marks it done
             log0(f"distill: part {c + 1}/{num_chunks}: {counts['candidates']}/{counts['samples']} samples correct "
                  f"and well formatted -> {counts['pairs']} pairs ({time.perf_counter() - t0:.1f} s)")
+        if preempt.agreed(dist_info.device):  # a signal: stop after this part, which is written
+            raise preempt.Preempted(f"distill after part {c + 1}/{num_chunks} (written; a rerun continues)")
     if todo:
         backend.close()
     error = ""

@@ -33,7 +33,7 @@ Pair = tuple[Sample, Sample]
 
 def encode_pairs(cfg: DPOStageConfig, processor: Processor, path: Path) -> list[Pair]:
     """(chosen, rejected) samples of every row where both encode; a row bad on either side is dropped, counted."""
-    rows = load_rows(str(path))
+    rows = load_rows(str(path), columns=cfg.data.columns)
     common = dict(template=cfg.data.template, system=cfg.data.system or None, on_bad_row=cfg.data.on_bad_row,
                   max_tokens=cfg.data.max_tokens, source=str(path),
                   max_pixel_bytes=cfg.data.max_pixel_bytes // 2)  # chosen and rejected each keep their own

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from engine import atomic, benchmarks
+from engine import atomic, benchmarks, preempt, tracking
 from engine.benchmarks import BenchRow
 from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
-from engine.log import log0
+from engine.log import Progress, log0
 from engine.predictions import append_predictions, drop_partial_line, predictions_path, read_predictions
 from engine.reward_judge import make_yes_no_judge as make_judge
 from engine.rewards import format_ok
@@ -155,6 +155,7 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                                        processor=processor, gpu_memory_utilization=cfg.gpu_memory_utilization,
                                        max_model_len=cfg.max_model_len, seed=ctx.run.seed)
             path.parent.mkdir(parents=True, exist_ok=True)
+            progress = Progress(f"eval: {model} on {b.name}", len(todo), "prompts")
             for start in range(0, len(todo), cfg.chunk_prompts):
                 chunk = todo[start:start + cfg.chunk_prompts]
                 local = _generate(cfg, processor, backend, chunk[rank::world], sampling)
@@ -171,6 +172,10 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
                         records.append({"id": row.id, "category": row.category, "score": s, "correct": s == 1.0,
                                         "judge": verdict, "format": format_ok(p["response"]), **p})
                     append_predictions(path, records)
+                progress.update(len(chunk))
+                if preempt.agreed(dist_info.device):  # a signal: stop after this chunk, which is written
+                    raise preempt.Preempted(f"eval: {model} on {b.name} after {start + len(chunk)} of {len(todo)} "
+                                            f"prompts (written; a rerun continues from there)")
         if backend is not None:
             backend.close()  # the next model's backend gets the accelerator memory
     error = ""
@@ -184,17 +189,21 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
         raise ValueError(f"eval report: {error}")
 
 
+
 def _summarise_and_report(cfg: EvalStageConfig, ctx: StageContext, models: list[str], benches: list) -> None:
-    """scores.json and report.md from the prediction files (rank 0)."""
+    """scores.json and report.md from the prediction files (rank 0); the scores and report to the trackers."""
     from engine.report import summarise, write_report
 
     scores = summarise(dataclasses.replace(cfg, models=models), ctx, benches)
     atomic.write_text(ctx.stage_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
     report = write_report(cfg, ctx, scores)
+    tracking.log_eval(scores, report)
     lines = report.read_text().splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("| model"))
     table = lines[first:lines.index("", first)]
-    log0("eval: scores (%%), gains over %s and GF; full report: %s\n%s", scores["base"], report, "\n".join(table))
+    found = [line for line in lines[:first] if line.startswith("- **")]  # the claims, as measured
+    log0("eval: scores (%%) with 95%% intervals, gains over %s and GF; full report: %s\n%s\n%s", scores["base"],
+         report, "\n".join(table), "\n".join(found))
 
 
 def _judge_wrong(judge, module, scored: list[tuple]) -> dict[str, str]:

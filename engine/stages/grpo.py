@@ -77,7 +77,7 @@ class GRPOStage:
         if self.cfg.judge.enabled:
             check_ready(self.cfg.judge)  # a missing key or a bad URL stops the stage here, before any rollout
         data, path = self.cfg.data, ctx.resolve_path(self.cfg.data.train)
-        rows = load_rows(str(path))
+        rows = load_rows(str(path), columns=data.columns)
         self.infos = row_infos(rows)
         self.prompts, report = encode_rows(rows, processor, template=data.template,
                                            system=data.system or None, on_bad_row=data.on_bad_row,

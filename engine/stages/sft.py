@@ -33,7 +33,8 @@ class SFTStage:
     def load(self, processor: Processor, ctx: StageContext) -> int:
         data = self.cfg.data
         path = ctx.resolve_path(data.train)
-        self.samples, report = encode_rows(load_rows(str(path)), processor, template=data.template,
+        self.samples, report = encode_rows(load_rows(str(path), columns=data.columns), processor,
+                                           template=data.template,
                                            system=data.system or None, response_column=data.response_column,
                                            on_bad_row=data.on_bad_row, max_tokens=data.max_tokens, source=str(path),
                                            max_pixel_bytes=data.max_pixel_bytes)
