@@ -2,7 +2,9 @@
 
 `summarise` turns the prediction files of an eval stage into `scores.json`; `write_report` writes `report.md`,
 `training_curves.png` (reward, format accuracy, accuracy and response length of every GRPO stage of the run) and
-`gf.png` (GF of each evaluated model).
+`gf.png` (GF of each evaluated model), plus, from engine/report_analyses.py, the sampled-decoding tables (sampled
+accuracy, pass@k, sampled format) and, when several training checkpoints of a run were evaluated, the GF over
+training steps (`gf_curves.png`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from engine import atomic, benchmarks
+from engine.analyses import benchmark_means
 from engine.gf import generalization_factor, group_gain
 from engine.log import logger
 from engine.predictions import predictions_path, read_predictions
@@ -22,16 +25,24 @@ CURVES = (("rollout/reward", "reward"), ("rollout/format_acc", "format accuracy"
 
 
 def summarise(cfg, ctx, benches) -> dict:
-    """Scores in percent from the prediction files, each with its 95% interval; group means, gains over the base
-    (with paired 95% intervals) and GF per model."""
+    """Scores in percent from the prediction files, each with its 95% interval; group means, the mean over all
+    benchmarks, gains over the base (with paired 95% intervals) and GF per model; with samples, the same from the
+    sampled predictions (`sampled`, per model and benchmark) and pass@k."""
+    from engine.report_analyses import sampled_benchmark
+    from engine.stages.eval import sampled_path
+
     base = cfg.base or cfg.models[0]
     groups = {g: [b.name for b, *_ in benches if b.group == g] for g in ("id", "ood")}
     out = {"base": base, "gf_beta": cfg.gf_beta, "groups": groups, "models": {}}
+    if cfg.samples:
+        out["sampling"] = {"samples": cfg.samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                           "pass_k": cfg.pass_ks()}
     row_scores: dict[str, dict[str, list[float]]] = {}  # model -> benchmark -> per-row scores in row order
+    sampled_rows: dict[str, dict[str, list[float]]] = {}  # the same from the samples (per-row means)
     macro_cats: dict[str, list[str] | None] = {}  # benchmark -> row categories when its score is a macro mean
     for model in cfg.models:
         per_bench = {}
-        row_scores[model] = {}
+        row_scores[model], sampled_rows[model] = {}, {}
         for b, module, rows, left_out in benches:
             preds = read_predictions(predictions_path(ctx.stage_dir, model, b.name))
             got = [preds[r.id] for r in rows if r.id in preds]
@@ -56,20 +67,39 @@ def summarise(cfg, ctx, benches) -> dict:
                 "left_out_unscorable": left_out, "limit": b.limit,
                 "categories": {c: 100.0 * sum(v) / len(v) for c, v in sorted(cats.items())},
             }
+            if cfg.samples:
+                spreds = read_predictions(sampled_path(ctx.stage_dir, model, b.name))
+                per_bench[b.name]["sampled"], sampled_rows[model][b.name], _ = sampled_benchmark(
+                    spreds, [r.id for r in rows], cfg.samples, cfg.pass_ks(), macro, f"{model} on {b.name}")
         out["models"][model] = {"benchmarks": per_bench}
-    flat = {m: {k: v["score"] for k, v in r["benchmarks"].items()} for m, r in out["models"].items()}
     for model, r in out["models"].items():
-        for g, names in groups.items():
-            r[f"{g}_mean"] = sum(flat[model][n] for n in names) / len(names) if names else None
-        if groups["id"] and groups["ood"]:
-            r["g_id"] = group_gain(flat[model], flat[base], groups["id"])
-            r["g_ood"] = group_gain(flat[model], flat[base], groups["ood"])
-            r["gf"] = generalization_factor(r["g_id"], r["g_ood"], cfg.gf_beta)
-        # Gains over the base on the same rows (paired), each [gain, low, high] in points: per benchmark and group.
-        paired = {n: paired_gain(row_scores[model][n], row_scores[base][n], macro_cats[n]) for n in row_scores[model]}
-        r["gain_ci"] = {n: [g, g - Z95 * v ** 0.5, g + Z95 * v ** 0.5] for n, (g, v) in paired.items()}
-        r["group_gain_ci"] = {g: list(group_gain_ci([paired[n] for n in names])) for g, names in groups.items()
-                              if names}
+        r.update(_aggregate(out["models"], row_scores, model, base, groups, macro_cats, cfg.gf_beta, "score"))
+        if cfg.samples:
+            r["sampled"] = _aggregate(out["models"], sampled_rows, model, base, groups, macro_cats, cfg.gf_beta,
+                                      "sampled")
+    return out
+
+
+def _aggregate(models: dict, row_scores: dict, model: str, base: str, groups: dict, macro_cats: dict, beta: float,
+               key: str) -> dict:
+    """Group means, the mean over all benchmarks, gains over the base (paired intervals) and GF of one model, from
+    the per-benchmark scores under `key` ("score": greedy; "sampled": the sampled accuracy)."""
+    def flat(m_benchmarks: dict) -> dict[str, float]:
+        return {n: (v["score"] if key == "score" else v["sampled"]["score"]) for n, v in m_benchmarks.items()}
+
+    mine, theirs = flat(models[model]["benchmarks"]), flat(models[base]["benchmarks"])
+    # The group means, and the mean over all benchmarks (the "Avg." column of the paper's ablation table).
+    means = benchmark_means(mine, {n: g for g, names in groups.items() for n in names})
+    out = {"id_mean": means.get("id"), "ood_mean": means.get("ood"), "avg": means.get("avg")}
+    if groups["id"] and groups["ood"]:
+        out["g_id"] = group_gain(mine, theirs, groups["id"])
+        out["g_ood"] = group_gain(mine, theirs, groups["ood"])
+        out["gf"] = generalization_factor(out["g_id"], out["g_ood"], beta)
+    # Gains over the base on the same rows (paired), each [gain, low, high] in points: per benchmark and group.
+    paired = {n: paired_gain(row_scores[model][n], row_scores[base][n], macro_cats[n]) for n in row_scores[model]}
+    out["gain_ci"] = {n: [g, g - Z95 * v ** 0.5, g + Z95 * v ** 0.5] for n, (g, v) in paired.items()}
+    out["group_gain_ci"] = {g: list(group_gain_ci([paired[n] for n in names])) for g, names in groups.items()
+                            if names}
     return out
 
 
@@ -90,16 +120,18 @@ def _gain(r: dict, group: str, key: str, is_base: bool) -> str:
 
 def write_report(cfg, ctx, scores: dict) -> Path:
     """report.md plus the PNG plots, in the eval stage directory; returns the markdown path."""
+    from engine.report_analyses import gf_curve_lines, sampled_lines
     from engine.report_claims import intro, pct_ci, sampled_rollouts, window
 
     names = [b.name for b in cfg.benchmarks]
     has_gf = bool(scores["groups"]["id"] and scores["groups"]["ood"])
-    head = ["model", *names, "ID mean", "OOD mean"] + (["G_ID", "G_OOD", "GF"] if has_gf else [])
+    head = ["model", *names, "ID mean", "OOD mean", "mean"] + (["G_ID", "G_OOD", "GF"] if has_gf else [])
     rollouts = sampled_rollouts(ctx.out_dir)
     lines = [f"# Evaluation report: {ctx.run.name}", "",
              *intro(scores, [b.kind for b in cfg.benchmarks], rollouts), "", "## Scores", "",
              f"Scores in percent (greedy decoding, at most {cfg.max_new_tokens} new tokens), each with its 95% "
-             f"interval in brackets (Wilson's for 0/1 rows). G_ID and G_OOD are gains in points over "
+             f"interval in brackets (Wilson's for 0/1 rows); mean: over all benchmarks. G_ID and G_OOD are gains "
+             f"in points over "
              f"`{scores['base']}`, with the 95% interval of the gain on the same rows (paired). "
              f"GF = (1 + b^2) G_ID G_OOD / (b^2 G_ID + G_OOD), b = {cfg.gf_beta:g}, and "
              f"min(G_ID, G_OOD) when a gain is <= 0 (engine/gf.py). ID: {', '.join(scores['groups']['id']) or '-'}; "
@@ -107,11 +139,12 @@ def write_report(cfg, ctx, scores: dict) -> Path:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, r in scores["models"].items():
         cells = [model, *(_with_ci(r["benchmarks"][n]["score"], r["benchmarks"][n]["ci"]) for n in names),
-                 _fmt(r["id_mean"]), _fmt(r["ood_mean"])]
+                 _fmt(r["id_mean"]), _fmt(r["ood_mean"]), _fmt(r["avg"])]
         if has_gf:
             is_base = model == scores["base"]
             cells += [_gain(r, "id", "g_id", is_base), _gain(r, "ood", "g_ood", is_base), _fmt(r["gf"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += sampled_lines(scores, names) + gf_curve_lines(scores)
     if rollouts:
         lines += ["", "## Sampled format and answer accuracy (GRPO rollouts)", "",
                   "Share of sampled responses on training prompts that are well formatted / correct, with 95% "
@@ -200,6 +233,8 @@ def _grpo_curves(out_dir: Path) -> dict[str, list[dict]]:
 def _plots(ctx, scores: dict, has_gf: bool) -> list[Path]:
     import matplotlib
 
+    from engine.report_analyses import gf_curve_plot
+
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
@@ -232,4 +267,5 @@ def _plots(ctx, scores: dict, has_gf: bool) -> list[Path]:
         paths.append(ctx.stage_dir / "gf.png")
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
-    return paths
+    curve = gf_curve_plot(scores, ctx.stage_dir)
+    return paths + ([curve] if curve else [])

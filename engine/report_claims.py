@@ -8,7 +8,8 @@ Sampled format and answer accuracy come from the GRPO stages' own rollouts (metr
 the stage's temperature): the first rollout batch measures the policy a stage starts from; accuracy changes are
 compared over the first and last few batches (different prompts of the same training set). That is the measure
 of the paper's format-accuracy figure (41.6% -> 96.7% during GRPO-zero); the eval tables decode greedily, which
-on a small model can give a very different format share.
+on a small model can give a very different format share. When the eval stage also samples (`samples = k`), the
+claims on test rows use the sampled accuracy (the mean over a prompt's k samples) and say so.
 """
 
 from __future__ import annotations
@@ -100,14 +101,32 @@ def claims(scores: dict, rollouts: list[dict]) -> list[str]:
                        f"samples, {first['stage']} (from {first['init']}) started at "
                        f"{pct_ci(first['format_start'], first['samples'])}; {_effect(d)}: **{verdict(d[1], d[2])}**.")
     models = [m for m in scores["models"] if m != scores["base"]]
+    how = decoding(scores)
     for model in models:
-        g = scores["models"][model].get("group_gain_ci", {})
+        r = scores["models"][model]
+        g = (r.get("sampled") or r).get("group_gain_ci", {})  # sampled accuracy where the stage sampled
         parts = [f"{name.upper()} {g[name][0]:+.1f} points [{g[name][1]:+.1f}, {g[name][2]:+.1f}]: "
                  f"**{verdict(g[name][1], g[name][2])}**" for name in ("id", "ood") if name in g]
         if parts:
             what = "The final model beats the base" if model == models[-1] else f"{model} vs the base"
-            out.append(f"- **{what}** ({model}, greedy, test rows): " + "; ".join(parts) + ".")
+            out.append(f"- **{what}** ({model}, {how}, test rows): " + "; ".join(parts) + ".")
     return out
+
+
+def decoding(scores: dict) -> str:
+    """How the claims' test scores were decoded: "greedy", or "sampled accuracy, k samples at temperature T"."""
+    s = scores.get("sampling")
+    return f"sampled accuracy, {s['samples']} samples at temperature {s['temperature']:g}" if s else "greedy"
+
+
+def _decoding_note(scores: dict) -> str:
+    s = scores.get("sampling")
+    if not s:
+        return ("The evaluation decodes greedily; training rollouts sample (temperature 1), and a model this small "
+                "can be well formatted far more often greedily than when sampling, so both are shown.")
+    return (f"The evaluation decodes greedily and also samples {s['samples']} responses a prompt at temperature "
+            f"{s['temperature']:g}; a model this small can be well formatted far more often greedily than when "
+            "sampling, so both are shown, and the claims on test rows use the sampled accuracy.")
 
 
 def intro(scores: dict, benchmark_kinds: list[str], rollouts: list[dict]) -> list[str]:
@@ -123,15 +142,16 @@ def intro(scores: dict, benchmark_kinds: list[str], rollouts: list[dict]) -> lis
             "is about. It is not a small copy of the paper's experiment: the model is far too small to reason, so "
             "answer accuracy is a weak, noisy signal, and the paper's benchmark gains are not expected here. With "
             f"{nums[0] if nums else 0} test rows a score's 95% interval is up to about +-{half:.0f} points: smaller "
-            "differences are noise. The evaluation decodes greedily; training rollouts sample (temperature 1), "
-            "and a model this small can be well formatted far more often greedily than when sampling, so both are "
-            "shown. Each claim below is computed from this run; one that is not shown or does not hold is reported "
-            "as it came out."]
+            "differences are noise. " + _decoding_note(scores) + " Each claim below is computed from this run; one "
+            "that is not shown or does not hold is reported as it came out."]
     else:
+        sampled = scores.get("sampling")
         lines = [
-            f"**How to read this.** Scores are greedy, in percent, each with its 95% interval (up to about "
-            f"+-{half:.0f} points at {nums[0] if nums else 0} rows); gains over the base are paired on the same rows. "
-            "Each claim below is computed from this run's numbers."]
+            f"**How to read this.** Scores are in percent, each with its 95% interval (up to about +-{half:.0f} points "
+            f"at {nums[0] if nums else 0} rows); gains over the base are paired on the same rows. The main table is "
+            "greedy" + (f"; the claims use the sampled accuracy ({sampled['samples']} samples a prompt at temperature "
+                        f"{sampled['temperature']:g}, section 'Sampled decoding')" if sampled else "")
+            + ". Each claim below is computed from this run's numbers."]
     found = claims(scores, rollouts)
     lines += ["", "**The SPECS claims, measured in this run** (95% intervals; sampled rollouts treat a prompt's "
               "samples as independent, which makes those intervals somewhat too narrow):", ""]

@@ -20,11 +20,13 @@ from engine.stages.config import BenchmarkConfig, EvalStageConfig
 
 
 class ScriptedBackend:
-    """"model" answers rows with an even index right; "second" answers every ID row and 3 of 4 OOD rows right."""
+    """Greedy: "model" answers rows with an even index right; "second" answers every ID row and 3 of 4 OOD rows
+    right. Sampled: "second" is right in samples 0-2 of every 4, "model" only in sample 0 of even rows."""
 
     answers: dict[str, str] = {}
     calls: list[str] = []
     closed: list[bool] = []  # one entry per backend closed (the stage closes each model's before the next)
+    sampled: list[tuple] = []  # per sampled generate call: (first row id, n, temperature, top_p, seed)
     fail_after: int | None = None
 
     def __init__(self, model_dir, *, device, dtype, processor, **vllm_settings):
@@ -34,17 +36,24 @@ class ScriptedBackend:
         ScriptedBackend.closed.append(self.strong)
 
     def generate(self, prompts, n, sampling):
-        assert n == 1 and sampling.temperature == 0
+        greedy = sampling.temperature == 0
+        assert n == 1 or not greedy
+        if not greedy:
+            self.sampled.append((prompts[0].row_id, n, sampling.temperature, sampling.top_p, sampling.seed))
         out = []
         for p in prompts:
             if self.fail_after is not None and len(self.calls) >= self.fail_after:
                 raise RuntimeError("simulated crash")
             self.calls.append(p.row_id)
             index = int(p.row_id.rsplit("-", 1)[1])
-            right = (index % 4 != 3 if "ood" in p.row_id else True) if self.strong else index % 2 == 0
+            if greedy:
+                rights = [(index % 4 != 3 if "ood" in p.row_id else True) if self.strong else index % 2 == 0]
+            else:
+                rights = [j % 4 != 3 if self.strong else (j == 0 and index % 2 == 0) for j in range(n)]
             gold = self.answers[p.row_id]
-            answer = gold if right else ("A" if gold != "A" else "B")
-            out.append([Completion(0, [1], f"<think>Looking.</think><answer>{answer}</answer>", [0.0], "stop")])
+            wrong = "A" if gold != "A" else "B"
+            out.append([Completion(0, [1], f"<think>Looking.</think><answer>{gold if right else wrong}</answer>", [0.0],
+                                   "stop") for right in rights])
         return out
 
 
@@ -54,6 +63,7 @@ def scripted(monkeypatch, toy_world):
         ds = datasets.Dataset.from_parquet(str(toy_world / "data" / f"{split}.parquet"))
         ScriptedBackend.answers.update(zip(ds["id"], ds["answer"], strict=True))
     ScriptedBackend.calls, ScriptedBackend.fail_after, ScriptedBackend.closed = [], None, []
+    ScriptedBackend.sampled = []
     monkeypatch.setattr(eval_stage, "make_backend", lambda kind, model_dir, **kw: ScriptedBackend(model_dir, **kw))
     return ScriptedBackend
 
@@ -102,9 +112,12 @@ def test_scores_gf_and_report(tmp_path, toy_world, scripted):
     report = (ctx.stage_dir / "report.md").read_text()
     # Each score with its Wilson interval (15/16: [71.7, 98.9]); gains with the paired interval on the same rows
     # (ID: 8 of 16 rows flip to right, sd of the differences 0.516 -> +-25.3 points).
-    assert ("| second | 93.75 [71.7, 98.9] | 75.00 [50.5, 89.8] | 93.75 | 75.00 | +50.00 [+24.7, +75.3] | "
+    # "mean": over all benchmarks (the paper's ablation-table average), beside the ID and OOD means.
+    assert ("| second | 93.75 [71.7, 98.9] | 75.00 [50.5, 89.8] | 93.75 | 75.00 | 84.38 | +50.00 [+24.7, +75.3] | "
             "+25.00 [+3.1, +46.9] | 27.78 |") in report
-    assert "| model | 43.75 [23.1, 66.8] | 50.00 [28.0, 72.0] | 43.75 | 50.00 | (base) | (base) | 0.00 |" in report
+    assert ("| model | 43.75 [23.1, 66.8] | 50.00 [28.0, 72.0] | 43.75 | 50.00 | 46.88 | (base) | (base) | 0.00 |"
+            in report)
+    assert s["avg"] == (93.75 + 75.0) / 2 and "Sampled decoding" not in report and "GF over training" not in report
     assert s["group_gain_ci"]["id"] == pytest.approx([50.0, 24.70, 75.30], abs=0.01)
     assert report.index("**What this run can show.**") < report.index("## Scores")  # the paragraph comes first
     assert "- **The final model beats the base** (second, greedy, test rows): ID +50.0 points [+24.7, +75.3]: " \
@@ -135,6 +148,80 @@ def test_resume_after_crash(tmp_path, toy_world, scripted):
     assert scores["models"]["second"]["benchmarks"]["toy_id"]["score"] == 100 * 15 / 16
 
 
+def test_sampled_decoding_pass_at_k_and_claims(tmp_path, toy_world, scripted):
+    """samples = 4: each prompt sampled 4 times (temperature, top_p and a seed passed to the backend), the samples
+    kept in the predictions, the sampled accuracy and pass@k per benchmark and model beside the greedy score, and the
+    claims on test rows made with the sampled accuracy."""
+    cfg, ctx = _setup(tmp_path, toy_world)
+    cfg.samples, cfg.temperature, cfg.top_p = 4, 0.7, 0.9
+    eval_stage.run(cfg, ctx)
+    assert {c[1:4] for c in scripted.sampled} == {(4, 0.7, 0.9)}
+    scores = json.loads((ctx.stage_dir / "scores.json").read_text())
+    assert scores["sampling"] == {"samples": 4, "temperature": 0.7, "top_p": 0.9, "pass_k": [1, 2, 4]}
+    m, s = scores["models"]["model"], scores["models"]["second"]
+    # "model": 7 even ID rows reach generate (row 0 cannot be encoded), each 1 of 4 samples right: pass@1 0.25,
+    # pass@2 1 - C(3,2)/C(4,2) = 0.5, pass@4 1. "second": 3 of 4 right on the 15 rows: pass@1 0.75, pass@2 and 4: 1.
+    assert m["benchmarks"]["toy_id"]["sampled"]["pass_at_k"] == pytest.approx(
+        {"1": 100 * 7 * 0.25 / 16, "2": 100 * 7 * 0.5 / 16, "4": 100 * 7 / 16})
+    assert s["benchmarks"]["toy_id"]["sampled"]["pass_at_k"] == pytest.approx(
+        {"1": 100 * 15 * 0.75 / 16, "2": 100 * 15 / 16, "4": 100 * 15 / 16})
+    assert s["benchmarks"]["toy_id"]["sampled"]["score"] == pytest.approx(100 * 15 * 0.75 / 16)
+    assert s["benchmarks"]["toy_id"]["score"] == 100 * 15 / 16  # the greedy score is unchanged, beside it
+    assert m["benchmarks"]["toy_ood"]["sampled"]["score"] == pytest.approx(100 * 8 * 0.25 / 16)
+    assert s["sampled"]["g_id"] == pytest.approx(100 * (15 * 0.75 - 7 * 0.25) / 16)
+    assert s["sampled"]["g_ood"] == pytest.approx(100 * (0.75 - 2 / 16))
+    line = read_predictions(eval_stage.sampled_path(ctx.stage_dir, "second", "toy_id"))["test-00001"]
+    assert line["n"] == 4 and line["scores"] == [1.0, 1.0, 1.0, 0.0] and len(line["responses"]) == 4
+    errored = read_predictions(eval_stage.sampled_path(ctx.stage_dir, "model", "toy_id"))["test-00000"]
+    assert errored["scores"] == [0.0] * 4 and "placeholder" in errored["error"]
+    report = (ctx.stage_dir / "report.md").read_text()
+    assert "## Sampled decoding (4 samples a prompt)" in report and "### pass@k" in report
+    assert "| second | toy_id | 70.31 | 93.75 | 93.75 |" in report
+    g = s["sampled"]["group_gain_ci"]["id"]
+    assert (f"- **The final model beats the base** (second, sampled accuracy, 4 samples at temperature 0.7, test "
+            f"rows): ID {g[0]:+.1f} points [{g[1]:+.1f}, {g[2]:+.1f}]: **holds**") in report
+
+
+def test_sampled_decoding_resumes(tmp_path, toy_world, scripted):
+    """A crash in the sampled pass keeps its complete chunks; the rerun continues after them with the same seeds,
+    and sampled lines written with another number of samples are predicted again."""
+    cfg, ctx = _setup(tmp_path, toy_world)
+    cfg.samples = 4
+    scripted.fail_after = 15 + 6  # "model": 15 greedy ID rows, then the sampled pass dies in its second chunk
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        eval_stage.run(cfg, ctx)
+    path = eval_stage.sampled_path(ctx.stage_dir, "model", "toy_id")
+    assert len(path.read_text().splitlines()) == 4
+    seeds = dict((c[0], c[4]) for c in scripted.sampled)
+    scripted.calls, scripted.sampled, scripted.fail_after = [], [], None
+    eval_stage.run(cfg, ctx)
+    assert scripted.calls[:4] == ["test-00004", "test-00005", "test-00006", "test-00007"]  # greedy ID done earlier
+    assert dict((c[0], c[4]) for c in scripted.sampled)["test-00004"] == seeds["test-00004"]
+    assert len(read_predictions(path)) == 16
+    cfg.samples = 2
+    scripted.calls = []
+    eval_stage.run(cfg, ctx)
+    assert len(scripted.calls) == 2 * 31  # only the sampled pass again, every row that reaches generate
+    scores = json.loads((ctx.stage_dir / "scores.json").read_text())
+    assert scores["models"]["second"]["benchmarks"]["toy_id"]["sampled"]["n"] == 2
+
+
+def test_gf_over_training_steps(tmp_path, toy_world, scripted):
+    """Several `<stage>@<step>` checkpoints of a run give the report a GF-over-steps table and gf_curves.png."""
+    cfg, ctx = _setup(tmp_path, toy_world)
+    for step in (5, 10):  # checkpoints already converted: the stage uses the HF directories it finds
+        (ctx.out_dir / "second" / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+        (ctx.stage_dir / "checkpoints_hf").mkdir(exist_ok=True)
+        (ctx.stage_dir / "checkpoints_hf" / f"second@{step}").symlink_to(toy_world / "hf")
+    cfg.models = ["model", "second@*"]
+    eval_stage.run(cfg, ctx)
+    report = (ctx.stage_dir / "report.md").read_text()
+    assert "## GF over training steps" in report
+    assert "| second | 5 | 27.78 |\n| second | 10 | 27.78 |" in report
+    assert (ctx.stage_dir / "gf_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "![gf_curves](gf_curves.png)" in report
+
+
 def test_recipe_validation(toy_world):
     def recipe(kind):
         return {"run": {"name": "x"}, "model": {"path": str(toy_world / "hf")}, "stages": [
@@ -150,6 +237,16 @@ def test_recipe_validation(toy_world):
         assert want in text, want
     with pytest.raises(ConfigError, match="'mathvistaa' not in .*did you mean 'mathvista'"):
         parse_config(recipe("mathvistaa"))
+    bad = recipe("toy")
+    bad["stages"][0].update(samples=4, temperature=0.0, top_p=1.5, pass_k=[1, 8])
+    with pytest.raises(ConfigError) as e:
+        parse_config(bad)
+    for want in ["temperature must be > 0 to sample", "top_p must be in (0, 1]", "pass_k [8]: each k must be in [1, "
+                 "samples = 4]"]:
+        assert want in str(e.value), want
+    assert EvalStageConfig(name="e", kind="eval", models=["m"], benchmarks=[], samples=64).pass_ks() == \
+        [1, 2, 4, 8, 16, 32, 64]
+    assert EvalStageConfig(name="e", kind="eval", models=["m"], benchmarks=[], samples=6).pass_ks() == [1, 2, 4, 6]
 
 
 def test_missing_benchmark_images_stop_the_stage(tmp_path, toy_world):

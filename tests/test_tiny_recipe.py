@@ -35,7 +35,7 @@ def test_tiny_recipe_end_to_end(tmp_path):
         for bench in model["benchmarks"].values():
             assert bench["num"] == 128 and 0 <= bench["score"] <= 100 and bench["errors"] == 0
     report = (out / "eval" / "report.md").read_text()
-    assert "| model | toy_id | toy_ood | ID mean | OOD mean | G_ID | G_OOD | GF |" in report
+    assert "| model | toy_id | toy_ood | ID mean | OOD mean | mean | G_ID | G_OOD | GF |" in report
     assert all(f"| {m} |" in report for m in scores["models"])
     assert (out / "eval" / "training_curves.png").is_file() and (out / "eval" / "gf.png").is_file()
 

@@ -330,8 +330,8 @@ class BenchmarkConfig:
 @stage_kind("eval", runner="engine.stages.eval")
 @dataclasses.dataclass(kw_only=True)
 class EvalStageConfig(StageConfig):
-    """Greedy evaluation of several models on several benchmarks, with the Generalization Factor and a report
-    (`<stage>/report.md`, `scores.json`, plots)."""
+    """Greedy (and, with `samples`, sampled) evaluation of several models on several benchmarks, with the
+    Generalization Factor, pass@k and a report (`<stage>/report.md`, `scores.json`, plots)."""
 
     produces_model: ClassVar[bool] = False
     models: list[str]
@@ -345,7 +345,17 @@ class EvalStageConfig(StageConfig):
     system: str = ""
     """System prompt; empty uses the chat template's default."""
     max_new_tokens: int = 1024
-    """Longest response, in tokens (greedy decoding)."""
+    """Longest response, in tokens (greedy and sampled decoding)."""
+    samples: int = 0
+    """Sampled responses per prompt, besides the greedy one (0: greedy only). With k > 0 the report adds each
+    model's sampled accuracy (the mean over its k samples per prompt), sampled format and pass@k, and its claims
+    use the sampled accuracy. The paper's pass@64 needs 64."""
+    temperature: float = 1.0
+    """Softmax temperature of the sampled responses (the greedy one is always argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the sampled responses (1.0 = off)."""
+    pass_k: list[int] = dataclasses.field(default_factory=list)
+    """k of the pass@k columns, each in [1, samples]; empty: 1, 2, 4, ... up to `samples`, and `samples` itself."""
     chunk_prompts: int = 64
     """Prompts per generation round; predictions are appended after each, so a rerun resumes there."""
     min_pixels: int | None = None
@@ -364,6 +374,12 @@ class EvalStageConfig(StageConfig):
     """vllm: share of the GPU's memory vLLM may take (nothing else is resident during evaluation)."""
     max_model_len: int = 16384
     """vllm: longest prompt + response in tokens."""
+
+    def pass_ks(self) -> list[int]:
+        """The k of the pass@k columns, ascending ([] without samples)."""
+        if self.pass_k or not self.samples:
+            return sorted(set(self.pass_k))
+        return sorted({2 ** i for i in range(self.samples.bit_length()) if 2 ** i <= self.samples} | {self.samples})
 
     def model_inputs(self) -> dict[str, str]:
         refs = {f"models[{i}]": m.partition("@")[0] for i, m in enumerate(self.models)}
@@ -387,6 +403,8 @@ class EvalStageConfig(StageConfig):
         names = [b.name for b in self.benchmarks]
         if not names or len(set(names)) != len(names):
             problems.append(f"benchmarks: need at least one, with distinct names, got {names}")
+        if any(n.endswith(".samples") for n in names):  # predictions/<model>/<name>.samples.jsonl is taken
+            problems.append(f"benchmarks: a name may not end with '.samples', got {names}")
         if any(b.limit < 0 for b in self.benchmarks):
             problems.append("benchmarks.limit must be >= 0")
         groups = {b.group for b in self.benchmarks}
@@ -396,6 +414,17 @@ class EvalStageConfig(StageConfig):
             problems.append(f"template must contain '{{problem}}', got {self.template!r}")
         if self.max_new_tokens < 1 or self.chunk_prompts < 1 or self.gf_beta <= 0:
             problems.append("max_new_tokens and chunk_prompts must be >= 1 and gf_beta > 0")
+        if self.samples < 0:
+            problems.append(f"samples must be >= 0 (0: greedy only), got {self.samples}")
+        if self.samples and self.temperature <= 0:
+            problems.append(f"temperature must be > 0 to sample (the greedy response is already there), got "
+                            f"{self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        bad = [k for k in self.pass_k if not 1 <= k <= self.samples]
+        if bad:
+            problems.append(f"pass_k {bad}: each k must be in [1, samples = {self.samples}]; raise samples (pass@k "
+                            f"needs at least k samples per prompt) or drop them")
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             problems.append("backend = 'vllm' but vLLM is not installed: pip install -e '.[vllm]'; or use 'builtin'")
         problems.extend(self.judge.check())

@@ -1,19 +1,26 @@
-"""Evaluation: every model of the stage on every benchmark, greedy, then scores, the Generalization Factor and
-the report.
+"""Evaluation: every model of the stage on every benchmark, greedy and (with `samples = k`) k sampled responses
+per prompt, then scores, pass@k, the Generalization Factor and the report.
 
 Output, in the stage directory:
-    predictions/<model>/<benchmark>.jsonl   one line per row: id, category, score (0..1), correct, response,
-                                            finish_reason, error. Appended after each chunk of prompts and
-                                            flushed, so a rerun resumes after the last complete line.
-    scores.json                             per model and benchmark: score (%), per category, counts; per model:
-                                            the group means, gains over the base, GF.
+    predictions/<model>/<benchmark>.jsonl   greedy, one line per row: id, category, score (0..1), correct, judge,
+                                            format, response, finish_reason, error.
+    predictions/<model>/<benchmark>.samples.jsonl
+                                            sampled (only with `samples`), one line per row: id, category, n,
+                                            temperature, top_p, and per sample: scores, judge, format, responses,
+                                            finish_reasons; error.
+                                            Both are appended after each chunk of prompts and flushed, so a rerun
+                                            resumes after the last complete line (a sampled line written with other
+                                            n / temperature / top_p is predicted again).
+    scores.json                             per model and benchmark: score (%), per category, counts, the sampled
+                                            accuracy and pass@k; per model: the group means, gains over the base, GF.
     report.md, *.png                        engine/report.py.
 
-Prompts are built like training prompts (`template` around the benchmark's own prompt); decoding is greedy with
-the builtin backend. Each rank generates its share of a chunk; rank 0 scores and writes. A row whose prompt cannot
-be encoded (a bad image, too many tokens) is scored 0, as the official scripts score a missing answer, and its
-error is recorded. Rows our rules cannot score (MEGA-Bench's judged or unsupported fields) are left out and
-counted; MEGA-Bench's videos are fed as sampled frames (`max_images`), as its official image models do.
+Prompts are built like training prompts (`template` around the benchmark's own prompt); the greedy pass decodes with
+temperature 0, the sampled pass with `temperature` / `top_p`, seeded by the run seed and the prompts' ids (a rerun
+draws the same samples). Each rank generates its share of a chunk; rank 0 scores and writes. A row whose prompt
+cannot be encoded (a bad image, too many tokens) is scored 0 in every sample, as the official scripts score a missing
+answer, and its error is recorded. Rows our rules cannot score (MEGA-Bench's judged or unsupported fields) are left
+out and counted; MEGA-Bench's videos are fed as sampled frames (`max_images`), as its official image models do.
 MEGA-Bench's score is the macro mean over its tasks, as officially.
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from pathlib import Path
 
 from PIL import Image
@@ -119,11 +127,70 @@ def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
     return out
 
 
+SAMPLED = ".samples"
+"""Suffix of the sampled predictions' file name: predictions/<model>/<benchmark>.samples.jsonl."""
+
+
+def sampled_path(stage_dir: Path, model: str, benchmark: str) -> Path:
+    return predictions_path(stage_dir, model, benchmark + SAMPLED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """One pass over every row: greedy (n = 1, temperature 0) or sampled (n = `samples` per prompt)."""
+
+    n: int
+    sampling: SamplingParams
+    sampled: bool
+
+    def path(self, stage_dir: Path, model: str, benchmark: str) -> Path:
+        return (sampled_path if self.sampled else predictions_path)(stage_dir, model, benchmark)
+
+    def done(self, preds: dict[str, dict]) -> set[str]:
+        """Ids already predicted under these settings (a sampled line from other settings is predicted again)."""
+        if not self.sampled:
+            return set(preds)
+        want = (self.n, self.sampling.temperature, self.sampling.top_p)
+        return {i for i, p in preds.items() if (p.get("n"), p.get("temperature"), p.get("top_p")) == want}
+
+
+def decodings(cfg: EvalStageConfig) -> list[Decoding]:
+    """The greedy pass, then the sampled one when `samples` > 0."""
+    out = [Decoding(1, SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens), False)]
+    if cfg.samples:
+        out.append(Decoding(cfg.samples, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                                        max_new_tokens=cfg.max_new_tokens), True))
+    return out
+
+
+class _Backend:
+    """A model's processor and generation backend, built on first use (a model with every row predicted earlier
+    loads nothing) and closed before the next model's."""
+
+    def __init__(self, cfg: EvalStageConfig, ctx: StageContext, model_dir: Path):
+        self.cfg, self.ctx, self.model_dir = cfg, ctx, model_dir
+        self.processor: Processor | None = None
+        self.backend: RolloutBackend | None = None
+
+    def get(self) -> tuple[Processor, RolloutBackend]:
+        if self.backend is None:
+            cfg, device = self.cfg, self.ctx.dist.device
+            dtype, _ = resolve_dtype(self.ctx.model.dtype, device)
+            self.processor = Processor.from_pretrained(self.model_dir, min_pixels=cfg.min_pixels,
+                                                       max_pixels=cfg.max_pixels)
+            self.backend = make_backend(cfg.backend, self.model_dir, device=device, dtype=dtype,
+                                        processor=self.processor, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                        max_model_len=cfg.max_model_len, seed=self.ctx.run.seed)
+        return self.processor, self.backend
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()  # the next model's backend gets the accelerator memory
+
+
 def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
-    dist_info, world, rank = ctx.dist, ctx.dist.world_size, ctx.dist.rank
+    rank = ctx.dist.rank
     benches = load_benchmarks(cfg, ctx)
-    sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-    dtype, _ = resolve_dtype(ctx.model.dtype, dist_info.device)
     judge = None
     if rank == 0 and cfg.judge.enabled:  # one process owns the judge and its cache
         judge = make_judge(dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
@@ -138,46 +205,11 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
     if error:  # every rank stops with the same message
         raise ValueError(error)
     for model in models:
-        model_dir = _checkpoint_dir(ctx, model) if "@" in model else ctx.model_dir(model)
-        processor, backend = None, None
+        backend = _Backend(cfg, ctx, _checkpoint_dir(ctx, model) if "@" in model else ctx.model_dir(model))
         for b, module, rows, _ in benches:
-            path = predictions_path(ctx.stage_dir, model, b.name)
-            if rank == 0:
-                drop_partial_line(path)
-            done = broadcast_object(set(read_predictions(path)) if rank == 0 else set())
-            todo = [r for r in rows if r.id not in done]
-            log0(f"eval: {model} on {b.name}: {len(rows) - len(todo)} rows predicted earlier, {len(todo)} to go")
-            if not todo:
-                continue
-            if backend is None:
-                processor = Processor.from_pretrained(model_dir, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-                backend = make_backend(cfg.backend, model_dir, device=dist_info.device, dtype=dtype,
-                                       processor=processor, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                       max_model_len=cfg.max_model_len, seed=ctx.run.seed)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            progress = Progress(f"eval: {model} on {b.name}", len(todo), "prompts")
-            for start in range(0, len(todo), cfg.chunk_prompts):
-                chunk = todo[start:start + cfg.chunk_prompts]
-                local = _generate(cfg, processor, backend, chunk[rank::world], sampling)
-                gathered = gather_object(local)
-                if rank == 0:
-                    by_id = {p["id"]: p for part in gathered for p in part}
-                    scored = [(row, by_id[row.id], _score(module, row, by_id[row.id]["response"])
-                               if not by_id[row.id]["error"] else 0.0) for row in chunk]
-                    verdicts = _judge_wrong(judge, module, scored)
-                    records = []
-                    for row, p, s in scored:
-                        verdict = verdicts.get(row.id, "")
-                        s = 1.0 if verdict == "yes" else s
-                        records.append({"id": row.id, "category": row.category, "score": s, "correct": s == 1.0,
-                                        "judge": verdict, "format": format_ok(p["response"]), **p})
-                    append_predictions(path, records)
-                progress.update(len(chunk))
-                if preempt.agreed(dist_info.device):  # a signal: stop after this chunk, which is written
-                    raise preempt.Preempted(f"eval: {model} on {b.name} after {start + len(chunk)} of {len(todo)} "
-                                            f"prompts (written; a rerun continues from there)")
-        if backend is not None:
-            backend.close()  # the next model's backend gets the accelerator memory
+            for decoding in decodings(cfg):
+                _predict(cfg, ctx, backend, judge, model, (b, module, rows), decoding)
+        backend.close()
     error = ""
     if rank == 0:
         try:
@@ -188,6 +220,63 @@ def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
     if error:
         raise ValueError(f"eval report: {error}")
 
+
+def _predict(cfg: EvalStageConfig, ctx: StageContext, backend: _Backend, judge, model: str, bench: tuple,
+             decoding: Decoding) -> None:
+    """Predict, score and append the rows of one benchmark not yet in its prediction file, a chunk at a time."""
+    b, module, rows = bench
+    rank, world = ctx.dist.rank, ctx.dist.world_size
+    path = decoding.path(ctx.stage_dir, model, b.name)
+    if rank == 0:
+        drop_partial_line(path)
+    done = broadcast_object(decoding.done(read_predictions(path)) if rank == 0 else set())
+    todo = [r for r in rows if r.id not in done]
+    what = f"{model} on {b.name}" + (f", {decoding.n} samples a prompt" if decoding.sampled else "")
+    log0(f"eval: {what}: {len(rows) - len(todo)} rows predicted earlier, {len(todo)} to go")
+    if not todo:
+        return
+    processor, generator = backend.get()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    progress = Progress(f"eval: {what}", len(todo), "prompts")
+    for start in range(0, len(todo), cfg.chunk_prompts):
+        chunk = todo[start:start + cfg.chunk_prompts]
+        local = _generate(cfg, processor, generator, chunk[rank::world], decoding, ctx.run.seed)
+        gathered = gather_object(local)
+        if rank == 0:
+            by_id = {p["id"]: p for part in gathered for p in part}
+            append_predictions(path, _records(module, judge, decoding, chunk, by_id))
+        progress.update(len(chunk))
+        if preempt.agreed(ctx.dist.device):  # a signal: stop after this chunk, which is written
+            raise preempt.Preempted(f"eval: {what} after {start + len(chunk)} of {len(todo)} prompts (written; a "
+                                    f"rerun continues from there)")
+
+
+def _records(module, judge, decoding: Decoding, chunk: list[BenchRow], by_id: dict[str, dict]) -> list[dict]:
+    """The prediction lines of one chunk: every response scored by the benchmark's rules, then the judge on the
+    rule-wrong ones where the official pipeline asks an LLM (rank 0)."""
+    scored = []
+    for row in chunk:
+        p = by_id[row.id]
+        scored.append((row, p, [0.0 if p["error"] else _score(module, row, r) for r in p["responses"]]))
+    asks = [(i, j) for i, (_, p, scores) in enumerate(scored) for j, s in enumerate(scores)
+            if s < 1.0 and not p["error"] and p["responses"][j].strip()]
+    verdicts = _judge_wrong(judge, module, [(scored[i][0], scored[i][1]["responses"][j]) for i, j in asks])
+    by_sample = dict(zip(asks, verdicts, strict=True))
+    out = []
+    for i, (row, p, scores) in enumerate(scored):
+        judged = [by_sample.get((i, j), "") for j in range(len(scores))]
+        scores = [1.0 if v == "yes" else s for s, v in zip(scores, judged, strict=True)]
+        formats = [format_ok(r) for r in p["responses"]]
+        if not decoding.sampled:
+            out.append({"id": row.id, "category": row.category, "score": scores[0], "correct": scores[0] == 1.0,
+                        "judge": judged[0], "format": formats[0], "response": p["responses"][0],
+                        "finish_reason": p["finish_reasons"][0], "error": p["error"]})
+            continue
+        out.append({"id": row.id, "category": row.category, "n": decoding.n,
+                    "temperature": decoding.sampling.temperature, "top_p": decoding.sampling.top_p,
+                    "scores": scores, "judge": judged, "format": formats, "responses": p["responses"],
+                    "finish_reasons": p["finish_reasons"], "error": p["error"]})
+    return out
 
 
 def _summarise_and_report(cfg: EvalStageConfig, ctx: StageContext, models: list[str], benches: list) -> None:
@@ -206,14 +295,13 @@ def _summarise_and_report(cfg: EvalStageConfig, ctx: StageContext, models: list[
          report, "\n".join(table), "\n".join(found))
 
 
-def _judge_wrong(judge, module, scored: list[tuple]) -> dict[str, str]:
-    """Ask the judge about the rule-wrong answers of a benchmark whose official pipeline uses an LLM. -> id: verdict.
-    Partial-credit benchmarks (MEGA-Bench) and rows without a response are not asked."""
-    if judge is None or not module.JUDGE_NOTE or hasattr(module, "score"):
-        return {}
-    ask = [(row, p) for row, p, s in scored if s < 1.0 and not p["error"] and p["response"].strip()]
-    verdicts = judge.match_many([(row.problem, _gold_text(row), p["response"]) for row, p in ask]) if ask else []
-    return {row.id: v.verdict for (row, _), v in zip(ask, verdicts, strict=True)}
+def _judge_wrong(judge, module, asks: list[tuple[BenchRow, str]]) -> list[str]:
+    """Verdicts ("yes", "no", "unjudged") of the judge on rule-wrong (row, response) pairs, for a benchmark whose
+    official pipeline uses an LLM; "" for each pair when there is none to ask. Partial-credit benchmarks
+    (MEGA-Bench) are not asked."""
+    if judge is None or not module.JUDGE_NOTE or hasattr(module, "score") or not asks:
+        return [""] * len(asks)
+    return [v.verdict for v in judge.match_many([(row.problem, _gold_text(row), r) for row, r in asks])]
 
 
 def _gold_text(row: BenchRow) -> str:
@@ -225,16 +313,21 @@ def _gold_text(row: BenchRow) -> str:
 
 
 def _generate(cfg: EvalStageConfig, processor: Processor, backend: RolloutBackend, rows: list[BenchRow],
-              sampling: SamplingParams) -> list[dict]:
-    samples, out = [], []
+              decoding: Decoding, seed: int) -> list[dict]:
+    """{"id", "responses", "finish_reasons", "error"} per row, `decoding.n` responses each."""
+    n, samples, out = decoding.n, [], []
     for row in rows:
         try:
             samples.append((row, processor.encode(row.problem, [_open(im) for im in row.images], template=cfg.template,
                                                   system=cfg.system or None, row_id=row.id)))
         except (BadRow, OSError) as e:  # OSError: an unreadable image file
-            out.append({"id": row.id, "response": "", "finish_reason": "error", "error": str(e)[:300]})
+            out.append({"id": row.id, "responses": [""] * n, "finish_reasons": ["error"] * n, "error": str(e)[:300]})
     if samples:
-        groups = backend.generate([s for _, s in samples], 1, sampling)
-        for (row, _), (c,) in zip(samples, groups, strict=True):
-            out.append({"id": row.id, "response": c.text, "finish_reason": c.finish_reason, "error": ""})
+        # Seeded by the prompts themselves, so a resumed run draws the same samples for the same rows.
+        ids = ",".join(row.id for row, _ in samples)
+        sampling = dataclasses.replace(decoding.sampling, seed=(seed * 1_000_003 + zlib.crc32(ids.encode())) % 2**31)
+        groups = backend.generate([s for _, s in samples], n, sampling)
+        for (row, _), group in zip(samples, groups, strict=True):
+            out.append({"id": row.id, "responses": [c.text for c in group],
+                        "finish_reasons": [c.finish_reason for c in group], "error": ""})
     return out
