@@ -82,6 +82,9 @@ def test_ablations_evaluate_and_train_like_the_main_run(recipe, tmp_path, monkey
     ev, main_ev = dataclasses.asdict(abl["eval"]), dataclasses.asdict(main["eval"])
     assert ev.pop("models") != main_ev.pop("models")
     assert ev == main_ev
+    if "specs" not in abl:  # an analysis of the cold starts alone (gf_curves.toml): no final GRPO to compare
+        assert recipe.name == "gf_curves.toml"
+        return
     for table in ("grpo", "optim", "train", "judge", "data"):
         assert getattr(abl["specs"], table) == getattr(main["specs"], table), table
     assert abl["specs"].rollout.n == main["specs"].rollout.n
@@ -98,3 +101,22 @@ def test_paper_tags_only_on_values_the_paper_states():
         line = next(ln for ln in dpo.splitlines() if ln.startswith(key))
         assert "[ours]" in line and "[paper]" not in line, line
     assert "reference = the base model [paper]" not in text and "no KL," not in text
+
+
+def test_gf_curves_trains_the_cold_starts_as_the_main_run_and_the_sft_ablation(tmp_path, monkeypatch):
+    """recipes/ablations/gf_curves.toml: its DPO cold start is the main run's, its SFT cold start the SFT ablation's,
+    but for the checkpoints they keep; the eval takes every kept checkpoint of both."""
+    import dataclasses
+
+    monkeypatch.chdir(tmp_path)
+    _make(tmp_path)
+    gf = {s.name: s for s in load_config(REPO / "recipes" / "ablations" / "gf_curves.toml").stages}
+    main = {s.name: s for s in load_config(REPO / "recipes" / "specs.toml").stages}
+    sft = {s.name: s for s in load_config(REPO / "recipes" / "ablations" / "sft_cold_start.toml").stages}
+    for ours, theirs in ((gf["cold_start"], main["cold_start"]), (gf["sft_cold_start"], sft["cold_start"])):
+        assert ours.kind == theirs.kind and ours.init == theirs.init == "model"
+        for table in ("optim", "train") + (("dpo",) if ours.kind == "dpo" else ()):
+            assert getattr(ours, table) == getattr(theirs, table), table
+        assert dataclasses.replace(ours.data, train=theirs.data.train) == theirs.data
+        assert ours.checkpoint.every > 0 and ours.checkpoint.keep >= 8  # the points of the curve are kept
+    assert gf["eval"].models == ["model", "cold_start@*", "sft_cold_start@*"] and gf["eval"].base == "model"
