@@ -14,7 +14,7 @@ Kinds:
          verifier_parm), optional `extra_info` (struct with `index`). Mapped: problem = the last user message,
          answer = reward_model.ground_truth without an `<answer>` wrapper, answer_type = "" for mathverify rows
          (the gold's shape decides: choice, number, math, or open for the judge) and "boxes" for detection and
-         grounding rows (no box verifier here yet: scored by the rules only, counted), data_source and ability kept.
+         grounding rows (scored by IoU, engine/reward_boxes.py), data_source and ability kept.
   hf     Any Hugging Face dataset saved locally (a `save_to_disk` directory, or parquet / jsonl / arrow files):
          name its columns with --problem, --answer and optionally --images, --choices, --id, --answer-type,
          --data-source; other columns are dropped.

@@ -14,6 +14,9 @@ its think blocks and stray tags removed. Then, by gold type:
   math    (gold has LaTeX, fractions, operators): math-verify `parse` + `verify`, imported lazily.
   string  (anything else): normalised exact match (case, whitespace, trailing period); on a mismatch the
           optional `judge(extracted, gold)` decides when it returns a bool.
+  boxes   (declared "boxes", or a gold in V-Triune's `[{'bbox_2d': [...], 'label': ...}]` form): detection and
+          grounding, scored by IoU as V-Triune does (engine/reward_boxes.py): the accuracy reward is
+          accuracy_weight x a score in [0, 1], partial credit.
 A gold that is empty or that math-verify cannot parse scores 0 (or 1 with `unparseable_gold_is_correct`, the
 MM-EUREKA behaviour), sets `Reward.gold_unparseable` and is counted in `num_gold_unparseable()`.
 """
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from engine.log import logger, warn_once
+from engine.reward_boxes import box_score, looks_like_boxes, parse_boxes
 
 Judge = Callable[[str, str], bool | None]
 
@@ -61,7 +65,7 @@ class Reward:
     extracted: str = ""
     """The answer text that was compared (after tag and \\boxed{} extraction)."""
     method: str = ""
-    """Which comparison decided: choice, number, math, string, judge, none."""
+    """Which comparison decided: choice, number, math, string, boxes, judge, none."""
 
 
 _counts = {"gold_unparseable": 0, "unknown_answer_type": 0}
@@ -278,15 +282,16 @@ def _looks_math(text: str) -> bool:
 
 
 # ---------------------------------------------------------------- answer types
-ANSWER_TYPES = ("choice", "number", "math", "open")
+ANSWER_TYPES = ("choice", "number", "math", "open", "boxes")
 """Answer types a row may declare (`answer_type` column); "" or absent: decided by the gold's shape."""
 
 
 def answer_type(gold: str, choices: Sequence[str] | None = None, declared: str = "") -> str:
     """The verifier a row's answer gets: its declared type when that is one of ANSWER_TYPES, else the gold's shape:
-    "choice" (choices given with a letter or option gold, or a one-letter gold), "number", "math" (LaTeX, fractions,
-    operators) or "open" (free text, judged by an LLM when a judge is configured). A declared type outside
-    ANSWER_TYPES is counted (`num_unknown_answer_type`) and gives "unknown": the rules score it, no judge does."""
+    "boxes" (V-Triune's labelled boxes), "choice" (choices given with a letter or option gold, or a one-letter gold),
+    "number", "math" (LaTeX, fractions, operators) or "open" (free text, judged by an LLM when a judge is configured).
+    A declared type outside ANSWER_TYPES is counted (`num_unknown_answer_type`) and gives "unknown": the rules score
+    it, no judge does."""
     if declared in ANSWER_TYPES:
         return declared
     if declared:
@@ -294,8 +299,10 @@ def answer_type(gold: str, choices: Sequence[str] | None = None, declared: str =
             _counts["unknown_answer_type"] += 1
         warn_once(f"engine.rewards: unknown answer_type {declared!r} (known: {', '.join(ANSWER_TYPES)}); such rows are "
                   f"scored by the rules only; count: rewards.num_unknown_answer_type()")
-        return "unknown"  # rules only: never sent to a judge (a box list or a task we have no verifier for)
+        return "unknown"  # rules only: never sent to a judge (a task we have no verifier for)
     gold = gold.strip()
+    if looks_like_boxes(gold):
+        return "boxes"
     if choices:
         opts = [_option_text(c) for c in choices]
         if _gold_letter(gold, "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(opts)], opts) is not None:
@@ -361,6 +368,7 @@ def score(
     *,
     cfg: RewardConfig | None = None,
     judge: Judge | None = None,
+    declared_type: str = "",
 ) -> Reward:
     """Format + accuracy reward of one response.
 
@@ -371,14 +379,22 @@ def score(
         cfg: tags, weights and tolerances; defaults to `RewardConfig()`.
         judge: called as judge(extracted, gold) only when the string path finds no exact match; a bool
             decides, None keeps the rule-based verdict (wrong).
+        declared_type: the row's `answer_type` column; "boxes" scores by IoU even a gold of bare boxes (a gold in
+            V-Triune's labelled-box form is recognised without it).
 
     Returns:
-        Reward with format in {0, format_weight}, accuracy in {0, accuracy_weight} and their total.
+        Reward with format in {0, format_weight}, accuracy in {0, accuracy_weight} (boxes: accuracy_weight x an
+        IoU score in [0, 1]) and their total.
     """
     cfg = cfg or RewardConfig()
     fmt = format_ok(response, cfg)
     extracted = extract_answer(response, cfg)
-    correct, extracted, method = _accuracy(extracted, answer, choices, cfg, judge)
+    if declared_type == "boxes" or (not declared_type and looks_like_boxes(answer)):
+        gold_boxes = parse_boxes(answer)
+        correct = box_score(parse_boxes(extracted), gold_boxes) if gold_boxes else None
+        method = "boxes"
+    else:
+        correct, extracted, method = _accuracy(extracted, answer, choices, cfg, judge)
     gold_bad = correct is None
     if gold_bad:
         with _lock:
@@ -393,5 +409,5 @@ def score(
     if cfg.require_format_for_accuracy and not fmt:
         correct = False
     f = cfg.format_weight if fmt else 0.0
-    a = cfg.accuracy_weight if correct else 0.0
+    a = cfg.accuracy_weight * float(correct)  # boxes: an IoU score in [0, 1]; else True or False
     return Reward(format=f, accuracy=a, total=f + a, gold_unparseable=gold_bad, extracted=extracted, method=method)

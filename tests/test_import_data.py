@@ -75,7 +75,7 @@ def test_orsta_release_converts_and_trains(orsta_dir, tmp_path, toy_world):
     assert rows["problem"][1].startswith("<image>Which option")
     kinds = [answer_type(a, c, t) for a, c, t in zip(rows["answer"], rows["choices"], rows["answer_type"],
                                                       strict=True)]
-    assert kinds == ["number", "choice", "open", "unknown"]  # the OCR word goes to the judge, boxes to the rules
+    assert kinds == ["number", "choice", "open", "boxes"]  # the OCR word goes to the judge, boxes to IoU
     assert row_infos(rows)["v3det-3"].data_source == "v3det"
     # the training pipeline reads the converted rows: images decoded, placeholders matched
     processor = Processor.from_pretrained(toy_world / "hf")

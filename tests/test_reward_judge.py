@@ -162,7 +162,8 @@ def test_answer_type(gold, choices, declared, want):
 
 def test_unknown_answer_type_is_counted_and_ruled():
     before = num_unknown_answer_type()
-    assert answer_type("a dog at [1, 2, 3, 4]", None, "boxes") == "unknown"  # never judged
+    assert answer_type("a dog at (1, 2)", None, "points") == "unknown"  # never judged
+    assert answer_type("[1, 2, 3, 4]", None, "boxes") == "boxes"  # scored by IoU (engine/reward_boxes.py)
     assert num_unknown_answer_type() == before + 1
 
 
