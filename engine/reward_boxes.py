@@ -7,17 +7,19 @@ Answer and gold forms: V-Triune's list of labelled boxes `[{'bbox_2d': [x1, y1, 
 `[[x1, y1, x2, y2], ...]` (label ""). A box needs four finite numbers with x1 <= x2 and y1 <= y2 (others are
 dropped), a box repeated with the same coordinates counts once (reward_server/utils/det_helper.py:35-46), and a list
 cut off mid-way (a response at its token limit) keeps its complete boxes (det_helper.py:21-23). Labels compare
-case-insensitively (verify.py:384-385 lower-cases both answers).
+case-insensitively (verify.py:388-389 lower-cases both answers).
 
-Score in [0, 1] (verify.py DetectionVerifier.verify_accuracy, lines 353-533, with the server's default
-DET_IOU_THRESHOLD "average" and the `iou_max_iou_first` term):
+Score in [0, 1] (verify.py DetectionVerifier.verify_accuracy, lines 353-533, with DET_IOU_THRESHOLD "average", the
+verifier's default when it is unset (verify.py:183-199), and the `iou_max_iou_first` term):
   for each IoU threshold t in 0.5, 0.55, ..., 0.95, 0.99 (verify.py:329), match greedily: the unmatched
   (prediction, gold) pair with the highest IoU, then the next, until the best left is below t
   (det_helper.py:137-181); a matched pair earns its IoU when the labels agree, else 0 (det_helper.py:171-173);
   score_t = earned IoU / number of gold boxes (verify.py:310);
   score = mean over t of score_t (verify.py:345-350), times 0.6 ** |#predicted - #gold| (verify.py:424-426).
 Not reproduced: the per-row mix with the completeness, label-first and mAP terms (`det_reward_ratio` in each row's
-verifier_parm), the "dynamic" threshold schedule over training steps (verify.py:455-463), and the rescaling of
+verifier_parm), the "dynamic" threshold schedule over training steps (one threshold: 0.85 for the first 10% of the
+steps, 0.95 up to 25%, then 0.99, verify.py:453-461; the release's scripts/reward_server.sh sets it), and the
+rescaling of
 predicted boxes from the model's input size to a 0-1000 frame (`det_verifier_normalized`, verify.py:408-416): here
 the answer and the gold must use the same coordinate frame.
 """
