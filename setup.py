@@ -129,7 +129,6 @@ setup(
     extras_require={
         "vllm": ["vllm>=0.32"],
         "flash": ["flash-attn>=2.7"],
-        "judge": ["google-genai>=3.6"],
         # kernels/integrations/trl.py subclasses TRL's trainers and relies on 1.16's internals (its fused-head
         # call, _compute_loss): pinned to the minor version its tests ran against. verl has no extra: its metadata
         # pins transformers<5.11 (`make test-verl` installs it --no-deps in its own venv).
@@ -137,7 +136,7 @@ setup(
         "tensorboard": ["tensorboard>=2.16"],
         "wandb": ["wandb>=0.19"],
         # tensorboardX: a 3 MB TensorBoard event writer, so the tests read real event files back.
-        "dev": ["pytest>=8", "ruff>=0.15", "pybind11>=2.12", "google-genai>=3.6", "trl>=1.16,<1.17",
+        "dev": ["pytest>=8", "ruff>=0.15", "pybind11>=2.12", "trl>=1.16,<1.17",
                 "tensorboardX>=2.6"],
     },
     # Installed commands (in .venv/bin after `make venv`): the same as the module entry points.

@@ -2,9 +2,10 @@
 an LLM judge for open-ended answers), shared by the GRPO and distill stages.
 
 One interface, two backends, chosen by `judge.backend`:
-  gemini  `engine.judge.Judge` (google-genai; key from GOOGLE_API_KEY or GEMINI_API_KEY)
+  gemini  `engine.judge.Judge` (Gemini's REST API; key from GOOGLE_API_KEY or GEMINI_API_KEY)
   openai  `engine.judge_openai.OpenAIJudge`: any OpenAI-compatible chat endpoint at `judge.base_url` (GPT-4o, or a
           judge served locally by vLLM / SGLang); key from the variable named by `judge.api_key_env`.
+Both send their requests through engine/http_json.py (deadline, size cap, no redirects); no SDK is needed.
 
 Which answers are judged: those whose row is open-ended (its `answer_type` column says "open", or, without one,
 its gold is free text: not a choice, number or math expression, see `rewards.answer_type`) and whose rule verdict
