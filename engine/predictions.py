@@ -1,5 +1,6 @@
 """Prediction files of an eval stage: `<stage>/predictions/<model>/<benchmark>.jsonl`, one JSON object a row.
 
+Greedy predictions and, with `samples = k`, sampled ones in `<benchmark>.samples.jsonl` (`sampled_path`).
 Written by engine/stages/eval.py (rank 0 appends a chunk of rows at a time, flushed and fsynced, so a crash loses
 at most the chunk being written) and read back by it to resume and by engine/report.py to score. A row is a dict
 with at least `id`, `category`, `score` (0..1), `response`, `finish_reason` and `error`.
@@ -13,6 +14,13 @@ from engine import atomic
 
 def predictions_path(stage_dir: Path, model: str, benchmark: str) -> Path:
     return stage_dir / "predictions" / model / f"{benchmark}.jsonl"
+
+
+def sampled_path(stage_dir: Path, model: str, benchmark: str) -> Path:
+    """The sampled responses (`samples = k`): `<stage>/predictions/<model>/<benchmark>.samples.jsonl`, one line a
+    row with its k responses (`n`, `temperature`, `top_p`, and per sample `scores`, `judge`, `format`, `responses`,
+    `finish_reasons`; `error`)."""
+    return predictions_path(stage_dir, model, benchmark + ".samples")
 
 
 def read_predictions(path: Path) -> dict[str, dict]:

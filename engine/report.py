@@ -17,7 +17,7 @@ from engine import atomic, benchmarks
 from engine.analyses import benchmark_means
 from engine.gf import generalization_factor, group_gain
 from engine.log import logger
-from engine.predictions import predictions_path, read_predictions
+from engine.predictions import predictions_path, read_predictions, sampled_path
 from engine.report_stats import Z95, group_gain_ci, paired_gain, score_ci
 
 CURVES = (("rollout/reward", "reward"), ("rollout/format_acc", "format accuracy"), ("rollout/accuracy", "accuracy"),
@@ -29,7 +29,6 @@ def summarise(cfg, ctx, benches) -> dict:
     benchmarks, gains over the base (with paired 95% intervals) and GF per model; with samples, the same from the
     sampled predictions (`sampled`, per model and benchmark) and pass@k."""
     from engine.report_analyses import sampled_benchmark
-    from engine.stages.eval import sampled_path
 
     base = cfg.base or cfg.models[0]
     groups = {g: [b.name for b, *_ in benches if b.group == g] for g in ("id", "ood")}

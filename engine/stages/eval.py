@@ -39,7 +39,13 @@ from engine.data import BadRow, Processor
 from engine.dist import barrier, broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
 from engine.log import Progress, log0
-from engine.predictions import append_predictions, drop_partial_line, predictions_path, read_predictions
+from engine.predictions import (
+    append_predictions,
+    drop_partial_line,
+    predictions_path,
+    read_predictions,
+    sampled_path,
+)
 from engine.reward_judge import make_yes_no_judge as make_judge
 from engine.rewards import format_ok
 from engine.rollout import RolloutBackend, SamplingParams, make_backend
@@ -125,14 +131,6 @@ def load_benchmarks(cfg: EvalStageConfig, ctx: StageContext) -> list[tuple]:
         log0(f"eval: {b.name} ({b.kind}, group {b.group}): {len(rows)} rows"
              + (f", {len(left)} left out (an LLM judge, a metric we lack, or unframed video)" if left else ""))
     return out
-
-
-SAMPLED = ".samples"
-"""Suffix of the sampled predictions' file name: predictions/<model>/<benchmark>.samples.jsonl."""
-
-
-def sampled_path(stage_dir: Path, model: str, benchmark: str) -> Path:
-    return predictions_path(stage_dir, model, benchmark + SAMPLED)
 
 
 @dataclasses.dataclass(frozen=True)
