@@ -67,11 +67,46 @@ def _show(value) -> str:
     return "(not set)" if value is _UNSET else repr(value)
 
 
-def differing_keys(old_text: str, new_text: str, stage_name: str) -> list[str]:
-    """`key: ran with X, now Y` for every key that differs, keys named as on the command line."""
+def field_default(cfg, stage, key: str):
+    """The dataclass default of a record key ("stage.eval.samples", "model.dtype", "stage.benchmarks[0].limit"),
+    or _UNSET when the key names no field with a default."""
+    head, _, rest = key.partition(".")
+    obj = {"stage": stage, "model": cfg.model, "run": cfg.run}.get(head)
+    parts = rest.replace("[", ".[").split(".") if rest else []
+    for part in parts[:-1]:
+        try:
+            obj = obj[int(part[1:-1])] if part.startswith("[") else getattr(obj, part)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return _UNSET
+    if obj is None or not parts or not dataclasses.is_dataclass(obj):
+        return _UNSET
+    for f in dataclasses.fields(obj):
+        if f.name == parts[-1]:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return _UNSET
+
+
+def _comparable(value):
+    """TOML has no None and writes tuples as lists: compare defaults the way they read back from a record."""
+    if isinstance(value, tuple):
+        return [_comparable(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return _UNSET  # a whole table missing from the record: compared key by key, never equal as a unit
+    return value
+
+
+def differing_keys(old_text: str, new_text: str, stage_name: str, default=None) -> list[str]:
+    """`key: ran with X, now Y` for every key that differs, keys named as on the command line. `default(key)`: the
+    value a key missing from the old record had (a field added to the engine after the stage ran, at its default,
+    is not a difference); None: every missing key differs."""
     old, new = _flatten(tomllib.loads(old_text)), _flatten(tomllib.loads(new_text))
     out = []
     for key in [*new, *(k for k in old if k not in new)]:  # in the record's order
+        if key not in old and default is not None and _comparable(default(key)) == new[key]:
+            continue
         if old.get(key, _UNSET) != new.get(key, _UNSET):
             shown = f"stages.{stage_name}{key[len('stage'):]}" if key.startswith("stage.") else key
             out.append(f"{shown}: ran with {_show(old.get(key, _UNSET))}, now {_show(new.get(key, _UNSET))}")
@@ -121,7 +156,8 @@ def plan_stages(cfg, out_dir: Path, *, rerun: str | None = None, force: bool = F
                          f"engine): its settings cannot be checked against the recipe")
             actions[stage.name] = "skip" if done else "resume"
             continue
-        diff = differing_keys(record.read_text(), record_text(cfg, stage), stage.name)
+        diff = differing_keys(record.read_text(), record_text(cfg, stage), stage.name,
+                              default=lambda key, stage=stage: field_default(cfg, stage, key))
         if not diff:
             actions[stage.name] = "skip" if done else "resume"
             continue

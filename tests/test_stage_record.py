@@ -142,3 +142,22 @@ def test_move_aside_twice_in_a_second_keeps_both(tmp_path):
         (tmp_path / "b" / "DONE").write_text("{}\n")
         move_aside(tmp_path, ["b"])
     assert len(list((tmp_path / "replaced").glob("*/b/DONE"))) == 2 and not (tmp_path / "b").exists()
+
+
+def test_a_field_added_after_the_run_at_its_default_is_not_a_difference(tmp_path):
+    """A record written before the engine had a field (simulated: the key removed) still matches when the recipe
+    leaves the field at its default, and still differs when the recipe sets another value."""
+    cfg = _cfg(tmp_path)
+    _finish(cfg, tmp_path, ["a", "b", "c"])
+    for name in ("a", "b", "c"):
+        record = tmp_path / name / RECORD
+        kept, section = [], ""
+        for line in record.read_text().splitlines():
+            section = line if line.startswith("[") else section
+            if not (section == "[stage]" and line.startswith("seed = ")):  # the stage's seed; run.seed stays
+                kept.append(line)
+        record.write_text("\n".join(kept) + "\n")
+    assert (tmp_path / "a" / RECORD).read_text().count("seed = ") == 1
+    assert plan_stages(_cfg(tmp_path), tmp_path).actions == {"a": "skip", "b": "skip", "c": "skip"}
+    with pytest.raises(RerunError, match=r"stages.a.seed: ran with \(not set\), now 3"):
+        plan_stages(_cfg(tmp_path, "--stages.a.seed=3"), tmp_path)
