@@ -196,6 +196,9 @@ class GRPOConfig:
         if self.mini_batches < 1 or self.ppo_epochs < 1:
             problems.append(f"grpo.mini_batches and grpo.ppo_epochs must be >= 1, got {self.mini_batches}, "
                             f"{self.ppo_epochs}")
+        if min(self.format_weight, self.accuracy_weight) < 0 or self.format_weight + self.accuracy_weight == 0:
+            problems.append(f"grpo.format_weight and grpo.accuracy_weight must be >= 0 and not both 0 (every reward "
+                            f"would be equal), got {self.format_weight}, {self.accuracy_weight}")
         if self.kl_coef < 0 or (self.tis_cap and self.tis_cap < 1):
             problems.append(f"grpo.kl_coef must be >= 0 and grpo.tis_cap 0 (off) or >= 1, got {self.kl_coef}, "
                             f"{self.tis_cap}")
@@ -396,6 +399,13 @@ class EvalStageConfig(StageConfig):
             problems.append(f"template must contain '{{problem}}', got {self.template!r}")
         if self.max_new_tokens < 1 or self.chunk_prompts < 1 or self.gf_beta <= 0:
             problems.append("max_new_tokens and chunk_prompts must be >= 1 and gf_beta > 0")
+        problems.extend(f"{k} must be >= 1 when set, got {v}" for k, v in
+                        (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v is not None and v < 1)
+        if not 0 < self.gpu_memory_utilization <= 1 or self.max_model_len < 1:
+            problems.append(f"gpu_memory_utilization must be in (0, 1] and max_model_len >= 1, got "
+                            f"{self.gpu_memory_utilization}, {self.max_model_len}")
+        if any(b.max_images < 0 or b.demo_video_frames < 0 for b in self.benchmarks):
+            problems.append("benchmarks.max_images and benchmarks.demo_video_frames must be >= 0")
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             problems.append("backend = 'vllm' but vLLM is not installed: pip install -e '.[vllm]'; or use 'builtin'")
         problems.extend(self.judge.check())
