@@ -43,7 +43,7 @@ _SHARD_BYTES = 4 * 2**30
 SINGLE_WEIGHTS = "model.safetensors"
 
 
-class CheckpointDamagedError(RuntimeError):
+class CheckpointDamagedError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the directory, the file and the reason."""
 
 
