@@ -318,6 +318,8 @@ def _cross_checks(cfg: Config, files: list[str]) -> list[str]:
                 problems.append(f"{where}.{key} = {ref!r}: not the base model or an earlier stage (known: {known})")
             elif not seen[ref].produces_model:
                 problems.append(f"{where}.{key} = {ref!r}: stage {ref!r} (kind {seen[ref].kind}) has no model output")
+        for key, text in stage.model_paths().items():
+            files.extend(model_path_problems(text, f"{where}.{key}"))
         for key, path in stage.path_inputs().items():
             stage_ref, sep, _ = path.partition(":")
             if sep and stage_ref not in seen:

@@ -40,6 +40,11 @@ class StageConfig:
         """Keys of this stage that name files: plain paths or `<stage>:relative/path`."""
         return {}
 
+    def model_paths(self) -> dict[str, str]:
+        """Keys of this stage that name a model outside the run: a Hugging Face directory or model id, checked and
+        resolved as `[model].path` is (engine/hub.py)."""
+        return {}
+
     def check(self) -> list[str]:
         return [] if self.name.strip() else ["name must not be empty"]
 
@@ -278,7 +283,8 @@ class DistillStageConfig(StageConfig):
     policy: str = ""
     """Model that samples: "model" (the base: the base-model distillation ablation) or an earlier stage."""
     model_dir: str = ""
-    """A Hugging Face model directory outside this run (an external teacher); overrides `policy` when set."""
+    """A model outside this run (an external teacher): a Hugging Face directory or model id, as `[model].path`;
+    overrides `policy` when set."""
     data: DataConfig
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     """Sampling: `rollout.n` answers per prompt (k)."""
@@ -293,12 +299,16 @@ class DistillStageConfig(StageConfig):
         return {} if self.model_dir else {"policy": self.policy}
 
     def path_inputs(self) -> dict[str, str]:
-        return {"data.train": self.data.train, **({"model_dir": self.model_dir} if self.model_dir else {})}
+        return {"data.train": self.data.train}
+
+    def model_paths(self) -> dict[str, str]:
+        return {"model_dir": self.model_dir} if self.model_dir else {}
 
     def check(self) -> list[str]:
         problems = super().check()
         if not self.policy and not self.model_dir:
-            problems.append("set policy (an earlier stage or 'model') or model_dir (an external model directory)")
+            problems.append("set policy (an earlier stage or 'model') or model_dir (an external model directory or "
+                            "Hugging Face model id)")
         for sub in (self.data, self.rollout, self.distill, self.judge):
             problems.extend(sub.check())
         return problems

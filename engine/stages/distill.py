@@ -36,6 +36,7 @@ from engine.corrupt import corrupt, split_response
 from engine.data import Processor, encode_rows, load_rows
 from engine.dist import broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
+from engine.hub import resolve_on_ranks
 from engine.log import log0
 from engine.reward_judge import RewardJudge, check_ready, grade_scored
 from engine.reward_judge import make_yes_no_judge as make_judge
@@ -179,7 +180,10 @@ def _part_dataset(rows: datasets.Dataset, row_index: list[int], pairs: list[dict
 
 def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     dist_info, world, rank = ctx.dist, ctx.dist.world_size, ctx.dist.rank
-    model_dir = Path(cfg.model_dir) if cfg.model_dir else ctx.model_dir(cfg.policy)
+    if cfg.model_dir:  # an external model: a directory or a Hugging Face id (cached, else downloaded by rank 0)
+        model_dir = resolve_on_ranks(cfg.model_dir, f"stages.{cfg.name}.model_dir", dist_info.is_main)
+    else:
+        model_dir = ctx.model_dir(cfg.policy)
     source = str(cfg.model_dir or cfg.policy)
     processor = Processor.from_pretrained(model_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     path = ctx.resolve_path(cfg.data.train)
