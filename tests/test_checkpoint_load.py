@@ -8,12 +8,16 @@ import pathlib
 import pickle
 import random
 
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
 import numpy as np
 import pytest
 import torch
 
 from engine.checkpoint import CheckpointDamagedError, Checkpointer, load_rng_file, rng_state, set_rng_state
 from engine.dcp_safe import SafeLoadPlanner
+from engine.dist import DistInfo, _free_port
 from engine.sections import CheckpointConfig
 
 from .test_trainer import _make, _params, _sft_loss, batches, dist_info  # noqa: F401 -- fixtures
@@ -158,3 +162,41 @@ def test_problem_names_the_truncated_shard(toy_world, dist_info, batches, tmp_pa
     assert ckpt.problem(1) == ""
     assert ckpt.problem(2).startswith(f"{name} is truncated (")
     json.loads((tmp_path / "checkpoints" / "step-000001" / "trainer.json").read_text())
+
+
+def _two_rank_worker(rank: int, port: int, root) -> None:
+    """Saves steps 1 and 2 of a small model on two gloo ranks, damages rank 1's RNG file of step 2 (a problem only
+    rank 1 sees), then resumes; writes what each rank loaded."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    info = DistInfo(rank, 2, rank, torch.device("cpu"), "gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ckpt = Checkpointer(root / "checkpoints", CheckpointConfig(keep=2), info)
+    weights = {}
+    for step in (1, 2):
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        weights[step] = model.weight.detach().clone()
+        ckpt.save(step, model, optimizer, {"step": step})
+    if rank == 1:
+        (ckpt.path(2) / "rng-rank1.pt").write_bytes(b"garbage")
+    dist.barrier()
+    with torch.no_grad():
+        model.weight.zero_()
+    state = ckpt.load_latest(model, optimizer)
+    same = torch.equal(model.weight, weights[1])
+    (root / f"{rank}.json").write_text(json.dumps({"step": state["step"], "weights_of_step_1": same,
+                                                   "steps": ckpt.steps()}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.subprocess
+def test_a_problem_one_rank_sees_makes_every_rank_fall_back(tmp_path):
+    """Every rank agrees on which checkpoint it resumes from, even when only one rank's file is damaged (a rank
+    that went on alone would leave the others in a different collective)."""
+    mp.spawn(_two_rank_worker, args=(_free_port(), tmp_path), nprocs=2)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got == {"step": 1, "weights_of_step_1": True, "steps": [1]}, rank
+    assert (tmp_path / "checkpoints" / "step-000002.damaged").is_dir()
