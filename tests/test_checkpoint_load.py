@@ -8,12 +8,11 @@ import pathlib
 import pickle
 import random
 
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from engine.checkpoint import CheckpointDamagedError, Checkpointer, load_rng_file, rng_state, set_rng_state
 from engine.dcp_safe import SafeLoadPlanner
