@@ -221,6 +221,26 @@ def cell_text(value: Any) -> str | None:
     return text if text.strip() else None
 
 
+def row_ids(data: datasets.Dataset) -> list[str]:
+    """Each row's id as `encode_rows` assigns it: the `id` column, or `row-<index>` where it is absent or empty."""
+    if "id" not in data.column_names:
+        return [f"row-{i}" for i in range(len(data))]
+    return [str(x) if x not in (None, "") else f"row-{i}" for i, x in enumerate(data["id"])]
+
+
+def check_unique_ids(ids: list[str], source: str | os.PathLike) -> None:
+    """Raise ValueError naming the duplicated ids and their rows (up to five of each)."""
+    rows_of: dict[str, list[int]] = {}
+    for i, row_id in enumerate(ids):
+        rows_of.setdefault(row_id, []).append(i)
+    dups = {row_id: rows for row_id, rows in rows_of.items() if len(rows) > 1}
+    if dups:
+        shown = "; ".join(f"{row_id!r} at rows {rows[:5]}" for row_id, rows in list(dups.items())[:5])
+        raise ValueError(f"{source}: {len(dups)} ids are not unique ({shown}); samples, rewards, judge questions "
+                         "and pairs are matched to their row by id: give every row its own id, or drop the id column "
+                         "to number the rows")
+
+
 def _mapping_hint(missing: list[str], found: list[str]) -> str:
     """`; map yours with data.columns = {problem = "question"}` for the missing columns a likely name exists for."""
     pairs = []
@@ -427,7 +447,8 @@ def encode_rows(
     """Encode every row; skip (and count, and log) or raise on bad rows. Never drops a row silently.
 
     A bad row: a missing (None, NaN or blank) problem, response or, where answers are needed, answer; a
-    missing/corrupt image; a placeholder/image count mismatch; more than `max_tokens` tokens.
+    missing/corrupt image; a placeholder/image count mismatch; more than `max_tokens` tokens. Prompt rows (where
+    answers are needed) must have unique ids: a duplicate raises ValueError naming them, whatever `on_bad_row`.
 
     Args:
         data: a Dataset, or a path for `load_rows`.
@@ -459,6 +480,8 @@ def encode_rows(
     base_dir = Path(source) if Path(source).is_dir() else Path(source).parent
     if response_column and response_column not in data.column_names:
         raise ValueError(f"{source}: response column {response_column!r} not in {data.column_names}")
+    if need_answer:  # prompt rows: samples, rewards, judge questions and pairs are matched to their row by id
+        check_unique_ids(row_ids(data), source)  # the same on every rank: each reads every id
     rank, world = rank_world() if shard else (0, 1)
     no_images_hint = "" if "images" in data.column_names else (
         f"; the data has no images column (found: {', '.join(data.column_names)}): if one holds the images, map it "

@@ -1,4 +1,4 @@
-"""Data rows and files rejected at the door (engine/data.py): missing answers, 0-row and
+"""Data rows and files rejected at the door (engine/data.py): missing answers, duplicate ids, 0-row and
 unreadable files. Each test reproduces a case that misbehaved before: a None answer became the gold string "None" and
 a NaN one (a numeric column's missing value) the gold string "nan", a 0-row parquet gave a DatasetGenerationError
 traceback and an empty jsonl a bare StopIteration."""
@@ -73,3 +73,14 @@ def test_unreadable_file_is_named(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(ValueError, match=r"bad.parquet'?: not readable as parquet \("):
         load_rows(tmp_path / "bad.parquet", cache_dir=str(tmp_path / "cache"))
+
+
+def test_duplicate_ids_in_prompt_rows_are_refused(proc):
+    """GRPO matched judge questions and per-source metrics to prompts by id: a duplicate silently gave a row
+    another row's question. Rows with a response (SFT, DPO) are not matched by id and may repeat one."""
+    rows = datasets.Dataset.from_list([{"id": i, "problem": "What?", "answer": "1", "response": "The answer is 42"}
+                                       for i in ("a", "b", "a", "", "")])
+    with pytest.raises(ValueError, match=r"t.parquet: 1 ids are not unique \('a' at rows \[0, 2\]\);"):
+        encode_rows(rows, proc, template=TEMPLATE, source="t.parquet")  # the blank ids number as row-3, row-4
+    samples, _ = encode_rows(rows, proc, template=TEMPLATE, response_column="response")
+    assert [s.row_id for s in samples] == ["a", "b", "a", "row-3", "row-4"]

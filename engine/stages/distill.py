@@ -33,7 +33,7 @@ import datasets
 
 from engine import atomic, preempt
 from engine.corrupt import corrupt, split_response
-from engine.data import Processor, encode_rows, load_rows
+from engine.data import Processor, check_unique_ids, encode_rows, load_rows
 from engine.dist import broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
 from engine.hub import resolve_on_ranks
@@ -59,18 +59,6 @@ def _write_atomic(path: Path, write) -> None:
     file; a full disk raises DiskFullError and leaves nothing."""
     with atomic.replacing(path) as tmp:
         write(tmp)
-
-
-def _unique_ids(ids: list[str], source: Path) -> None:
-    """Raise ValueError naming the duplicated ids and their rows: pairs are matched to their row by id."""
-    rows_of: dict[str, list[int]] = {}
-    for i, row_id in enumerate(ids):
-        rows_of.setdefault(row_id, []).append(i)
-    dups = {row_id: rows for row_id, rows in rows_of.items() if len(rows) > 1}
-    if dups:
-        shown = "; ".join(f"{row_id!r} at rows {rows[:5]}" for row_id, rows in list(dups.items())[:5])
-        raise ValueError(f"{source}: {len(dups)} ids are not unique ({shown}); each row's pairs are matched to it "
-                         "by id: give every row its own id, or drop the id column to number the rows")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -194,7 +182,7 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     if cfg.distill.num_prompts:
         prompts = prompts[:cfg.distill.num_prompts]
     ids = [str(x) for x in rows["id"]] if "id" in rows.column_names else [f"row-{i}" for i in range(len(rows))]
-    _unique_ids(ids, path)  # every rank reads the same rows, so every rank stops with the same message
+    check_unique_ids(ids, path)  # every rank reads the same rows, so every rank stops with the same message
     index_of = {row_id: i for i, row_id in enumerate(ids)}
     problems = rows["problem"]
     answer_types = rows["answer_type"] if "answer_type" in rows.column_names else [""] * len(rows)
