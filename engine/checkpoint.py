@@ -74,7 +74,8 @@ def load_rng_file(file: Path) -> dict:
     """An `rng-rank<r>.pt` file, loaded with `weights_only=True`. Numpy's array type is allowed besides tensors
     so that files written before the RNG state was stored as tensors still load; nothing else that could run
     code is (pickle.UnpicklingError)."""
-    numpy_arrays = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    np_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core (setup.py allows >= 1.26)
+    numpy_arrays = [np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(numpy_arrays):
         state = torch.load(file, weights_only=True)
     if not isinstance(state, dict) or not {"torch", "python", "numpy"} <= state.keys():

@@ -41,7 +41,7 @@ class _MetadataUnpickler(pickle.Unpickler):
                 return obj
         elif module == "torch.serialization" and name == "_get_layout":
             return torch.serialization._get_layout  # maps a layout's name to torch's own layout object
-        elif module == "pathlib" and name in _PATHS:
+        elif module in ("pathlib", "pathlib._local") and name in _PATHS:  # pathlib._local: Python 3.13's module
             return getattr(pathlib, name)
         elif module == "collections" and name == "OrderedDict":
             return super().find_class(module, name)
