@@ -199,27 +199,33 @@ class Checkpointer:
     def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                     keys: tuple[str, ...] = ("step",)) -> dict | None:
         """Restore the newest usable checkpoint (collective); returns its trainer state, or None when there is no
-        checkpoint at all. A damaged one is reported (file and reason), moved aside to `step-N.damaged` (kept for
-        inspection, out of `steps()`) and the next older one is tried; if none loads, CheckpointDamagedError lists
-        every one tried."""
-        tried = []
+        checkpoint at all. A damaged one is reported (file and reason) and the next older one is tried; once one
+        loads, the damaged newer ones are moved aside to `step-N.damaged` (kept for inspection, out of `steps()`).
+        If none loads, CheckpointDamagedError lists every one tried and all stay where they are."""
+        tried, damaged = [], []
         for step in reversed(self.steps()):
             try:
                 state = self.load(step, model, optimizer, keys)
-            except CheckpointDamagedError as e:
+            except CheckpointDamagedError as e:  # the same on every rank: load() gathers the ranks' problems
                 tried.append(str(e))
-                logger.warning(f"checkpoint: cannot resume from {e}; trying the one before")
-                self._set_aside(step)
+                damaged.append(step)
+                self._warn(f"checkpoint: cannot resume from {e}; trying the one before")
                 continue
-            if tried:
-                logger.warning(f"checkpoint: resuming from the older step {step} ({self.path(step)}) because the "
-                               f"newer checkpoint(s) are damaged; damaged ones moved to step-*.damaged*")
+            for bad in damaged:
+                self._set_aside(bad)
+            if damaged:
+                self._warn(f"checkpoint: resuming from the older step {step} ({self.path(step)}) because the newer "
+                           f"checkpoint(s) are damaged; moved aside to step-*.damaged: {damaged}")
             return state
         if tried:
             raise CheckpointDamagedError(
                 f"no usable checkpoint in {self.dir}; tried (newest first):\n  " + "\n  ".join(tried)
                 + f"\nTo start the stage over, move {self.dir.parent} aside.")
         return None
+
+    def _warn(self, msg: str) -> None:
+        if self.dist.is_main:  # every rank has the same message
+            logger.warning(msg)
 
     def _set_aside(self, step: int) -> None:
         """Rename a damaged checkpoint out of `steps()` without deleting it (rank 0; every rank waits)."""

@@ -103,6 +103,7 @@ def test_no_usable_checkpoint_lists_every_one_tried(toy_world, dist_info, batche
     assert "step-000002: .metadata is missing" in msg
     assert "step-000001: trainer.json is unreadable (JSONDecodeError" in msg
     assert "move" in msg and "aside" in msg
+    assert trainer.checkpointer.steps() == [1, 2]  # left in place: a rerun says the same until they are dealt with
 
 
 def test_metadata_pickle_that_runs_code_is_refused(toy_world, dist_info, batches, tmp_path):
