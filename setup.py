@@ -144,5 +144,6 @@ setup(
         "specs-train = engine.train:main",  # python engine/train.py RECIPE; torchrun takes the script path
         "specs-eval = engine.eval:main",  # python -m engine.eval --model ... --benchmarks ...
         "specs-config = engine.config:main",  # python -m engine.config RECIPE: the resolved config
+        "specs-plan = engine.plan:main",  # python -m engine.plan RECIPE --gpus 8 --gpu-memory 80: the memory plan
     ]},
 )

@@ -28,11 +28,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from engine import atomic
+from engine import atomic, dcp_safe
 from engine.dist import DistInfo, barrier, gather_object
-from engine.log import log0
+from engine.log import log0, logger
 from engine.sections import CheckpointConfig
 
+TRAINER_FILE = "trainer.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Files of a checkpoint directory that are not weights: tokenizer, chat template, image processor, generation.
 _SIDE_FILES = re.compile(r"^(tokenizer.*|vocab\.json|merges\.txt|special_tokens_map\.json|added_tokens\.json|"
@@ -42,8 +43,16 @@ _SHARD_BYTES = 4 * 2**30
 SINGLE_WEIGHTS = "model.safetensors"
 
 
+class CheckpointDamagedError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the directory, the file and the reason."""
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG of this process as tensors and plain Python values (loadable with `weights_only=True`)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -52,9 +61,26 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = ("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["gauss"])
+    np.random.set_state(numpy_state)  # else the tuple numpy gives, as checkpoints written before held it
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng_file(file: Path) -> dict:
+    """An `rng-rank<r>.pt` file, loaded with `weights_only=True`. Numpy's array type is allowed besides tensors
+    so that files written before the RNG state was stored as tensors still load; nothing else that could run
+    code is (pickle.UnpicklingError)."""
+    np_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core (setup.py allows >= 1.26)
+    numpy_arrays = [np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(numpy_arrays):
+        state = torch.load(file, weights_only=True)
+    if not isinstance(state, dict) or not {"torch", "python", "numpy"} <= state.keys():
+        raise ValueError(f"holds {type(state).__name__} without the torch/python/numpy RNG states")
+    return state
 
 
 class Checkpointer:
@@ -94,7 +120,7 @@ class Checkpointer:
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
             torch.save(rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
             if self.dist.is_main:
-                (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+                (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))
         except (Exception, CheckpointException) as e:  # every rank reports below: none is left in a collective
             failed = e
         failure = f"rank {self.dist.rank}: {type(failed).__name__}: {failed}" if failed else ""
@@ -120,21 +146,111 @@ class Checkpointer:
             raise atomic.disk_full(tmp, needed_bytes) from own
         raise RuntimeError(f"checkpoint save to {tmp} failed: " + "; ".join(failures)) from own
 
-    def load(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Restore model, optimizer and this rank's RNG from `step`; returns the trainer state saved with it."""
+    def problem(self, step: int, keys: tuple[str, ...] = ("step",)) -> str:
+        """'' when checkpoint `step` looks complete, else what is wrong with it, naming the file: trainer.json must
+        be a JSON object with `keys` (and this step), `.metadata` must unpickle safely, and every shard it points
+        into must exist and be long enough. Reads files only, no tensors."""
+        path = self.path(step)
+        try:
+            state = json.loads((path / TRAINER_FILE).read_text())
+        except FileNotFoundError:
+            return f"{TRAINER_FILE} is missing"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"{TRAINER_FILE} is unreadable ({type(e).__name__}: {e})"
+        if not isinstance(state, dict) or (missing := [k for k in keys if k not in state]):
+            return f"{TRAINER_FILE} lacks {missing if isinstance(state, dict) else list(keys)}"
+        if "step" in state and state["step"] != step:
+            return f"{TRAINER_FILE} says step {state['step']}, the directory step {step}"
+        try:
+            metadata = dcp_safe.read_metadata(path / ".metadata")
+        except FileNotFoundError:
+            return ".metadata is missing"
+        except Exception as e:  # a truncated or hostile pickle raises anything from EOFError to UnpicklingError
+            return f".metadata is unreadable ({type(e).__name__}: {e})"
+        return dcp_safe.missing_data(path, metadata)
+
+    def load(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             keys: tuple[str, ...] = ("step",)) -> dict:
+        """Restore model, optimizer and this rank's RNG from `step` (collective); returns the trainer state saved
+        with it. Raises CheckpointDamagedError, on every rank alike, when the checkpoint is incomplete or unreadable
+        (see `problem`); nothing is unpickled with code execution (engine/dcp_safe.py, `load_rng_file`)."""
         path = self.path(step)
         if not path.is_dir():
             raise ValueError(f"checkpoint step {step}: {path} does not exist (found: {self.steps() or 'none'})")
+        problem = self.problem(step, keys) if self.dist.is_main else ""
+        rng, rng_problem = _read_rng(path / f"rng-rank{self.dist.rank}.pt")
+        problems = [p for p in gather_object(problem or rng_problem) if p]
+        if problems:
+            raise CheckpointDamagedError(f"{path}: {'; '.join(dict.fromkeys(problems))}")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
+        try:  # a read failure on any rank raises CheckpointException on every rank (DCP gathers them)
+            dcp.load(state, storage_reader=dcp_safe.SafeReader(path), planner=dcp_safe.SafeLoadPlanner())
+        except (Exception, CheckpointException) as e:
+            why = f"{type(e).__name__}: {_first_line(e)}"
+            raise CheckpointDamagedError(f"{path}: its shards do not load ({why})") from e
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng_file = path / f"rng-rank{self.dist.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        if rng is not None:
+            set_rng_state(rng)
         else:  # resumed with a different world size: the data order is still exact, sampling RNG is not
-            log0(f"checkpoint: {rng_file.name} missing (world size changed?); RNG not restored")
-        return json.loads((path / "trainer.json").read_text())
+            log0(f"checkpoint: rng-rank{self.dist.rank}.pt missing (world size changed?); RNG not restored")
+        return json.loads((path / TRAINER_FILE).read_text())
+
+    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    keys: tuple[str, ...] = ("step",)) -> dict | None:
+        """Restore the newest usable checkpoint (collective); returns its trainer state, or None when there is no
+        checkpoint at all. A damaged one is reported (file and reason) and the next older one is tried; once one
+        loads, the damaged newer ones are moved aside to `step-N.damaged` (kept for inspection, out of `steps()`).
+        If none loads, CheckpointDamagedError lists every one tried and all stay where they are."""
+        tried, damaged = [], []
+        for step in reversed(self.steps()):
+            try:
+                state = self.load(step, model, optimizer, keys)
+            except CheckpointDamagedError as e:  # the same on every rank: load() gathers the ranks' problems
+                tried.append(str(e))
+                damaged.append(step)
+                self._warn(f"checkpoint: cannot resume from {e}; trying the one before")
+                continue
+            for bad in damaged:
+                self._set_aside(bad)
+            if damaged:
+                self._warn(f"checkpoint: resuming from the older step {step} ({self.path(step)}) because the newer "
+                           f"checkpoint(s) are damaged; moved aside to step-*.damaged: {damaged}")
+            return state
+        if tried:
+            raise CheckpointDamagedError(
+                f"no usable checkpoint in {self.dir}; tried (newest first):\n  " + "\n  ".join(tried)
+                + f"\nTo start the stage over, move {self.dir.parent} aside.")
+        return None
+
+    def _warn(self, msg: str) -> None:
+        if self.dist.is_main:  # every rank has the same message
+            logger.warning(msg)
+
+    def _set_aside(self, step: int) -> None:
+        """Rename a damaged checkpoint out of `steps()` without deleting it (rank 0; every rank waits)."""
+        barrier()
+        if self.dist.is_main:
+            dest, i = self.dir / f"step-{step:06d}.damaged", 2
+            while dest.exists():
+                dest, i = self.dir / f"step-{step:06d}.damaged-{i}", i + 1
+            self.path(step).rename(dest)
+        barrier()
+
+
+def _read_rng(file: Path) -> tuple[dict | None, str]:
+    """(state, '') from an RNG file; (None, '') when it is missing; (None, why) when it exists but does not load."""
+    if not file.is_file():
+        return None, ""
+    try:
+        return load_rng_file(file), ""
+    except Exception as e:  # an unreadable or refused file: the checkpoint is damaged
+        return None, f"{file.name} does not load ({type(e).__name__}: {_first_line(e)})"
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else "")[:limit]
 
 
 def _state_bytes(state: dict) -> int:
@@ -268,6 +384,6 @@ def checkpoint_to_hf(ckpt: Path, stage_hf: Path, out_dir: Path, prefix: str = "h
     hf_model = load_hf_model(stage_hf, attn_implementation="sdpa")
     policy = Policy(hf_model)
     state = {"model": get_model_state_dict(policy)}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    dcp.load(state, storage_reader=dcp_safe.SafeReader(ckpt), planner=dcp_safe.SafeLoadPlanner(), no_dist=True)
     _write_hf_dir(state["model"], hf_model, stage_hf, out_dir, prefix)
     return out_dir

@@ -10,6 +10,7 @@ did-you-mean, wrong types, bad values, cross-stage references) and raises one `C
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import tomllib
@@ -141,6 +142,10 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         return _INVALID if built is None else built
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # int widens to float; never the reverse
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        # TOML spells nan and inf; no setting means them, and nan passes every `<=` check of a check() method.
+        problems.append(f"{where}: must be a finite number, got {value}")
+        return _INVALID
     ok = isinstance(value, tp) and not (tp in (int, float) and isinstance(value, bool))
     if not ok:
         problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -313,6 +318,8 @@ def _cross_checks(cfg: Config, files: list[str]) -> list[str]:
                 problems.append(f"{where}.{key} = {ref!r}: not the base model or an earlier stage (known: {known})")
             elif not seen[ref].produces_model:
                 problems.append(f"{where}.{key} = {ref!r}: stage {ref!r} (kind {seen[ref].kind}) has no model output")
+        for key, text in stage.model_paths().items():
+            files.extend(model_path_problems(text, f"{where}.{key}"))
         for key, path in stage.path_inputs().items():
             stage_ref, sep, _ = path.partition(":")
             if sep and stage_ref not in seen:
@@ -329,8 +336,14 @@ def load_config(path: str | Path, overrides: list[str] = (), file_warnings: list
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), [f"recipe file not found (cwd: {Path.cwd()})"])
+    data = path.read_bytes()
     try:
-        raw = tomllib.loads(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not a text file (not UTF-8: byte {data[e.start]:#04x} at offset {e.start}); "
+                                      f"a recipe is a TOML file such as recipes/tiny.toml"]) from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [f"not valid TOML: {e}"]) from None
     return parse_config(raw, overrides, source=str(path), file_warnings=file_warnings)

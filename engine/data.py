@@ -17,6 +17,7 @@ import difflib
 import io
 import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -170,11 +171,24 @@ def load_rows(
                 f"data path {str(p)!r}: need one file or a directory of files of one type among "
                 f"{sorted(_EXTENSIONS)}, got {[f.name for f in files] or 'no such files'}"
             )
-        ds = datasets.load_dataset(
-            kinds.pop(), data_files={split_name: [str(f) for f in files]}, split=split_name, cache_dir=cache_dir
-        )
+        kind = kinds.pop()
+        empty = [f for f in files if _is_empty(f, kind)]
+        files = [f for f in files if f not in empty]  # datasets fails on a 0-row file with an unrelated error
+        if empty and files:
+            logger.warning("%s: %d file(s) with 0 rows left out: %s", p, len(empty), ", ".join(f.name for f in empty))
+        if not files:
+            raise ValueError(f"data path {str(p)!r}: 0 rows (empty: {', '.join(f.name for f in empty)}); point "
+                             f"data.train at a file with rows")
+        try:
+            ds = datasets.load_dataset(kind, data_files={split_name: [str(f) for f in files]}, split=split_name,
+                                       cache_dir=cache_dir)
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as e:  # pyarrow's ArrowInvalid is one
+            cause = e.__cause__ or e  # DatasetGenerationError's own message does not say what failed
+            raise ValueError(f"data path {str(p)!r}: not readable as {kind} ({type(cause).__name__}: {cause})") from e
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"data path {str(p)!r} holds splits {list(ds)}; point at one split's directory")
+    if len(ds) == 0:
+        raise ValueError(f"data path {str(p)!r}: 0 rows; point data.train at data with rows")
     ds = map_columns(ds, columns or {}, str(p))
     required = ["problem", "answer"] + ([response_column] if response_column else [])
     missing = [c for c in required if c not in ds.column_names]
@@ -182,6 +196,49 @@ def load_rows(
         raise ValueError(f"data path {str(p)!r}: missing required column(s) {missing} (found: "
                          f"{', '.join(ds.column_names)}){_mapping_hint(missing, ds.column_names)}")
     return ds
+
+
+def _is_empty(file: Path, kind: str) -> bool:
+    """True when `file` certainly holds no rows (a 0-row parquet, a json/jsonl of whitespace only)."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(file).metadata.num_rows == 0
+        except Exception:  # not readable as parquet: load_dataset reports it with the reason
+            return False
+    if kind == "json":
+        with open(file, "rb") as f:
+            return not f.read(1 << 16).strip() and f.read(1) == b""
+    return False
+
+
+def cell_text(value: Any) -> str | None:
+    """A text cell as a string, or None when it is missing: None, NaN (pandas' missing value) or blank."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text if text.strip() else None
+
+
+def row_ids(data: datasets.Dataset) -> list[str]:
+    """Each row's id as `encode_rows` assigns it: the `id` column, or `row-<index>` where it is absent or empty."""
+    if "id" not in data.column_names:
+        return [f"row-{i}" for i in range(len(data))]
+    return [str(x) if x not in (None, "") else f"row-{i}" for i, x in enumerate(data["id"])]
+
+
+def check_unique_ids(ids: list[str], source: str | os.PathLike) -> None:
+    """Raise ValueError naming the duplicated ids and their rows (up to five of each)."""
+    rows_of: dict[str, list[int]] = {}
+    for i, row_id in enumerate(ids):
+        rows_of.setdefault(row_id, []).append(i)
+    dups = {row_id: rows for row_id, rows in rows_of.items() if len(rows) > 1}
+    if dups:
+        shown = "; ".join(f"{row_id!r} at rows {rows[:5]}" for row_id, rows in list(dups.items())[:5])
+        raise ValueError(f"{source}: {len(dups)} ids are not unique ({shown}); samples, rewards, judge questions "
+                         "and pairs are matched to their row by id: give every row its own id, or drop the id column "
+                         "to number the rows")
 
 
 def _mapping_hint(missing: list[str], found: list[str]) -> str:
@@ -385,13 +442,19 @@ def encode_rows(
     data: datasets.Dataset | str | os.PathLike, processor: Processor, *, template: str = "{problem}",
     response_column: str | None = None, system: str | None = None, on_bad_row: str = "skip",
     max_tokens: int | None = None, source: str | None = None, max_pixel_bytes: int | None = None,
-    shard: bool = True,
+    shard: bool = True, need_answer: bool | None = None,
 ) -> tuple[list[Sample], BadRowReport]:  # fmt: skip
     """Encode every row; skip (and count, and log) or raise on bad rows. Never drops a row silently.
+
+    A bad row: a missing (None, NaN or blank) problem, response or, where answers are needed, answer; a
+    missing/corrupt image; a placeholder/image count mismatch; more than `max_tokens` tokens. Prompt rows (where
+    answers are needed) must have unique ids: a duplicate raises ValueError naming them, whatever `on_bad_row`.
 
     Args:
         data: a Dataset, or a path for `load_rows`.
         response_column: SFT response column; None for prompt-only rows (labels None).
+        need_answer: rows without an answer are bad; default: for prompt-only rows (their answer is the reward's
+            or the filter's target), not for rows with a response (SFT, DPO: the answer is unused).
         on_bad_row: "skip" or "error" (raise BadRow naming file, row id, reason and fix).
         max_tokens: rows with more tokens (prompt + response) are bad ("too long").
         source: file the Dataset came from: relative image paths resolve against its directory and messages
@@ -409,6 +472,7 @@ def encode_rows(
     """
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
+    need_answer = response_column is None if need_answer is None else need_answer
     if isinstance(data, (str, os.PathLike)):
         source = source or str(data)
         data = load_rows(data, response_column=response_column)
@@ -416,6 +480,8 @@ def encode_rows(
     base_dir = Path(source) if Path(source).is_dir() else Path(source).parent
     if response_column and response_column not in data.column_names:
         raise ValueError(f"{source}: response column {response_column!r} not in {data.column_names}")
+    if need_answer:  # prompt rows: samples, rewards, judge questions and pairs are matched to their row by id
+        check_unique_ids(row_ids(data), source)  # the same on every rank: each reads every id
     rank, world = rank_world() if shard else (0, 1)
     no_images_hint = "" if "images" in data.column_names else (
         f"; the data has no images column (found: {', '.join(data.column_names)}): if one holds the images, map it "
@@ -432,12 +498,17 @@ def encode_rows(
             if i % world != rank:
                 continue
             row_id = str(row["id"]) if row.get("id") not in (None, "") else f"row-{i}"
+            entries = []
             try:
+                answer = cell_text(row["answer"])
+                if need_answer and answer is None:  # str() would make None the gold answer "None"
+                    raise BadRow(row_id, "missing answer", f"answer is {row['answer']!r}")
                 entries = row_images(row)
                 images = [_open_image(e, base_dir) for e in entries]
-                response = (row[response_column] or "") if response_column else None  # encode rejects ""
+                response = (cell_text(row[response_column]) or "") if response_column else None  # encode rejects ""
                 sample = processor.encode(
-                    row["problem"] or "", images, template=template, response=response, system=system, row_id=row_id
+                    cell_text(row["problem"]) or "", images, template=template, response=response, system=system,
+                    row_id=row_id,
                 )
                 if max_tokens is not None and len(sample.input_ids) > max_tokens:
                     raise BadRow(row_id, "too long", f"{len(sample.input_ids)} tokens > max_tokens={max_tokens}")
@@ -447,7 +518,7 @@ def encode_rows(
                 if on_bad_row == "error" and world == 1:
                     raise bad[-1][1] from None
                 continue
-            sample.answer, sample.choices = str(row["answer"]), row.get("choices")
+            sample.answer, sample.choices = answer or "", row.get("choices")
             if sample.pixel_values is not None:
                 pixel_bytes += sample.pixel_values.numel() * 4
                 sample.pixel_loader = PixelLoader(data, i, base_dir, processor.image_processor)

@@ -48,6 +48,10 @@ class OptimConfig:
             problems.append(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_grad_norm < 0:
             problems.append(f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            problems.append(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.eps <= 0:
+            problems.append(f"optim.eps must be > 0 (it keeps AdamW's division finite), got {self.eps}")
         return problems
 
 
@@ -148,6 +152,8 @@ class DataConfig:
             problems.append(f"data.max_tokens must be >= 2, got {self.max_tokens}")
         if self.max_cached_pixel_gib < 0:
             problems.append(f"data.max_cached_pixel_gib must be >= 0, got {self.max_cached_pixel_gib}")
+        problems.extend(f"data.{k} must be >= 1 when set, got {v}" for k, v in
+                        (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v is not None and v < 1)
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             problems.append(f"data.min_pixels ({self.min_pixels}) > data.max_pixels ({self.max_pixels})")
         problems.extend(f"data.columns.{k}: not one of our columns ({', '.join(COLUMNS)}); the key is our name, "

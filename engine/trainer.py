@@ -68,12 +68,12 @@ class Trainer:
         self.checkpointer.save(self.step, self.model, self.optimizer, self.state())
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint of this stage, if any; cut metrics.jsonl back to it."""
-        steps = self.checkpointer.steps()
-        if not steps:
+        """Load the newest usable checkpoint of this stage, if any (a damaged newer one is reported and set aside);
+        cut metrics.jsonl back to it."""
+        state = self.checkpointer.load_latest(self.model, self.optimizer, keys=tuple(self.state()))
+        if state is None:
             self.metrics.truncate(0)  # a crash before the first checkpoint: start the file over
             return False
-        state = self.checkpointer.load(steps[-1], self.model, self.optimizer)
         self.step, self.num_skipped, self.bad_in_a_row = state["step"], state["num_skipped"], state["bad_in_a_row"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.metrics.truncate(self.step)

@@ -215,3 +215,41 @@ def test_duplicate_ids_are_refused(tmp_path, toy_world, scripted):
     with pytest.raises(ValueError, match=rf"dup.parquet: 1 ids are not unique \('{ids[1]}' at rows \[1, 3\]\)"):
         distill_stage.run(cfg, _ctx(tmp_path, toy_world))
     assert scripted.calls == []  # refused before sampling
+
+
+def test_model_dir_takes_a_hugging_face_id(tmp_path, toy_world, scripted, monkeypatch):
+    """`model_dir = "org/name"` was refused as a path that does not exist; it now resolves through the Hugging Face
+    cache as `[model].path` does, and is named with the download command when it is not cached and offline."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    from engine.config import ConfigError, parse_config
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no relative path named like the id
+    raw = {"run": {"name": "x"}, "stages": [
+        {"name": "d", "kind": "distill", "model_dir": "org/teacher",
+         "data": {"train": str(toy_world / "data" / "train.parquet")}}]}
+    with pytest.raises(ConfigError) as e:
+        parse_config(json.loads(json.dumps(raw)))
+    assert "stages.d.model_dir: 'org/teacher' is not a directory" in str(e.value)
+    assert "`hf download org/teacher`" in str(e.value)
+
+    repo = tmp_path / "hub" / "models--org--teacher"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(toy_world / "hf", snapshot)
+    assert parse_config(json.loads(json.dumps(raw))).stages[0].model_dir == "org/teacher"
+
+    seen = []
+    monkeypatch.setattr(distill_stage, "make_backend",
+                        lambda kind, model_dir, **kw: seen.append(model_dir) or ScriptedBackend(model_dir, **kw))
+    cfg = dataclasses.replace(_cfg(toy_world), policy="", model_dir="org/teacher")
+    ctx = _ctx(tmp_path, toy_world)
+    distill_stage.run(cfg, ctx)
+    assert seen == [snapshot]
+    pairs = datasets.Dataset.from_parquet(str(ctx.stage_dir / "pairs.parquet"))
+    assert len(pairs) > 0 and set(pairs["source_model"]) == {"org/teacher"}

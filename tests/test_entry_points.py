@@ -17,8 +17,16 @@ def _console_scripts() -> dict[str, str]:
 
 def test_console_scripts_resolve():
     scripts = _console_scripts()
-    assert set(scripts) == {"specs-train", "specs-eval", "specs-config"}
+    assert set(scripts) == {"specs-train", "specs-eval", "specs-config", "specs-plan"}
     for name, target in scripts.items():
         module, func = target.split(":")
         fn = getattr(importlib.import_module(module), func)
         assert list(inspect.signature(fn).parameters) == ["argv"], name  # argv=None reads sys.argv
+
+
+def test_specs_plan_runs_as_installed(tmp_path, capsys):
+    """What `specs-plan RECIPE` calls: engine.plan.main with the command line, exit codes as documented."""
+    from engine.plan import main
+
+    assert main([str(tmp_path / "missing.toml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err

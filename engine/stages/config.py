@@ -40,6 +40,11 @@ class StageConfig:
         """Keys of this stage that name files: plain paths or `<stage>:relative/path`."""
         return {}
 
+    def model_paths(self) -> dict[str, str]:
+        """Keys of this stage that name a model outside the run: a Hugging Face directory or model id, checked and
+        resolved as `[model].path` is (engine/hub.py)."""
+        return {}
+
     def check(self) -> list[str]:
         return [] if self.name.strip() else ["name must not be empty"]
 
@@ -196,6 +201,9 @@ class GRPOConfig:
         if self.mini_batches < 1 or self.ppo_epochs < 1:
             problems.append(f"grpo.mini_batches and grpo.ppo_epochs must be >= 1, got {self.mini_batches}, "
                             f"{self.ppo_epochs}")
+        if min(self.format_weight, self.accuracy_weight) < 0 or self.format_weight + self.accuracy_weight == 0:
+            problems.append(f"grpo.format_weight and grpo.accuracy_weight must be >= 0 and not both 0 (every reward "
+                            f"would be equal), got {self.format_weight}, {self.accuracy_weight}")
         if self.kl_coef < 0 or (self.tis_cap and self.tis_cap < 1):
             problems.append(f"grpo.kl_coef must be >= 0 and grpo.tis_cap 0 (off) or >= 1, got {self.kl_coef}, "
                             f"{self.tis_cap}")
@@ -275,7 +283,8 @@ class DistillStageConfig(StageConfig):
     policy: str = ""
     """Model that samples: "model" (the base: the base-model distillation ablation) or an earlier stage."""
     model_dir: str = ""
-    """A Hugging Face model directory outside this run (an external teacher); overrides `policy` when set."""
+    """A model outside this run (an external teacher): a Hugging Face directory or model id, as `[model].path`;
+    overrides `policy` when set."""
     data: DataConfig
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     """Sampling: `rollout.n` answers per prompt (k)."""
@@ -290,12 +299,16 @@ class DistillStageConfig(StageConfig):
         return {} if self.model_dir else {"policy": self.policy}
 
     def path_inputs(self) -> dict[str, str]:
-        return {"data.train": self.data.train, **({"model_dir": self.model_dir} if self.model_dir else {})}
+        return {"data.train": self.data.train}
+
+    def model_paths(self) -> dict[str, str]:
+        return {"model_dir": self.model_dir} if self.model_dir else {}
 
     def check(self) -> list[str]:
         problems = super().check()
         if not self.policy and not self.model_dir:
-            problems.append("set policy (an earlier stage or 'model') or model_dir (an external model directory)")
+            problems.append("set policy (an earlier stage or 'model') or model_dir (an external model directory or "
+                            "Hugging Face model id)")
         for sub in (self.data, self.rollout, self.distill, self.judge):
             problems.extend(sub.check())
         return problems
@@ -425,6 +438,13 @@ class EvalStageConfig(StageConfig):
         if bad:
             problems.append(f"pass_k {bad}: each k must be in [1, samples = {self.samples}]; raise samples (pass@k "
                             f"needs at least k samples per prompt) or drop them")
+        problems.extend(f"{k} must be >= 1 when set, got {v}" for k, v in
+                        (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v is not None and v < 1)
+        if not 0 < self.gpu_memory_utilization <= 1 or self.max_model_len < 1:
+            problems.append(f"gpu_memory_utilization must be in (0, 1] and max_model_len >= 1, got "
+                            f"{self.gpu_memory_utilization}, {self.max_model_len}")
+        if any(b.max_images < 0 or b.demo_video_frames < 0 for b in self.benchmarks):
+            problems.append("benchmarks.max_images and benchmarks.demo_video_frames must be >= 0")
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             problems.append("backend = 'vllm' but vLLM is not installed: pip install -e '.[vllm]'; or use 'builtin'")
         problems.extend(self.judge.check())

@@ -33,9 +33,10 @@ import datasets
 
 from engine import atomic, preempt
 from engine.corrupt import corrupt, split_response
-from engine.data import Processor, encode_rows, load_rows
+from engine.data import Processor, check_unique_ids, encode_rows, load_rows
 from engine.dist import broadcast_object, gather_object
 from engine.fsdp import resolve_dtype
+from engine.hub import resolve_on_ranks
 from engine.log import log0
 from engine.reward_judge import RewardJudge, check_ready, grade_scored
 from engine.reward_judge import make_yes_no_judge as make_judge
@@ -58,18 +59,6 @@ def _write_atomic(path: Path, write) -> None:
     file; a full disk raises DiskFullError and leaves nothing."""
     with atomic.replacing(path) as tmp:
         write(tmp)
-
-
-def _unique_ids(ids: list[str], source: Path) -> None:
-    """Raise ValueError naming the duplicated ids and their rows: pairs are matched to their row by id."""
-    rows_of: dict[str, list[int]] = {}
-    for i, row_id in enumerate(ids):
-        rows_of.setdefault(row_id, []).append(i)
-    dups = {row_id: rows for row_id, rows in rows_of.items() if len(rows) > 1}
-    if dups:
-        shown = "; ".join(f"{row_id!r} at rows {rows[:5]}" for row_id, rows in list(dups.items())[:5])
-        raise ValueError(f"{source}: {len(dups)} ids are not unique ({shown}); each row's pairs are matched to it "
-                         "by id: give every row its own id, or drop the id column to number the rows")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -179,7 +168,10 @@ def _part_dataset(rows: datasets.Dataset, row_index: list[int], pairs: list[dict
 
 def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     dist_info, world, rank = ctx.dist, ctx.dist.world_size, ctx.dist.rank
-    model_dir = Path(cfg.model_dir) if cfg.model_dir else ctx.model_dir(cfg.policy)
+    if cfg.model_dir:  # an external model: a directory or a Hugging Face id (cached, else downloaded by rank 0)
+        model_dir = resolve_on_ranks(cfg.model_dir, f"stages.{cfg.name}.model_dir", dist_info.is_main)
+    else:
+        model_dir = ctx.model_dir(cfg.policy)
     source = str(cfg.model_dir or cfg.policy)
     processor = Processor.from_pretrained(model_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     path = ctx.resolve_path(cfg.data.train)
@@ -190,7 +182,7 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     if cfg.distill.num_prompts:
         prompts = prompts[:cfg.distill.num_prompts]
     ids = [str(x) for x in rows["id"]] if "id" in rows.column_names else [f"row-{i}" for i in range(len(rows))]
-    _unique_ids(ids, path)  # every rank reads the same rows, so every rank stops with the same message
+    check_unique_ids(ids, path)  # every rank reads the same rows, so every rank stops with the same message
     index_of = {row_id: i for i, row_id in enumerate(ids)}
     problems = rows["problem"]
     answer_types = rows["answer_type"] if "answer_type" in rows.column_names else [""] * len(rows)
