@@ -8,10 +8,12 @@ import dataclasses
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from engine import hub
 from engine.env import env
 
 
@@ -124,3 +126,19 @@ def max_and_sum(maxes: list[int], sums: list[int], device: torch.device) -> tupl
     out = all_reduce(t.to(device), "max").tolist()  # sync: one transfer for both
     slots = out[len(maxes) :]
     return [int(x) for x in out[: len(maxes)]], [int(sum(slots[i :: len(sums)])) for i in range(len(sums))]
+
+
+def resolve_on_ranks(text: str, key: str, is_main: bool) -> Path:
+    """`resolve_model_path` under a process group (collective): rank 0 first, alone, since it downloads what is
+    missing; then the others from the cache it filled (or their node's own). A failure on rank 0 raises the same
+    ValueError on every rank, so none is left waiting."""
+    path, error = None, ""
+    if is_main:
+        try:
+            path = hub.resolve_model_path(text, key)
+        except ValueError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise ValueError(error)
+    return path if is_main else hub.resolve_model_path(text, key)

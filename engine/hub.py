@@ -87,21 +87,3 @@ def resolve_model_path(text: str, key: str = "model.path") -> Path:
     except Exception as e:  # network, authentication, a missing repo: all end in the same advice
         raise ValueError(f"{key}: {text!r} is not a directory (cwd: {Path.cwd()}); downloading it as a Hugging Face "
                          f"model id failed ({type(e).__name__}: {e}): {download_hint(text, key)}") from None
-
-
-def resolve_on_ranks(text: str, key: str, is_main: bool) -> Path:
-    """`resolve_model_path` under a process group (collective): rank 0 first, alone, since it downloads what is
-    missing; then the others from the cache it filled (or their node's own). A failure on rank 0 raises the same
-    ValueError on every rank, so none is left waiting."""
-    from engine.dist import broadcast_object
-
-    path, error = None, ""
-    if is_main:
-        try:
-            path = resolve_model_path(text, key)
-        except ValueError as e:
-            error = str(e)
-    error = broadcast_object(error)
-    if error:
-        raise ValueError(error)
-    return path if is_main else resolve_model_path(text, key)

@@ -34,8 +34,7 @@ import torch  # noqa: E402
 from engine import atomic, preempt, tracking  # noqa: E402
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
 from engine.console import quiet_third_party  # noqa: E402
-from engine.dist import barrier, broadcast_object, destroy_distributed, init_distributed  # noqa: E402
-from engine.hub import resolve_model_path  # noqa: E402
+from engine.dist import barrier, broadcast_object, destroy_distributed, init_distributed, resolve_on_ranks  # noqa: E402
 from engine.log import log0, logger, setup_logging  # noqa: E402
 from engine.plan import check_at_startup  # noqa: E402
 from engine.runlock import acquire_on_main  # noqa: E402
@@ -94,17 +93,7 @@ def _local_model(cfg: Config, plan: Plan, is_main: bool):
     uses_base = any(plan.actions[s.name] != "skip" and "model" in s.model_inputs().values() for s in cfg.stages)
     if not (cfg.model.path and uses_base):
         return cfg.model
-    path, error = None, ""
-    if is_main:  # first, alone: it downloads what is missing
-        try:
-            path = str(resolve_model_path(cfg.model.path))
-        except ValueError as e:
-            error = str(e)
-    error = broadcast_object(error)
-    if error:
-        raise ValueError(error)
-    if not is_main:  # then the others, from the shared cache or their node's own
-        path = str(resolve_model_path(cfg.model.path))
+    path = str(resolve_on_ranks(cfg.model.path, "model.path", is_main))
     if path != cfg.model.path:
         log0(f"model: {cfg.model.path} -> {path}")
     return dataclasses.replace(cfg.model, path=path)

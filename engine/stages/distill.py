@@ -34,9 +34,8 @@ import datasets
 from engine import atomic, preempt
 from engine.corrupt import corrupt, split_response
 from engine.data import Processor, check_unique_ids, encode_rows, load_rows
-from engine.dist import broadcast_object, gather_object
+from engine.dist import broadcast_object, gather_object, resolve_on_ranks
 from engine.fsdp import resolve_dtype
-from engine.hub import resolve_on_ranks
 from engine.log import log0
 from engine.reward_judge import RewardJudge, check_ready, grade_scored
 from engine.reward_judge import make_yes_no_judge as make_judge
