@@ -90,7 +90,8 @@ def test_two_process_grpo_raises_format_reward(toy_world, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "grpo_zero" / "metrics.jsonl").read_text().splitlines()]
     for key in ("rollout/reward", "rollout/format_acc", "rollout/accuracy", "rollout/response_len", "policy/entropy",
-                "policy/clip_frac", "policy/approx_kl", "train/grad_norm", "time/rollout_s", "perf/tok_per_s"):
+                "policy/clip_frac", "policy/approx_kl", "train/grad_norm", "time/rollout_s", "perf/tok_per_s",
+                "time/rollout_prefill_s", "time/rollout_decode_s", "time/rollout_tail_s", "rollout/slot_use"):
         assert all(key in r for r in rows), key
     early = sum(r["rollout/format_acc"] for r in rows[:4]) / 4
     late = sum(r["rollout/format_acc"] for r in rows[-4:]) / 4

@@ -36,12 +36,40 @@ def processor(toy_world):
 # ------------------------------------------------------------------------------------------------ no vLLM needed
 
 
-def test_config_rejects_vllm_when_missing(monkeypatch):
+def _hide_vllm(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
-    problems = RolloutConfig(backend="vllm").check()
-    assert len(problems) == 1 and "vLLM is not installed" in problems[0] and "make test-vllm" in problems[0]
+
+
+def test_config_without_vllm(monkeypatch):
+    """Without vLLM, backend = 'vllm' passes the check (the stage falls back to builtin) unless the recipe requires
+    vLLM or asks for tensor parallelism, which only vLLM has."""
+    _hide_vllm(monkeypatch)
+    assert RolloutConfig(backend="vllm").check() == []
+    for cfg in (RolloutConfig(backend="vllm", require=True), RolloutConfig(backend="vllm", tensor_parallel_size=4)):
+        problems = cfg.check()
+        assert len(problems) == 1 and "vLLM is not installed" in problems[0] and "make test-vllm" in problems[0]
     assert RolloutConfig(backend="builtin").check() == []
+    assert "needs backend = 'vllm'" in RolloutConfig(tensor_parallel_size=2).check()[0]
+
+
+def test_make_backend_falls_back_to_builtin(monkeypatch, toy_world, processor):
+    """No vLLM: make_backend says so (once) and returns the builtin backend with the recipe's builtin settings; with
+    require, or tensor parallelism, it stops with the install command."""
+    import engine.rollout as rollout_pkg
+
+    _hide_vllm(monkeypatch)
+    said = []
+    monkeypatch.setattr(rollout_pkg, "warn_once", said.append)
+    args = dict(device=torch.device("cpu"), dtype=torch.float32, processor=processor)
+    backend = rollout_pkg.make_backend("vllm", toy_world / "hf", max_batch_rows=5, batching="static", **args)
+    assert isinstance(backend, BuiltinBackend) and backend.max_batch_size == 5 and backend.batching == "static"
+    assert len(said) == 1 and "not installed" in said[0] and "builtin" in said[0]
+    for kwargs in (dict(require=True), dict(tensor_parallel_size=2)):
+        with pytest.raises(RuntimeError, match=r"pip install -e '\.\[vllm\]'"):
+            rollout_pkg.make_backend("vllm", toy_world / "hf", **kwargs, **args)
+    with pytest.raises(ValueError, match="unknown rollout backend"):
+        rollout_pkg.make_backend("sglang", toy_world / "hf", **args)
 
 
 def test_images_from_pixel_values_roundtrip(toy_world, processor):

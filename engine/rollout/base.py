@@ -7,7 +7,7 @@ GRPO stage calls `generate`, scores the completions, trains, then streams the ne
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -15,7 +15,7 @@ import torch
 
 from engine.data import Sample
 
-__all__ = ["Completion", "RolloutBackend", "RolloutTiming", "SamplingParams"]
+__all__ = ["Completion", "RolloutBackend", "RolloutTiming", "SamplingParams", "WeightStream"]
 
 
 @dataclass(kw_only=True)
@@ -57,6 +57,21 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
+@dataclass
+class WeightStream:
+    """A full state dict by HF name, produced one tensor at a time (e.g. gathered from FSDP2 shards as it is
+    consumed), with every name and shape known before the first tensor: a backend that must not load a partial or
+    mismatched state dict checks `shapes` first, then consumes the stream without holding more than one tensor."""
+
+    shapes: dict[str, tuple[int, ...]]
+    """Name -> shape of every tensor the stream yields, in any order."""
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    """Yields (name, full tensor) once for each name in `shapes`."""
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self.tensors())
+
+
 @dataclass(kw_only=True)
 class RolloutTiming:
     """Where the seconds of one `generate` call went (wall time; a backend that cannot split leaves parts None)."""
@@ -91,8 +106,9 @@ class RolloutBackend(Protocol):
         """n completions for each prompt, as result[prompt][sample]."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load full (unsharded) tensors by HF state-dict name into the backend's model."""
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | WeightStream) -> None:
+        """Load full (unsharded) tensors by HF state-dict name into the backend's model (a `WeightStream`: one at
+        a time)."""
         ...
 
     def sleep(self) -> None:

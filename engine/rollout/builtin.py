@@ -137,6 +137,9 @@ class BuiltinBackend:
         errors = sampling.check() + ([f"n must be >= 1, got {n}"] if n < 1 else [])
         if errors:
             raise ValueError("generate: " + "; ".join(errors))
+        if not prompts:
+            self.timing = RolloutTiming(total_s=0.0, prefill_s=0.0, decode_s=0.0, tail_s=0.0, slot_use=1.0)
+            return []
         order = list(range(len(prompts)))
         if len(prompts) * n > self.max_batch_size:
             order.sort(key=lambda i: len(prompts[i].input_ids))  # stable: ties keep their order
