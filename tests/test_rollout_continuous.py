@@ -111,3 +111,10 @@ def test_timing_parts(backend, prompts):
 def test_bad_batching_name(toy_world, processor):
     with pytest.raises(ValueError, match="batching"):
         BuiltinBackend(toy_world / "hf", device="cpu", processor=processor, batching="dynamic")
+
+
+def test_no_prompts(backend):
+    """A rank with nothing to sample (a distill stage's last chunk) gets nothing back, in either schedule."""
+    for batching in ("continuous", "static"):
+        assert _run(backend, batching, [], 2, SamplingParams(max_new_tokens=4))[0] == []
+        assert backend.timing.total_s == 0.0

@@ -323,3 +323,75 @@ def _stop_torchrun(proc: subprocess.Popen, worker_name: str, pid_files: list[Pat
                 os.killpg(pid, signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError):
             pass
+
+
+@needs_vllm
+def test_weight_stream_is_checked_first_and_consumed_lazily(vllm_backend, builtin, prompts):
+    """A WeightStream (what the GRPO stage sends) is checked by its declared names and shapes before any tensor is
+    made, then consumed as vLLM loads: far fewer tensors are alive at once than the state dict holds. A stream that
+    yields what it did not declare leaves the engine refusing to generate."""
+    import gc
+    import weakref
+
+    from engine.rollout import WeightStream
+
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    before = vllm_backend.generate(prompts, 1, greedy)
+    original = {k: v.detach().clone() for k, v in builtin.model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in original.items()}
+    alive, made = [], []
+
+    def tensors(scale=0.05, lie=None):
+        gen = torch.Generator().manual_seed(0)
+        for k, v in original.items():
+            gc.collect()
+            made.append(k)
+            alive.append(sum(r() is not None for r in _refs))
+            t = v + scale * torch.randn(v.shape, generator=gen)
+            _refs.append(weakref.ref(t))
+            yield (k, t) if k != lie else (k, torch.zeros(3, 3))
+
+    _refs: list = []
+    try:
+        vllm_backend.update_weights(WeightStream(shapes, tensors))
+        builtin.update_weights(WeightStream(shapes, tensors))
+        _assert_same(vllm_backend.generate(prompts, 1, greedy), builtin.generate(prompts, 1, greedy))
+        assert len(made) == 2 * len(original) and max(alive[:len(original)]) <= len(original) // 2, alive
+        made.clear()
+        with pytest.raises(ValueError, match="missing name"):  # declared shapes are checked before any tensor
+            vllm_backend.update_weights(WeightStream({"lm_head.weight": shapes["lm_head.weight"]}, tensors))
+        assert made == []
+        with pytest.raises(RuntimeError, match="part-updated"):
+            vllm_backend.update_weights(WeightStream(shapes, lambda: tensors(lie="lm_head.weight")))
+        with pytest.raises(RuntimeError, match="build a new backend"):
+            vllm_backend.generate(prompts, 1, greedy)
+    finally:
+        vllm_backend._partial_weights = False  # the full original state dict goes back in below
+        vllm_backend.update_weights(original.items())
+        builtin.update_weights(original.items())
+    assert vllm_backend.generate(prompts, 1, greedy) == before
+    assert vllm_backend.timing is not None and vllm_backend.timing.total_s > 0
+    assert set(vllm_backend.timing.metrics()) == {"time/rollout_generate_s"}
+
+
+@needs_vllm
+def test_torchrun_tensor_parallel(model_dir, toy_world, tmp_path):
+    """2 torchrun ranks, one engine over both (tensor_parallel_size=2): the ranks pool their prompts and each gets
+    its own completions back, equal to the builtin's (checks in tests/vllm_tp_worker.py)."""
+    worker = Path(__file__).with_name("vllm_tp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(model_dir), str(toy_world / "hf"), str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log_path = tmp_path / "torchrun.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=480)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            _stop_torchrun(proc, worker.name, sorted(tmp_path.glob("pid*")))
+    output = log_path.read_text()
+    assert rc == 0, f"torchrun {'timed out' if rc is None else f'exited with {rc}'}:\n{output[-6000:]}"
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["tp_size"] for r in results] == [2, 2] and all(r["num_tokens"] > 0 for r in results[:1])
