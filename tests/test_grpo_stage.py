@@ -104,16 +104,16 @@ def test_two_process_grpo_raises_format_reward(toy_world, tmp_path):
     assert all(r["policy/approx_kl"] == 0.0 and r["policy/clip_frac"] == 0.0 for r in rows)
     assert (tmp_path / "out" / "grpo_zero" / "hf" / "model.safetensors").is_file()
 
-    # Resume in the middle of the stage: as if it had died after step 12 (the newest checkpoint is step 8).
-    # Sampling is seeded by step and rank and the backend gets the restored weights, so steps 9-16 repeat exactly.
+    # Resume in the middle of the stage: as if it had died after step 20 (the newest checkpoint is step 16).
+    # Sampling is seeded by step and rank and the backend gets the restored weights, so steps 17-24 repeat exactly.
     stage = tmp_path / "out" / "grpo_zero"
-    for name in ("DONE", "hf", "checkpoints/step-000016"):
+    for name in ("DONE", "hf", "checkpoints/step-000024"):
         subprocess.run(["rm", "-rf", str(stage / name)], check=True)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resume: from step 8" in again.stdout
+    assert "resume: from step 16" in again.stdout
     rerun = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rerun] == list(range(1, 17))
+    assert [r["step"] for r in rerun] == list(range(1, 25))
     for a, b in zip(rows, rerun, strict=True):
         for key in ("rollout/reward", "rollout/format_acc", "rollout/response_len", "train/loss", "train/grad_norm"):
             assert a[key] == b[key], (key, a, b)

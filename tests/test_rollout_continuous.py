@@ -118,3 +118,22 @@ def test_no_prompts(backend):
     for batching in ("continuous", "static"):
         assert _run(backend, batching, [], 2, SamplingParams(max_new_tokens=4))[0] == []
         assert backend.timing.total_s == 0.0
+
+
+def test_prefill_takes_upcoming_prompts_within_budget(backend, prompts, monkeypatch):
+    """Needed prompts are always prefilled; more upcoming ones join while the padded batch fits PREFILL_TOKENS and
+    the prompt cap. Prefilling ahead changes no completion."""
+    from engine.rollout.continuous import _prefill_batch
+
+    lens = [len(p.input_ids) for p in prompts]  # ascending image prompts, then the shorter text prompt
+    monkeypatch.setattr(backend, "PREFILL_TOKENS", 3 * max(lens[:3]))
+    assert _prefill_batch(backend, prompts, [0, 1, 2, 3, 4], 1, most=5) == [0, 1, 2]
+    assert _prefill_batch(backend, prompts, [0, 1, 2, 3, 4], 1, most=2) == [0, 1]
+    assert _prefill_batch(backend, prompts, [3, 4], 2, most=1) == [3, 4]  # needed ones beat the caps
+    monkeypatch.setattr(backend, "PREFILL_TOKENS", 1)
+    assert _prefill_batch(backend, prompts, [0, 1, 2], 1, most=3) == [0]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=16, seed=2)
+    one_by_one = _run(backend, "continuous", prompts, 3, sampling, slots=4)[0]
+    monkeypatch.setattr(backend, "PREFILL_TOKENS", 8192)
+    _assert_same(_run(backend, "continuous", prompts, 3, sampling, slots=4)[0], one_by_one)
+    backend.max_batch_size = 3

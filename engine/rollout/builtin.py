@@ -65,6 +65,9 @@ class BuiltinBackend:
     """
 
     CACHE_BUCKET = 256
+    PREFILL_TOKENS = 8192
+    """Continuous batching: prefill more upcoming prompts along with the needed ones while the left-padded prefill
+    batch stays within this many tokens (see `continuous._prefill_batch`)."""
 
     def __init__(self, model_dir: str | Path, *, device: str | torch.device, dtype: torch.dtype = torch.float32,
                  processor=None, max_batch_size: int = 64, compile_decode: bool = False,

@@ -16,8 +16,9 @@ causal mask on top, which would hide ring columns past the current one). Shapes 
 a call, and across calls of the same (S, L), as a CUDA-graph decode step needs.
 
 Prefill: a prompt's n samples share one prefill (the vision tower and the prompt forward run once per prompt);
-the prompts a refill needs are prefilled together (left-padded), and a prompt whose samples do not all fit keeps
-its K/V, last logits and next position until its remaining samples get slots.
+the prompts a refill needs are prefilled together (left-padded) with some of the next ones (up to
+`BuiltinBackend.PREFILL_TOKENS` padded tokens and about one slot-set of rows), and a prefilled prompt keeps its
+K/V, last logits and next position until all its samples have slots.
 
 Sampling: row r = i x n + j draws from its own RNG stream (engine/rollout/sampler.py), so the samples do not depend
 on the slot or on the other rows: under a seed this schedule gives the static schedule's completions.
@@ -81,6 +82,7 @@ def generate_continuous(backend, prompts: list[Sample], order: list[int], n: int
     slot_row: list[tuple[int, int] | None] = [None] * num_slots
     pending: dict[int, _Prefilled] = {}
     results, cache, head, step = {}, None, 0, 0
+    next_prompt = 0  # order[next_prompt:] are not prefilled yet (rows are queued prompt by prompt)
     prefill_s = decode_s = tail_s = 0.0
     busy_slot_steps = 0
     t_start = time.perf_counter()
@@ -90,8 +92,10 @@ def generate_continuous(backend, prompts: list[Sample], order: list[int], n: int
             t0 = time.perf_counter()
             new = queue[head:head + len(free)]
             head += len(new)
-            need = list(dict.fromkeys(i for i, _ in new if i not in pending))
-            if need:
+            num_needed = len({i for i, _ in new if i not in pending})
+            if num_needed:
+                need = _prefill_batch(backend, prompts, order[next_prompt:], num_needed, -(-num_slots // n))
+                next_prompt += len(need)
                 cache = _prefill(backend, prompts, need, n, pending, cache, num_slots, length)
             logits_SV = _place(backend, new, free[:len(new)], pending, cache, prompt_len, n, sampling.seed,
                                (mask_S11L, keys_S, drawn_S, next_pos_S), logits_SV)
@@ -137,6 +141,19 @@ def generate_continuous(backend, prompts: list[Sample], order: list[int], n: int
                            tail_s=tail_s, num_decode_steps=step,
                            slot_use=busy_slot_steps / max(1, step * num_slots))
     return results, timing
+
+
+def _prefill_batch(backend, prompts, upcoming: list[int], num_needed: int, most: int) -> list[int]:
+    """The next prompts to prefill together: the `num_needed` that rows are waiting for, then more of the upcoming
+    ones while the left-padded batch stays within `backend.PREFILL_TOKENS` and `most` prompts (about one slot-set
+    of rows): fewer, larger prefill forwards, and their K/V kept only until their rows start."""
+    take, longest = num_needed, max(len(prompts[i].input_ids) for i in upcoming[:num_needed])
+    while take < min(most, len(upcoming)):
+        longest_next = max(longest, len(prompts[upcoming[take]].input_ids))
+        if longest_next * (take + 1) > backend.PREFILL_TOKENS:
+            break
+        take, longest = take + 1, longest_next
+    return upcoming[:take]
 
 
 def _prefill(backend, prompts, need: list[int], n: int, pending: dict, cache, num_slots: int, length: int):
