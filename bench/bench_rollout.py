@@ -20,7 +20,9 @@ limit (the measured distribution is printed). `builtin` (continuous batching) an
 rows (prompts x 4 samples) with the same number of decode slots (a quarter of the rows, as specs.toml's 128 samples a
 rank in 32-row batches) and, under one seed, produce the same completions (checked), so tokens/s compare schedules
 only; `hf-generate` decodes all rows at once until the longest ends. Greedy outputs of both schedules are checked
-against `generate` once before timing (exactly in fp32; reported, not asserted, in bf16).
+against `generate` once before timing (exactly in fp32; reported, not asserted, in bf16). Last, the sampler alone at
+the real vocabulary (151,936), which the toy vocabulary hides: per-row random streams (one hashed uniform and one
+fp64 cumsum per row) against one `torch.multinomial` draw.
 
 The model has random weights and the toy world's tokenizer (built here, no download; the GPU machine has no
 `datasets`, which the toy's parquet writer needs, so only the tokenizer and image processor are built). The
@@ -208,6 +210,34 @@ def check_greedy(model_dir, device, dtype, processor, prompts, new_tokens, stops
     return equal, len(prompts)
 
 
+def time_sampler(device, vocab: int = 151936) -> None:
+    """ms per call of the builtin's sampler (per-row hashed streams, inverse CDF in fp64) against one
+    `torch.multinomial` draw, at Qwen2.5-VL's real vocabulary (the bench model's is the toy's)."""
+    from engine.rollout.sampler import row_keys, sample
+
+    sampling = SamplingParams(temperature=1.0)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def per_row_streams(logits, keys, steps):
+        return sample(logits, sampling, [0], keys, steps)
+
+    def multinomial(logits, keys, steps):
+        return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)
+
+    for rows in (32, 128):
+        args = (torch.randn(rows, vocab, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32),
+                row_keys(0, torch.arange(rows, device=device)), torch.zeros(rows, dtype=torch.long, device=device))
+        for call in (per_row_streams, multinomial):
+            call(*args)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                call(*args)
+            _sync(device)
+            print(f"sampler at {rows} rows x {vocab} vocab: {call.__name__} {(time.perf_counter() - t0) / 5 * 1e3:.2f} "
+                  "ms", flush=True)
+
+
 def run_skewed(p, model_dir, device, dtype, processor, reps, record) -> None:
     """Continuous vs static batching at the same slot count on a long-tail length mix (see the module docstring)."""
     rows, new_tokens = p["skewed"]
@@ -242,6 +272,7 @@ def run_skewed(p, model_dir, device, dtype, processor, reps, record) -> None:
         print(f"  {batching}: {t.num_decode_steps} decode steps, prefill {t.prefill_s:.2f} s, decode {t.decode_s:.2f} "
               f"s, tail {t.tail_s:.2f} s, slot use {t.slot_use:.2f}")
     print(f"  continuous / static tokens/s: {kept['continuous']['tok_per_s'] / kept['static']['tok_per_s']:.2f}x")
+    time_sampler(device)
 
 
 def _sync(device) -> None:

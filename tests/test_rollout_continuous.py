@@ -82,7 +82,7 @@ def test_long_tail_needs_fewer_decode_steps(backend, prompts, monkeypatch):
     backend.max_batch_size = 3
     _assert_same(continuous, static)
     lengths = sorted(len(c.token_ids) for g in static for c in g)
-    assert lengths[len(lengths) // 2] < 20 and lengths[-1] >= 40, lengths  # short median, a long tail
+    assert lengths[len(lengths) // 2] < 15 and lengths[-1] >= 30, lengths  # short median, a long tail
     assert t_cont.num_decode_steps <= 0.75 * t_static.num_decode_steps, (t_cont, t_static)
     assert t_cont.slot_use > t_static.slot_use
     assert t_static.tail_s > 0 and t_cont.tail_s >= 0

@@ -78,6 +78,7 @@ def generate_continuous(backend, prompts: list[Sample], order: list[int], n: int
     logprobs_SN = torch.zeros(num_slots, max_new, device=dev)
     logits_SV = None
     cache_pos_1 = torch.zeros(1, dtype=torch.long, device=dev)
+    all_slots = torch.arange(num_slots, device=dev)
     eos = torch.tensor(backend.eos_ids, device=dev)
     slot_row: list[tuple[int, int] | None] = [None] * num_slots
     pending: dict[int, _Prefilled] = {}
@@ -107,8 +108,10 @@ def generate_continuous(backend, prompts: list[Sample], order: list[int], n: int
         if not busy:
             break
         t0 = time.perf_counter()
-        idx = torch.tensor(busy, device=dev)
-        tok, lp = sample(logits_SV.index_select(0, idx), sampling, backend.banned_ids, keys_S[idx], drawn_S[idx])
+        full = len(busy) == num_slots  # the common case: no gather of the busy slots' rows
+        idx = all_slots if full else torch.tensor(busy, device=dev)
+        tok, lp = sample(logits_SV if full else logits_SV.index_select(0, idx), sampling, backend.banned_ids,
+                         keys_S if full else keys_S[idx], drawn_S if full else drawn_S[idx])
         at = drawn_S[idx]
         tokens_SN[idx, at], logprobs_SN[idx, at] = tok, lp
         last_tok_S[idx] = tok

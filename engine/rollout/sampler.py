@@ -1,12 +1,13 @@
 """Token sampling for the builtin backend: temperature, vision-token ban, top_p, and one RNG stream per row.
 
 Each completion (row r = prompt index x n + sample index of a `generate` call) draws its k-th token from its own
-counter-based random stream u(seed, r, k, token): an integer hash (splitmix64's finaliser) of those four numbers,
-made uniform in (0, 1). A token is then drawn by the Gumbel-max rule, argmax_v(log p_v - log(-log u_v)), which
-picks v with probability p_v exactly (up to the 53-bit resolution of u). So a row's completion depends only on
-(seed, r, its prompt, the weights), not on which batch or decode slot it ran in or what ran beside it: the static
-and the continuous schedules give the same samples, and a resumed run samples what the first run did. The hash is
-plain int64 arithmetic (wrapping multiplication), so CPU and GPU draw the same uniforms.
+counter-based random stream: u(seed, r, k), an integer hash (splitmix64's finaliser) of those three numbers made
+uniform in (0, 1), and the token is the one whose interval of the cumulative distribution (fp64, vocabulary order)
+holds u, i.e. v with probability p_v (inverse-CDF sampling; one uniform and one cumsum per row, as cheap as
+`torch.multinomial`). So a row's completion depends only on (seed, r, its prompt, the weights), not on which batch
+or decode slot it ran in or what ran beside it: the static and the continuous schedules give the same samples, and
+a resumed run samples what the first run did. The hash is plain int64 arithmetic (wrapping multiplication), so CPU
+and GPU draw the same uniforms.
 """
 
 from __future__ import annotations
@@ -40,12 +41,10 @@ def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
     return _mix(base + rows.long() * _GAMMA)
 
 
-def _uniforms(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """u[b, v] in (0, 1), fp64: a pure function of (keys[b], steps[b], v); keys, steps [B] int64."""
-    z_B1 = _mix(keys + _mix(steps.long()) * _MUL1)[:, None]
-    v_1V = torch.arange(1, vocab + 1, dtype=torch.long, device=keys.device)[None]
-    bits_BV = _shr(_mix(z_B1 + v_1V * _GAMMA), 11)  # top 53 bits
-    return (bits_BV.double() + 0.5) * 2.0**-53
+def _uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """u[b] in (0, 1), fp64: a pure function of (keys[b], steps[b]); keys, steps [B] int64."""
+    bits = _shr(_mix(keys + _mix(steps.long() + 1) * _MUL1), 11)  # top 53 bits
+    return (bits.double() + 0.5) * 2.0**-53
 
 
 def sample(logits: torch.Tensor, sampling: SamplingParams, banned_ids: list[int], keys: torch.Tensor,
@@ -81,7 +80,9 @@ def sample(logits: torch.Tensor, sampling: SamplingParams, banned_ids: list[int]
             # Drop a token when the tokens ranked above it already reach top_p (the top token always stays).
             drop_BV = probs_BV.cumsum(-1) - probs_BV >= sampling.top_p
             masked_BV = masked_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, float("-inf")))
-        # Gumbel-max in fp64: -log(-log u) reaches ~37 at 53-bit u, so tokens ~e^-37 below the top stay drawable.
-        gumbel_BV = -torch.log(-torch.log(_uniforms(keys, steps, masked_BV.shape[-1])))
-        tok_B = (masked_BV.double() + gumbel_BV).argmax(-1)
+        # Inverse CDF in fp64: the first token whose cumulative probability exceeds u x total (right=True skips
+        # zero-probability tokens: their interval is empty).
+        cdf_BV = masked_BV.double().softmax(-1).cumsum(-1)
+        u_B1 = (_uniforms(keys, steps) * cdf_BV[:, -1])[:, None]
+        tok_B = torch.searchsorted(cdf_BV, u_B1, right=True).view(-1).clamp_(max=cdf_BV.shape[-1] - 1)
     return tok_B, logp_BV.gather(-1, tok_B[:, None]).view(-1)
