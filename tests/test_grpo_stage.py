@@ -183,7 +183,9 @@ def test_ppo_minibatches_kl_and_tis(toy_world, tmp_path):
     assert first["policy/approx_kl"] == 0.0 and first["policy/ref_kl"] == 0.0 and first["policy/clip_frac"] == 0.0
     assert abs(first["policy/tis_weight"] - 1.0) < 1e-3  # the builtin fp32 backend's log-probs match the trainer's
     assert all(r["policy/approx_kl"] > 0 for r in rows[1:4]) and all(r["policy/ref_kl"] > 0 for r in rows[1:])
-    assert rows[4]["policy/approx_kl"] == 0.0  # a new rollout batch from the updated policy: on-policy again
+    # A new rollout batch from the updated policy: on-policy again. To rounding only: the old log-probs come from a
+    # forward over all of the rank's samples, packed differently from this mini-batch (3.9e-16 under seed 0).
+    assert rows[4]["policy/approx_kl"] < 1e-12
     assert all(0 < r["policy/tis_weight"] <= 2.0 for r in rows)
 
 
