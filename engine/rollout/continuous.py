@@ -60,90 +60,159 @@ def generate_continuous(backend, prompts: list[Sample], order: list[int], n: int
 
     Returns (results, timing): results[(i, j)] = (token_ids, logprobs, text, finish_reason).
     """
-    dev, max_new = backend.device, sampling.max_new_tokens
-    queue = [(i, j) for i in order for j in range(n)]
-    num_slots = min(backend.max_batch_size, len(queue))
-    prompt_len = max(len(prompts[i].input_ids) for i in order)
-    length = prompt_len + max_new
-    if backend.compile_decode:
-        length = -(-length // backend.CACHE_BUCKET) * backend.CACHE_BUCKET
-    ring = length - prompt_len
-
-    mask_S11L = torch.zeros(num_slots, 1, 1, length, dtype=torch.bool, device=dev)
-    keys_S = torch.zeros(num_slots, dtype=torch.long, device=dev)  # RNG key of each slot's row
-    drawn_S = torch.zeros(num_slots, dtype=torch.long, device=dev)  # tokens drawn so far by each slot's row
-    next_pos_S = torch.zeros(num_slots, dtype=torch.long, device=dev)
-    last_tok_S = torch.full((num_slots,), backend.processor.pad_id, dtype=torch.long, device=dev)
-    tokens_SN = torch.zeros(num_slots, max_new, dtype=torch.long, device=dev)
-    logprobs_SN = torch.zeros(num_slots, max_new, device=dev)
-    logits_SV = None
-    cache_pos_1 = torch.zeros(1, dtype=torch.long, device=dev)
-    all_slots = torch.arange(num_slots, device=dev)
-    eos = torch.tensor(backend.eos_ids, device=dev)
-    slot_row: list[tuple[int, int] | None] = [None] * num_slots
-    pending: dict[int, _Prefilled] = {}
-    results, cache, head, step = {}, None, 0, 0
-    next_prompt = 0  # order[next_prompt:] are not prefilled yet (rows are queued prompt by prompt)
+    slots = _Slots(backend, prompts, order, n, sampling)
     prefill_s = decode_s = tail_s = 0.0
-    busy_slot_steps = 0
     t_start = time.perf_counter()
     while True:
-        free = [s for s in range(num_slots) if slot_row[s] is None]
-        if free and head < len(queue):
+        if slots.free() and slots.head < len(slots.queue):
             t0 = time.perf_counter()
-            new = queue[head:head + len(free)]
-            head += len(new)
-            num_needed = len({i for i, _ in new if i not in pending})
-            if num_needed:
-                need = _prefill_batch(backend, prompts, order[next_prompt:], num_needed, -(-num_slots // n))
-                next_prompt += len(need)
-                cache = _prefill(backend, prompts, need, n, pending, cache, num_slots, length)
-            logits_SV = _place(backend, new, free[:len(new)], pending, cache, prompt_len, n, sampling.seed,
-                               (mask_S11L, keys_S, drawn_S, next_pos_S), logits_SV)
-            for s, row in zip(free, new, strict=False):
-                slot_row[s] = row
-            _sync(dev)  # timing only: the prefill's kernels end here, not inside the first decode step
+            slots.refill()
+            _sync(backend.device)  # timing only: the prefill's kernels end here, not inside the first decode step
             prefill_s += time.perf_counter() - t0
-        busy = [s for s in range(num_slots) if slot_row[s] is not None]
-        if not busy:
+        if not slots.busy():
             break
         t0 = time.perf_counter()
-        full = len(busy) == num_slots  # the common case: no gather of the busy slots' rows
-        idx = all_slots if full else torch.tensor(busy, device=dev)
-        tok, lp = sample(logits_SV if full else logits_SV.index_select(0, idx), sampling, backend.banned_ids,
-                         keys_S if full else keys_S[idx], drawn_S if full else drawn_S[idx])
-        at = drawn_S[idx]
-        tokens_SN[idx, at], logprobs_SN[idx, at] = tok, lp
-        last_tok_S[idx] = tok
-        drawn_S[idx] += 1
-        done = (torch.isin(tok, eos) | (drawn_S[idx] >= max_new)).tolist()  # host sync once a step: refill slots
-        ended = [s for s, d in zip(busy, done, strict=True) if d]
-        if ended:
-            _collect(backend, results, ended, slot_row, tokens_SN, logprobs_SN, drawn_S)
-        running = len(busy) - len(ended)
+        running = slots.draw()  # host sync once a step: which rows ended
         if running:
-            # Every slot writes ring column `col` (idle ones too: their rows are never read again); a busy slot's
-            # query sees its prompt, the ring columns it wrote earlier and this one.
-            col = prompt_len + step % ring
-            if col == prompt_len:  # the ring's first column: StaticCache writes at its layers' cumulative_length,
-                for layer in cache.layers:  # which each forward advances by one; start (again) at the ring's start
-                    layer.cumulative_length.fill_(col)
-            mask_S11L[:, 0, 0, col] = True
-            cache_pos_1.fill_(col)
-            pos_S = next_pos_S + drawn_S - 1  # the token fed now is the row's (drawn - 1)-th
-            logits_SV = backend._decode(last_tok_S[:, None], mask_S11L, cache_pos_1, backend._step_positions(pos_S),
-                                        cache)
-            step += 1
-            busy_slot_steps += running
+            slots.forward()
         dt = time.perf_counter() - t0
-        if running < num_slots and head >= len(queue):  # a slot idles: nothing left to start in it
+        if running < slots.num and slots.head >= len(slots.queue):  # a slot idles: nothing left to start in it
             tail_s += dt
         else:
             decode_s += dt
     timing = RolloutTiming(total_s=time.perf_counter() - t_start, prefill_s=prefill_s, decode_s=decode_s,
-                           tail_s=tail_s, num_decode_steps=step,
-                           slot_use=busy_slot_steps / max(1, step * num_slots))
-    return results, timing
+                           tail_s=tail_s, num_decode_steps=slots.step,
+                           slot_use=slots.busy_slot_steps / max(1, slots.step * slots.num))
+    return slots.results, timing
+
+
+class _Slots:
+    """The decode slots of one `generate_continuous` call: queue, per-slot state, cache and finished results."""
+
+    def __init__(self, backend, prompts: list[Sample], order: list[int], n: int, sampling: SamplingParams):
+        dev, max_new = backend.device, sampling.max_new_tokens
+        self.backend, self.prompts, self.order, self.n, self.sampling = backend, prompts, order, n, sampling
+        self.queue = [(i, j) for i in order for j in range(n)]
+        self.num = num = min(backend.max_batch_size, len(self.queue))
+        self.prompt_len = max(len(prompts[i].input_ids) for i in order)
+        self.length = self.prompt_len + max_new
+        if backend.compile_decode:
+            self.length = -(-self.length // backend.CACHE_BUCKET) * backend.CACHE_BUCKET
+        self.ring = self.length - self.prompt_len
+        self.mask_S11L = torch.zeros(num, 1, 1, self.length, dtype=torch.bool, device=dev)
+        self.keys_S = torch.zeros(num, dtype=torch.long, device=dev)  # RNG key of each slot's row
+        self.drawn_S = torch.zeros(num, dtype=torch.long, device=dev)  # tokens drawn so far by each slot's row
+        self.next_pos_S = torch.zeros(num, dtype=torch.long, device=dev)
+        self.last_tok_S = torch.full((num,), backend.processor.pad_id, dtype=torch.long, device=dev)
+        self.tokens_SN = torch.zeros(num, max_new, dtype=torch.long, device=dev)
+        self.logprobs_SN = torch.zeros(num, max_new, device=dev)
+        self.logits_SV: torch.Tensor | None = None
+        self.cache_pos_1 = torch.zeros(1, dtype=torch.long, device=dev)
+        self.all_slots = torch.arange(num, device=dev)
+        self.eos = torch.tensor(backend.eos_ids, device=dev)
+        self.row: list[tuple[int, int] | None] = [None] * num  # the row each slot decodes
+        self.pending: dict[int, _Prefilled] = {}
+        self.results: dict[tuple[int, int], tuple] = {}
+        self.cache = None
+        self.head = 0  # queue[head:] wait for a slot
+        self.next_prompt = 0  # order[next_prompt:] are not prefilled yet (rows are queued prompt by prompt)
+        self.step = self.busy_slot_steps = 0
+
+    def free(self) -> list[int]:
+        return [s for s in range(self.num) if self.row[s] is None]
+
+    def busy(self) -> list[int]:
+        return [s for s in range(self.num) if self.row[s] is not None]
+
+    def refill(self) -> None:
+        """Start the next queued rows in the free slots, prefilling the prompts they need first."""
+        free = self.free()
+        new = self.queue[self.head:self.head + len(free)]
+        self.head += len(new)
+        num_needed = len({i for i, _ in new if i not in self.pending})
+        if num_needed:
+            need = _prefill_batch(self.backend, self.prompts, self.order[self.next_prompt:], num_needed,
+                                  -(-self.num // self.n))
+            self.next_prompt += len(need)
+            layers = _prefill(self.backend, self.prompts, need, self.n, self.pending)
+            if self.cache is None:
+                self.cache = self.backend._slot_cache(layers, self.num, self.length)
+        self._place(new, free[:len(new)])
+        for s, row in zip(free, new, strict=False):
+            self.row[s] = row
+
+    def draw(self) -> int:
+        """Draw each busy slot's next token; finished rows go to `results` and free their slots. Returns how many
+        slots still run."""
+        busy = self.busy()
+        full = len(busy) == self.num  # the common case: no gather of the busy slots' rows
+        idx = self.all_slots if full else torch.tensor(busy, device=self.backend.device)
+        pick = (lambda x: x) if full else (lambda x: x.index_select(0, idx))  # noqa: E731
+        tok, lp = sample(pick(self.logits_SV), self.sampling, self.backend.banned_ids, pick(self.keys_S),
+                         pick(self.drawn_S))
+        at = self.drawn_S[idx]
+        self.tokens_SN[idx, at], self.logprobs_SN[idx, at] = tok, lp
+        self.last_tok_S[idx] = tok
+        self.drawn_S[idx] += 1
+        done = (torch.isin(tok, self.eos) | (self.drawn_S[idx] >= self.sampling.max_new_tokens)).tolist()
+        ended = [s for s, d in zip(busy, done, strict=True) if d]
+        if ended:
+            self._collect(ended)
+        return len(busy) - len(ended)
+
+    def forward(self) -> None:
+        """One decode step of every slot (idle ones too: their rows are never read again); a busy slot's query sees
+        its prompt, the ring columns it wrote earlier and this step's column."""
+        col = self.prompt_len + self.step % self.ring
+        if col == self.prompt_len:  # the ring's first column: StaticCache writes at its layers' cumulative_length,
+            for layer in self.cache.layers:  # which each forward advances by one; start (again) at the ring's start
+                layer.cumulative_length.fill_(col)
+        self.mask_S11L[:, 0, 0, col] = True
+        self.cache_pos_1.fill_(col)
+        pos_S = self.next_pos_S + self.drawn_S - 1  # the token fed now is the row's (drawn - 1)-th
+        self.logits_SV = self.backend._decode(self.last_tok_S[:, None], self.mask_S11L, self.cache_pos_1,
+                                              self.backend._step_positions(pos_S), self.cache)
+        self.step += 1
+        self.busy_slot_steps += len(self.busy())
+
+    def _place(self, new: list[tuple[int, int]], slots: list[int]) -> None:
+        """Start rows `new` in `slots`: prompt K/V right-aligned in the prompt region, mask, positions, RNG keys,
+        and the prefill's last logits (the first token is drawn from them)."""
+        dev, p_len = self.backend.device, self.prompt_len
+        if self.logits_SV is None:
+            any_logits = self.pending[new[0][0]].logits
+            self.logits_SV = any_logits.new_zeros(self.num, any_logits.shape[-1])
+        by_prompt: dict[int, list[int]] = {}
+        for (i, _), s in zip(new, slots, strict=True):
+            by_prompt.setdefault(i, []).append(s)
+        for i, ss in by_prompt.items():
+            p, idx = self.pending[i], torch.tensor(ss, device=dev)
+            k = p.keys[0].shape[1]
+            for layer, keys, values in zip(self.cache.layers, p.keys, p.values, strict=True):
+                layer.keys[idx, :, p_len - k:p_len] = keys
+                layer.values[idx, :, p_len - k:p_len] = values
+            self.mask_S11L[idx] = False
+            self.mask_S11L[idx, :, :, p_len - k:p_len] = True
+            self.logits_SV[idx] = p.logits.to(self.logits_SV.dtype)
+            self.next_pos_S[idx] = p.next_pos
+            p.remaining -= len(ss)
+            if p.remaining == 0:
+                del self.pending[i]
+        idx = torch.tensor(slots, device=dev)
+        self.keys_S[idx] = row_keys(self.sampling.seed, torch.tensor([i * self.n + j for i, j in new], device=dev))
+        self.drawn_S[idx] = 0
+
+    def _collect(self, ended: list[int]) -> None:
+        """Move the finished slots' completions to `results` and free the slots."""
+        idx = torch.tensor(ended, device=self.backend.device)
+        rows = zip(self.tokens_SN[idx].tolist(), self.logprobs_SN[idx].tolist(), self.drawn_S[idx].tolist(),
+                   strict=True)
+        for s, (ids, lps, k) in zip(ended, rows, strict=True):
+            ids, lps = ids[:k], lps[:k]
+            stopped = bool(ids) and ids[-1] in self.backend.eos_ids
+            self.results[self.row[s]] = (ids, lps, self.backend.tokenizer.decode(ids, skip_special_tokens=True),
+                                         "stop" if stopped else "length")
+            self.row[s] = None
 
 
 def _prefill_batch(backend, prompts, upcoming: list[int], num_needed: int, most: int) -> list[int]:
@@ -159,9 +228,9 @@ def _prefill_batch(backend, prompts, upcoming: list[int], num_needed: int, most:
     return upcoming[:take]
 
 
-def _prefill(backend, prompts, need: list[int], n: int, pending: dict, cache, num_slots: int, length: int):
+def _prefill(backend, prompts, need: list[int], n: int, pending: dict) -> list:
     """One left-padded prefill forward of prompts `need`; each goes to `pending` with its n samples to place.
-    Allocates (or reuses) the decode cache on first use and returns it."""
+    Returns the prefill cache's layers (their shapes size the decode cache)."""
     inputs, prompt_lens_U = backend._prefill_inputs([prompts[i] for i in need])
     t = inputs["input_ids"].shape[1]
     pos, next_pos_U = backend._prefill_positions(inputs, prompt_lens_U)
@@ -174,49 +243,7 @@ def _prefill(backend, prompts, need: list[int], n: int, pending: dict, cache, nu
         pending[i] = _Prefilled([layer.keys[u, :, t - k:].clone() for layer in layers],
                                 [layer.values[u, :, t - k:].clone() for layer in layers],
                                 logits_UV[u], next_pos_U[u], n)
-    return cache if cache is not None else backend._slot_cache(layers, num_slots, length)
-
-
-def _place(backend, new, slots, pending, cache, prompt_len: int, n: int, seed: int, state, logits):
-    """Start rows `new` in `slots`: prompt K/V right-aligned in the prompt region, mask, positions, RNG keys, and
-    the prefill's last logits (the first token is drawn from them). Returns the logits [S, V]."""
-    mask_S11L, keys_S, drawn_S, next_pos_S = state
-    logits_SV = logits
-    if logits_SV is None:
-        any_logits = pending[new[0][0]].logits
-        logits_SV = any_logits.new_zeros(len(keys_S), any_logits.shape[-1])
-    by_prompt: dict[int, list[int]] = {}
-    for (i, _), s in zip(new, slots, strict=True):
-        by_prompt.setdefault(i, []).append(s)
-    for i, ss in by_prompt.items():
-        p, idx = pending[i], torch.tensor(ss, device=backend.device)
-        k = p.keys[0].shape[1]
-        for layer, keys, values in zip(cache.layers, p.keys, p.values, strict=True):
-            layer.keys[idx, :, prompt_len - k:prompt_len] = keys
-            layer.values[idx, :, prompt_len - k:prompt_len] = values
-        mask_S11L[idx] = False
-        mask_S11L[idx, :, :, prompt_len - k:prompt_len] = True
-        logits_SV[idx] = p.logits.to(logits_SV.dtype)
-        next_pos_S[idx] = p.next_pos
-        p.remaining -= len(ss)
-        if p.remaining == 0:
-            del pending[i]
-    rows = torch.tensor([i * n + j for i, j in new], device=backend.device)
-    idx = torch.tensor(slots, device=backend.device)
-    keys_S[idx], drawn_S[idx] = row_keys(seed, rows), 0
-    return logits_SV
-
-
-def _collect(backend, results, ended, slot_row, tokens, logprobs, drawn) -> None:
-    """Move the finished slots' completions (tokens, logprobs [S, N], drawn [S]) to `results`; free the slots."""
-    idx = torch.tensor(ended, device=tokens.device)
-    rows = zip(tokens[idx].tolist(), logprobs[idx].tolist(), drawn[idx].tolist(), strict=True)
-    for s, (ids, lps, k) in zip(ended, rows, strict=True):
-        ids, lps = ids[:k], lps[:k]
-        stopped = bool(ids) and ids[-1] in backend.eos_ids
-        results[slot_row[s]] = (ids, lps, backend.tokenizer.decode(ids, skip_special_tokens=True),
-                                "stop" if stopped else "length")
-        slot_row[s] = None
+    return layers
 
 
 def _sync(device: torch.device) -> None:
