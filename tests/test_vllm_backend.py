@@ -72,6 +72,33 @@ def test_make_backend_falls_back_to_builtin(monkeypatch, toy_world, processor):
         rollout_pkg.make_backend("sglang", toy_world / "hf", **args)
 
 
+def test_trainer_weight_stream_fits_the_vllm_check(toy_world):
+    """The GRPO stage's weight stream (engine/stages/experience.py::sync_weights, from the policy wrapper's
+    parameters) declares exactly the HF state dict the vLLM backend checks against, and yields what it declares."""
+    from transformers import AutoConfig
+
+    from engine.model import Policy, load_hf_model
+    from engine.rollout.vllm_backend import _state_dict_shapes, weight_problems
+    from engine.stages.experience import sync_weights
+
+    class Recorder:
+        def update_weights(self, stream):
+            self.shapes, self.yielded = stream.shapes, [(name, tuple(t.shape)) for name, t in stream]
+
+    config = AutoConfig.from_pretrained(toy_world / "hf")
+    tied = bool(getattr(config, "tie_word_embeddings", False)
+                or getattr(config.get_text_config(), "tie_word_embeddings", False))
+    recorder = Recorder()
+    sync_weights(Policy(load_hf_model(toy_world / "hf", attn_implementation="sdpa")), recorder, torch.bfloat16)
+    expected = _state_dict_shapes(config)
+    assert weight_problems(expected, list(recorder.shapes.items()), tied=tied) == []
+    assert sorted(recorder.yielded) == sorted(recorder.shapes.items())
+    partial = [(k, v) for k, v in recorder.shapes.items() if "layers.0." not in k]
+    assert "missing name" in weight_problems(expected, partial, tied=tied)[0]
+    wrong = [*recorder.shapes.items(), ("model.no_such.weight", (1,))]
+    assert "unknown name" in weight_problems(expected, wrong, tied=tied)[0]
+
+
 def test_images_from_pixel_values_roundtrip(toy_world, processor):
     """Rebuilt images re-process to the same pixels and grids, bit for bit (toy images and odd-sized noise)."""
     from PIL import Image

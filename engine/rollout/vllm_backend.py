@@ -64,7 +64,7 @@ from engine.log import log0, warn_once
 from engine.rollout.base import Completion, RolloutTiming, SamplingParams, WeightStream
 from engine.rollout.builtin import _VISION_TOKENS
 
-__all__ = ["VLLMBackend", "collapse_image_pads", "images_from_pixel_values"]
+__all__ = ["VLLMBackend", "collapse_image_pads", "images_from_pixel_values", "weight_problems"]
 
 _CPU_KV_CACHE_BYTES = 256 * 2**20
 """KV cache of the CPU test bed (vLLM's CPU default is 4 GiB; tests need a few MiB)."""
@@ -294,21 +294,9 @@ class VLLMBackend:
                                f"{len(seen)} (first missing: {sorted(set(stream.shapes) - seen)[:4]})")
 
     def _check_weights(self, shapes: list[tuple[str, tuple[int, ...]]]) -> None:
-        expected = self._expected_shapes
-        given = {name for name, _ in shapes}
-        unknown = sorted(given - set(expected))
-        missing = sorted(set(expected) - given - ({"lm_head.weight"} if self._tied else set()))
-        bad_shapes = [f"{name} {tuple(shape)} (expected {expected[name]})" for name, shape in shapes
-                      if name in expected and tuple(shape) != expected[name]]
-        problems = []
-        if unknown:
-            problems.append(f"{len(unknown)} unknown name(s) {unknown[:8]}")
-        if missing:
-            problems.append(f"{len(missing)} missing name(s) {missing[:8]} (vLLM needs the full state dict)")
-        if bad_shapes:
-            problems.append(f"shape mismatch: {', '.join(bad_shapes[:8])}")
+        problems = weight_problems(self._expected_shapes, shapes, tied=self._tied)
         if problems:
-            example = next(iter(expected))
+            example = next(iter(self._expected_shapes))
             raise ValueError(f"update_weights: {'; '.join(problems)}; expected the HF state-dict names of "
                              f"{self.model_dir}, such as {example!r}")
 
@@ -427,6 +415,25 @@ def _state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
         else:
             model = AutoModelForCausalLM.from_config(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def weight_problems(expected: dict[str, tuple[int, ...]], given: list[tuple[str, tuple[int, ...]]], *,
+                    tied: bool) -> list[str]:
+    """What keeps `given` (name, shape) pairs from being a full state dict of shapes `expected`: unknown names,
+    missing names (lm_head may be left out when tied to the embeddings) and shape mismatches; [] if none."""
+    names = {name for name, _ in given}
+    unknown = sorted(names - set(expected))
+    missing = sorted(set(expected) - names - ({"lm_head.weight"} if tied else set()))
+    bad_shapes = [f"{name} {tuple(shape)} (expected {expected[name]})" for name, shape in given
+                  if name in expected and tuple(shape) != expected[name]]
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} unknown name(s) {unknown[:8]}")
+    if missing:
+        problems.append(f"{len(missing)} missing name(s) {missing[:8]} (vLLM needs the full state dict)")
+    if bad_shapes:
+        problems.append(f"shape mismatch: {', '.join(bad_shapes[:8])}")
+    return problems
 
 
 def _request_seed(seed: int, prompt_index: int) -> int:
