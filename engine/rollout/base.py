@@ -47,7 +47,7 @@ class Completion:
     `token_ids` exclude the prompt and include the stop token (<|im_end|> / eos) when generation stopped on it.
     `logprobs[i]` is log softmax(logits / temperature)[token_ids[i]] over the full vocabulary, before top_p
     (temperature 0: the plain log_softmax): what the trainer recomputes for the same token. `text` is the decode
-    with skip_special_tokens=True, cut before a stop string.
+    with skip_special_tokens=True (no stop strings: rows stop on the stop tokens or the length limit only).
     """
 
     prompt_index: int
