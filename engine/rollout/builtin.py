@@ -7,13 +7,17 @@ forward, and after each optimizer step the trainer streams the full tensors in w
 is one extra copy of the weights per rank (bf16: 2 bytes per parameter, 15 GiB for the 7B), which `sleep` moves
 to host memory while the trainer runs on CUDA.
 
-The loop: left-pad the batch's distinct prompts, one prefill forward with the images into a preallocated
+Two schedules share the prefill, the decode step and the sampler. `batching="continuous"` (the default,
+engine/rollout/continuous.py): a fixed set of decode slots, each refilled with the next queued (prompt, sample)
+as soon as its row ends. `batching="static"`, the plain twin that the tests compare it with, described here: left-pad
+the batch's distinct prompts, one prefill forward with the images into a preallocated
 `StaticCache` (transformers' own; it works with Qwen2.5-VL on CPU, and the greedy test against `generate`, which
 uses a DynamicCache, checks it), copy each prompt's K/V to its n rows of the decode cache (so the vision tower
 and the prefill run once per prompt, not n times; the decode cache is kept and refilled while the batch shape
 stays, see `_decode_cache`), then one single-token forward per step. Positions are passed explicitly (M-RoPE: see
 `_prefill_positions`). Vision special tokens are banned from the output; rows stop on eos and then keep
-feeding padding until every row is done.
+feeding padding until every row is done. Each row samples from its own RNG stream (engine/rollout/sampler.py), so
+both schedules give the same completions under a seed.
 
 `compile_decode=True` compiles the decode step (static shapes: the whole mask and the cache slot as a tensor);
 on CUDA in "reduce-overhead" mode, which replays it as CUDA graphs; it gives the eager step's greedy tokens.
@@ -34,7 +38,9 @@ from transformers import StaticCache
 from engine.data import Sample
 from engine.log import Progress, log0, warn_once
 from engine.model import build_meta_model, load_weights
-from engine.rollout.base import Completion, SamplingParams
+from engine.rollout.base import Completion, RolloutTiming, SamplingParams
+from engine.rollout.continuous import _sync, generate_continuous
+from engine.rollout.sampler import row_keys, sample
 
 __all__ = ["BuiltinBackend"]
 
@@ -50,18 +56,29 @@ class BuiltinBackend:
         dtype: parameter dtype of the inference copy (bf16 on GPU; fp32 for exact tests on CPU).
         processor: an `engine.data.Processor` (its tokenizer decodes and names the stop tokens); None loads one
             from `model_dir`.
-        max_batch_size: most rows (prompts x n) per prefill/decode batch; larger requests run in chunks.
+        max_batch_size: decode slots: most rows (prompts x n) decoded together.
         compile_decode: compile the one-token decode step with torch.compile (on CUDA in "reduce-overhead" mode,
             i.e. replayed as CUDA graphs). Shapes are static per (rows, cache length) and the cache length is
             rounded up to a multiple of `CACHE_BUCKET`, so a run compiles a handful of variants, each once.
+        batching: "continuous" (a slot whose row ended takes the next queued row at once) or "static" (batches of
+            max_batch_size rows, each decoded until its longest row ends).
     """
 
     CACHE_BUCKET = 256
+    PREFILL_TOKENS = 8192
+    """Continuous batching: prefill more upcoming prompts along with the needed ones while the left-padded prefill
+    batch stays within this many tokens (see `continuous._prefill_batch`)."""
 
     def __init__(self, model_dir: str | Path, *, device: str | torch.device, dtype: torch.dtype = torch.float32,
-                 processor=None, max_batch_size: int = 64, compile_decode: bool = False):
+                 processor=None, max_batch_size: int = 64, compile_decode: bool = False,
+                 batching: str = "continuous"):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if batching not in ("continuous", "static"):
+            raise ValueError(f"batching must be 'continuous' or 'static', got {batching!r}")
+        self.batching = batching
+        self.timing: RolloutTiming | None = None
+        self.progress = Progress("rollout", 0, "samples")
         if processor is None:
             from engine.data import Processor
 
@@ -91,12 +108,13 @@ class BuiltinBackend:
             # builtin-compiled row); only the CPU run exists, so whether CUDA graphs pay off is unknown.
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self._decode = torch.compile(self._decode_step, mode=mode, dynamic=False)
-        log0("rollout: builtin backend, %s %s on %s, static KV cache, max_batch_size %d, decode %s, eos %s, banned %s",
-             type(self.model).__name__, str(dtype).removeprefix("torch."), self.device, max_batch_size,
-             "compiled" if compile_decode else "eager", self.eos_ids, self.banned_ids)
+        log0("rollout: builtin backend, %s %s on %s, static KV cache, %s batching of %d rows, decode %s, eos %s, "
+             "banned %s", type(self.model).__name__, str(dtype).removeprefix("torch."), self.device, batching,
+             max_batch_size, "compiled" if compile_decode else "eager", self.eos_ids, self.banned_ids)
 
     def _decode_step(self, tokens, mask, cache_pos, pos, cache) -> torch.Tensor:
-        """tokens [B, 1], mask [B, L], cache_pos [1] -> next-token logits [B, V]; static shapes, compilable."""
+        """tokens [B, 1], mask [B, L] (padding) or [B, 1, 1, L] bool (the exact keys each row sees), cache_pos [1]
+        -> next-token logits [B, V]; static shapes, compilable."""
         return self.model(input_ids=tokens, attention_mask=mask, cache_position=cache_pos, position_ids=pos,
                           past_key_values=cache, use_cache=True).logits[:, -1]
 
@@ -118,36 +136,52 @@ class BuiltinBackend:
     def generate(self, prompts: list[Sample], n: int, sampling: SamplingParams) -> list[list[Completion]]:
         """n completions per prompt, as result[prompt][sample] (see `Completion` for the fields).
 
-        All prompts x n rows are decoded in batches of `max_batch_size`; one torch.Generator seeded with
-        `sampling.seed` drives every batch, so the result is a pure function of (prompts, n, sampling, weights).
-        When the rows need more than one batch, prompts are taken shortest first (a prompt's n rows stay
-        together), so that each batch is left-padded to a length close to its own prompts' (an eval's mix of short
-        and 10K-token prompts otherwise pads every batch to its longest).
+        Row (i, j), sample j of prompt i, draws from its own RNG stream keyed by (sampling.seed, i x n + j), so the
+        result is a pure function of (prompts, n, sampling, weights) whatever the schedule and max_batch_size
+        (up to float rounding that differs between batch shapes). Prompts are taken shortest first when the rows
+        need more than max_batch_size slots (a prompt's n rows stay together): a static batch is then left-padded to
+        a length close to its own prompts'. `self.timing` tells where the call's time went.
         """
         errors = sampling.check() + ([f"n must be >= 1, got {n}"] if n < 1 else [])
         if errors:
             raise ValueError("generate: " + "; ".join(errors))
-        order = range(len(prompts))
+        if not prompts:
+            self.timing = RolloutTiming(total_s=0.0, prefill_s=0.0, decode_s=0.0, tail_s=0.0, slot_use=1.0)
+            return []
+        order = list(range(len(prompts)))
         if len(prompts) * n > self.max_batch_size:
-            order = sorted(order, key=lambda i: len(prompts[i].input_ids))  # stable: ties keep their order
-        rows = [i for i in order for _ in range(n)]
-        gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        out: list[list[Completion]] = [[] for _ in prompts]
-        t0, num_tokens = time.perf_counter(), 0
-        progress = Progress("rollout", len(rows), "samples")
+            order.sort(key=lambda i: len(prompts[i].input_ids))  # stable: ties keep their order
+        # A log line at most every run.progress_every_s (rank 0): a rollout of 10K-token rows takes minutes.
+        self.progress = Progress("rollout", len(prompts) * n, "samples")
+        if self.batching == "continuous":
+            results, self.timing = generate_continuous(self, prompts, order, n, sampling)
+        else:
+            results, self.timing = self._generate_static(prompts, order, n, sampling)
+        out = [[Completion(prompt_index=i, token_ids=ids, text=text, logprobs=lps, finish_reason=reason)
+                for ids, lps, text, reason in (results[i, j] for j in range(n))] for i in range(len(prompts))]
+        num_tokens, dt = sum(len(c.token_ids) for g in out for c in g), self.timing.total_s
+        log0("rollout: %d prompts x %d -> %d tokens in %.2f s (%.0f tok/s; prefill %.2f s, decode %.2f s, tail %.2f s)",
+             len(prompts), n, num_tokens, dt, num_tokens / max(dt, 1e-9), self.timing.prefill_s, self.timing.decode_s,
+             self.timing.tail_s)
+        return out
+
+    def _generate_static(self, prompts: list[Sample], order: list[int], n: int, sampling: SamplingParams):
+        """Static batches of max_batch_size rows in `order`. Returns ({(i, j): result of `_generate_batch`}, timing)."""
+        rows = [(i, j) for i in order for j in range(n)]
+        results, timing = {}, RolloutTiming(total_s=0.0, prefill_s=0.0, decode_s=0.0, tail_s=0.0)
+        busy_slot_steps = slot_steps = 0
+        t0 = time.perf_counter()
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start:start + self.max_batch_size]
-            batch_tokens = num_tokens
-            for i, (ids, lps, text, reason) in zip(chunk, self._generate_batch([prompts[i] for i in chunk],
-                                                                                 sampling, gen, progress), strict=True):
-                out[i].append(Completion(prompt_index=i, token_ids=ids, text=text, logprobs=lps,
-                                         finish_reason=reason))
-                num_tokens += len(ids)
-            progress.update(len(chunk), tokens=num_tokens - batch_tokens)
-        dt = time.perf_counter() - t0
-        log0("rollout: %d prompts x %d -> %d tokens in %.2f s (%.0f tok/s)", len(prompts), n, num_tokens, dt,
-             num_tokens / max(dt, 1e-9))
-        return out
+            keys = row_keys(sampling.seed, torch.tensor([i * n + j for i, j in chunk], device=self.device))
+            batch = self._generate_batch([prompts[i] for i, _ in chunk], sampling, keys, timing)
+            results.update(zip(chunk, batch, strict=True))
+            self.progress.update(len(chunk), tokens=sum(len(ids) for ids, *_ in batch))
+            busy_slot_steps += sum(max(0, len(ids) - 1) for ids, *_ in batch)  # decode forwards a row needed
+            slot_steps += len(chunk) * max(len(ids) - 1 for ids, *_ in batch)
+        timing.total_s = time.perf_counter() - t0
+        timing.slot_use = busy_slot_steps / max(1, slot_steps)
+        return results, timing
 
     def _prefill_inputs(self, samples: list[Sample]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Left-padded model inputs for the prefill and each row's next text position [B] (= its prompt length)."""
@@ -195,15 +229,17 @@ class BuiltinBackend:
         pos_B1 = next_pos[:, None]
         return pos_B1[None].expand(3, -1, -1) if self.is_vlm else pos_B1
 
-    def _generate_batch(self, samples: list[Sample], sampling: SamplingParams, gen: torch.Generator,
-                        progress: Progress | None = None):
-        """Decode one batch. Returns per row (token_ids, logprobs, text, finish_reason).
+    def _generate_batch(self, samples: list[Sample], sampling: SamplingParams, keys: torch.Tensor,
+                        timing: RolloutTiming):
+        """Decode one static batch; row b samples with RNG key keys[b] ([B] int64). Returns per row (token_ids,
+        logprobs, text, finish_reason) and adds its time to `timing`.
 
         Rows holding the same Sample object (a prompt's n samples) share one prefill row: U distinct prompts are
         prefilled, then the cache, the last logits and the positions are copied out to the B rows."""
         distinct: dict[int, int] = {}
         prompt_of_row = [distinct.setdefault(id(s), len(distinct)) for s in samples]
         unique = list({id(s): s for s in samples}.values())  # in order of first appearance, as numbered above
+        t_start = time.perf_counter()
         inputs, prompt_lens_U = self._prefill_inputs(unique)
         t = inputs["input_ids"].shape[1]
         b, max_new = len(samples), sampling.max_new_tokens
@@ -229,21 +265,27 @@ class BuiltinBackend:
         lengths_B = torch.zeros(b, dtype=torch.long, device=self.device)
         finished_B = torch.zeros(b, dtype=torch.bool, device=self.device)
         cache_pos_1 = torch.zeros(1, dtype=torch.long, device=self.device)
+        _sync(self.device)  # timing only: the prefill's kernels end here
+        t_step = time.perf_counter()
+        timing.prefill_s += t_step - t_start
         for step in range(max_new):
-            tok_B, lp_B = _sample(logits_BV, sampling, gen, self.banned_ids)
+            tok_B, lp_B = sample(logits_BV, sampling, self.banned_ids, keys, torch.full_like(keys, step))
             tok_B = tok_B.masked_fill(finished_B, self.processor.pad_id)  # finished rows keep padding
             tokens_BN[:, step], logprobs_BN[:, step] = tok_B, lp_B
             lengths_B += (~finished_B).long()
+            idle = int(finished_B.sum())  # host sync once a step: lets the batch end early
             finished_B |= torch.isin(tok_B, eos)
-            if step == max_new - 1 or bool(finished_B.all()):  # host sync once a step: lets the batch end early
+            if step == max_new - 1 or bool(finished_B.all()):
+                _add_step_time(timing, t_step, idle)
                 break
-            if progress is not None:  # a line at most every run.progress_every_s: a 10K-token batch takes minutes
-                progress.update(detail=f"batch of {b} rows, decode step {step + 1:,}/{max_new:,}")
+            self.progress.update(detail=f"batch of {b} rows, decode step {step + 1:,}/{max_new:,}")
             # Static shapes at every step (the whole mask, the cache slot as a tensor): what CUDA graph capture
             # of the decode step needs; slots past the current one are excluded by the causal mask.
             cache_pos_1.fill_(t + step)
             logits_BV = self._decode(tok_B[:, None], mask_BL, cache_pos_1, self._step_positions(next_pos_B + step),
                                      cache)
+            timing.num_decode_steps += 1
+            t_step = _add_step_time(timing, t_step, idle)
         results = []
         rows = zip(tokens_BN.tolist(), logprobs_BN.tolist(), lengths_B.tolist(), strict=True)
         for ids, lps, k in rows:
@@ -260,8 +302,18 @@ class BuiltinBackend:
         as CUDA graphs then finds its K/V at the addresses it was recorded with (a new cache per batch means a
         re-recording per batch), and no memory is reallocated per batch. sleep() and close() drop it. Slots past
         the prompt keep an earlier batch's values; the causal mask never lets a query see them."""
-        b = len(rows)
         layers = [layer for layer in prefill.layers if getattr(layer, "is_initialized", False)]
+        self._slot_cache(layers, len(rows), length)
+        t = layers[0].keys.shape[2]
+        for src, dst in zip(layers, self._cache.layers, strict=True):
+            dst.keys[:, :, :t].copy_(src.keys.index_select(0, rows))
+            dst.values[:, :, :t].copy_(src.values.index_select(0, rows))
+            dst.cumulative_length.fill_(t)  # where the first decode step writes
+        return self._cache
+
+    def _slot_cache(self, layers, b: int, length: int) -> StaticCache:
+        """The kept decode cache if it has b rows of `length` slots, else a new one shaped like the prefill cache's
+        `layers` (the old one freed first). Its contents are whatever the last batch left."""
         if self._cache_shape != (b, length):
             self._note_decode_shape((b, length))
             self._cache = self._cache_shape = None  # free the old cache before allocating the new one
@@ -270,11 +322,6 @@ class BuiltinBackend:
                                        head_dim=[layer.keys.shape[-1] for layer in layers],
                                        dtype=layers[0].keys.dtype, device=self.device)
             self._cache, self._cache_shape = cache, (b, length)
-        t = layers[0].keys.shape[2]
-        for src, dst in zip(layers, self._cache.layers, strict=True):
-            dst.keys[:, :, :t].copy_(src.keys.index_select(0, rows))
-            dst.values[:, :, :t].copy_(src.values.index_select(0, rows))
-            dst.cumulative_length.fill_(t)  # where the first decode step writes
         return self._cache
 
     def _note_decode_shape(self, shape: tuple[int, int]) -> None:
@@ -345,29 +392,12 @@ def _rotary_to_fp32(model: torch.nn.Module) -> None:
                 setattr(module, name, buf.float())
 
 
-def _sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator, banned_ids: list[int]):
-    """One token per row and its log-prob under the full-vocabulary softmax(logits / temperature).
-
-    The log-prob is taken before the vision-token ban and top_p so it equals what the trainer recomputes from
-    the same weights; the token is drawn from the banned, nucleus-truncated distribution.
-
-    Returns:
-        tokens [B] int64, logprobs [B] fp32.
-    """
-    logits_BV = logits.float()  # fp32 softmax even for a bf16 model
-    if sampling.temperature > 0:
-        logits_BV = logits_BV / sampling.temperature
-    logp_BV = torch.log_softmax(logits_BV, dim=-1)
-    masked_BV = logp_BV.clone()
-    masked_BV[:, banned_ids] = float("-inf")
-    if sampling.temperature == 0:
-        tok_B = masked_BV.argmax(-1)
+def _add_step_time(timing: RolloutTiming, t_step: float, idle: int) -> float:
+    """Add the step since `t_step` to the decode time, or to the tail when `idle` rows of the batch had ended."""
+    now = time.perf_counter()
+    if idle:
+        timing.tail_s += now - t_step
     else:
-        if sampling.top_p < 1.0:
-            sorted_BV, order_BV = masked_BV.sort(-1, descending=True)
-            probs_BV = sorted_BV.softmax(-1)
-            # Drop a token when the tokens ranked above it already reach top_p (the top token always stays).
-            drop_BV = probs_BV.cumsum(-1) - probs_BV >= sampling.top_p
-            masked_BV = masked_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, float("-inf")))
-        tok_B = torch.multinomial(masked_BV.softmax(-1), 1, generator=gen).view(-1)
-    return tok_B, logp_BV.gather(-1, tok_B[:, None]).view(-1)
+        timing.decode_s += now - t_step
+    return now
+

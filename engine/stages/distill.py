@@ -226,7 +226,8 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
         backend = make_backend(r.backend, model_dir, device=dist_info.device, dtype=dtype, processor=processor,
                                gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
                                max_model_len=r.max_model_len or cfg.data.max_tokens, seed=ctx.run.seed,
-                               max_batch_rows=r.max_batch_rows, compile_decode=r.compile_decode)
+                               max_batch_rows=r.max_batch_rows, compile_decode=r.compile_decode,
+                               batching=r.batching, require=r.require, tensor_parallel_size=r.tensor_parallel_size)
     for c in todo:
         t0 = time.perf_counter()
         chunk_prompts = prompts[c * chunk:(c + 1) * chunk]
@@ -234,7 +235,8 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                   max_new_tokens=cfg.rollout.max_new_tokens,
                                   seed=ctx.run.seed * 1_000_003 + c * world + rank)
-        out = backend.generate([chunk_prompts[i] for i in mine], cfg.rollout.n, sampling) if mine else []
+        # Every rank calls generate, also with no prompts: a tensor-parallel vLLM engine spans several ranks.
+        out = backend.generate([chunk_prompts[i] for i in mine], cfg.rollout.n, sampling)
         meta = [{"problem": problems[index_of[s.row_id]], "answer": s.answer, "choices": s.choices,
                  "answer_type": answer_types[index_of[s.row_id]]} for s in chunk_prompts]
         local = {i: [{"text": x.text, **score_dict(x.text, meta[i])} for x in g]

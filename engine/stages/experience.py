@@ -19,7 +19,7 @@ from engine.model import Policy
 from engine.packed_rows import pack_samples, to_device
 from engine.reward_judge import JudgeTally, RewardJudge, RowInfo, open_item
 from engine.rewards import Reward, RewardConfig, answer_type, score
-from engine.rollout import Completion, RolloutBackend, SamplingParams
+from engine.rollout import Completion, RolloutBackend, SamplingParams, WeightStream
 from engine.sections import RolloutConfig
 from engine.stages.common import StepOrder
 from engine.stages.config import GRPOConfig
@@ -91,6 +91,7 @@ def collect(c: Collector, index: int) -> RolloutBatch:
     prompts = [c.prompts[i] for i in step_indices[rank::world]]
     seed = c.seed * 1_000_003 + index * world + rank  # by rollout and rank: a resumed run samples the same
     groups = generate(c.backend, prompts, c.rollout, seed=seed)
+    timing = c.backend.timing.metrics() if c.backend.timing is not None else {}
     c.backend.sleep()  # give the accelerator memory back to the trainer until the next rollout
     rewards, tally = score_groups(groups, prompts, c.reward, c.infos, c.judge)
     totals = torch.tensor([[r.total for r in grp] for grp in rewards])
@@ -113,21 +114,24 @@ def collect(c: Collector, index: int) -> RolloutBatch:
         stats.update(judge_stats(tally, num_completions=len(step_indices) * n, world=world))
     stats.update(source_stats(rewards, [c.infos.get(p.row_id) for p in prompts],
                               [c.infos.get(c.prompts[i].row_id) for i in step_indices], n))
+    stats.update({k: torch.tensor(v) / world for k, v in timing.items()})  # generate: prefill / decode / tail
     return RolloutBatch(index, samples, advantages, group_of, rollout_lp, old, ref, not keep, stats)
 
 
 def sync_weights(policy: Policy, backend: RolloutBackend, dtype: torch.dtype) -> None:
     """Stream the policy's weights into the backend's full inference copy, one tensor at a time.
 
-    Each shard is cast to the sampler's dtype and all-gathered (a collective, in the same order on every rank), so
-    the peak is one full tensor rather than a whole fp32 state dict (28 GB for 7B) per rank.
+    Each shard is cast to the sampler's dtype and all-gathered (a collective, in the same order on every rank) as the
+    backend consumes it, so the peak is one full tensor rather than a whole fp32 state dict (28 GB for 7B) per rank;
+    the names and (global) shapes go first, so a backend can reject a mismatch before loading anything.
     """
     def full_tensors():
         for name, p in policy.named_parameters():
             t = p.detach().to(dtype)
             yield name.removeprefix("hf."), t.full_tensor() if isinstance(t, DTensor) else t
 
-    backend.update_weights(full_tensors())
+    shapes = {name.removeprefix("hf."): tuple(p.shape) for name, p in policy.named_parameters()}
+    backend.update_weights(WeightStream(shapes, full_tensors))
 
 
 def generate(backend: RolloutBackend, prompts: list[Sample], cfg: RolloutConfig, seed: int) -> list[list[Completion]]:

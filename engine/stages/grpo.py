@@ -125,7 +125,8 @@ class GRPOStage:
         backend = make_backend(r.backend, run.init_dir, device=ctx.dist.device, processor=run.processor,
                                dtype=sample_dtype, gpu_memory_utilization=r.gpu_memory_utilization,
                                enforce_eager=r.enforce_eager, max_model_len=r.max_model_len or cfg.data.max_tokens,
-                               seed=ctx.run.seed, max_batch_rows=r.max_batch_rows, compile_decode=r.compile_decode)
+                               seed=ctx.run.seed, max_batch_rows=r.max_batch_rows, compile_decode=r.compile_decode,
+                               batching=r.batching, require=r.require, tensor_parallel_size=r.tensor_parallel_size)
         reward = RewardConfig(format_weight=cfg.grpo.format_weight, accuracy_weight=cfg.grpo.accuracy_weight)
         judge = None
         if cfg.judge.enabled and cfg.judge.open_answers:
