@@ -30,15 +30,19 @@ def _make(root: Path) -> None:
             p.touch()
 
 
+@pytest.fixture(autouse=True)
+def _vllm_installed(monkeypatch):
+    """Recipes are checked as on the GPU machines they are sized for, where vLLM is installed (teacher.toml requires
+    it; without it the loader says so: tests/test_vllm_backend.py::test_config_without_vllm)."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: find_spec("json") if name == "vllm"
+                        else find_spec(name, *a))
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(r.relative_to(REPO / "recipes")) for r in RECIPES])
 def test_recipe_is_valid(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _make(tmp_path)
-    # Checked as on the GPU machine they are sized for, where vLLM is installed (teacher.toml requires it; without
-    # it the loader says so: tests/test_vllm_backend.py::test_config_without_vllm).
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: find_spec("json") if name == "vllm"
-                        else find_spec(name, *a))
     cfg = load_config(recipe)
     assert cfg.stages and cfg.stages[-1].kind == "eval"
 
@@ -96,6 +100,7 @@ def test_ablations_evaluate_and_train_like_the_main_run(recipe, tmp_path, monkey
     assert abl["specs"].rollout.n == main["specs"].rollout.n
     assert abl["specs"].rollout.max_new_tokens == main["specs"].rollout.max_new_tokens
     assert abl["specs"].rollout.temperature == main["specs"].rollout.temperature
+    assert abl["specs"].rollout.max_batch_rows == main["specs"].rollout.max_batch_rows
 
 
 def test_paper_tags_only_on_values_the_paper_states():
