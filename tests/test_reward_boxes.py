@@ -103,3 +103,17 @@ def test_grpo_batch_scores_detection_rows_by_iou():
     texts = [f"<think>a</think><answer>{GOLD}</answer>", "<think>a</think><answer>[]</answer>"]
     rewards, tally = score_groups([[Completion(0, [1], t, [0.0], "stop") for t in texts]], [prompt], RewardConfig())
     assert [r.accuracy for r in rewards[0]] == [1.0, 0.0] and tally is None
+
+
+def test_grpo_batch_passes_the_declared_type_for_bare_box_golds():
+    """A row whose answer_type column says "boxes" and whose gold is bare boxes is scored by IoU in the GRPO stage's
+    scoring (the declared type comes from the row infos); without the declaration the rules find no match."""
+    from engine.reward_judge import RowInfo
+
+    prompt = Sample([1], None, [0], None, None, 1, "grounding-1", answer="[10, 12, 40, 44]", choices=None)
+    texts = ["<think>a</think><answer>[10, 12, 40, 44]</answer>"]
+    groups = [[Completion(0, [1], t, [0.0], "stop") for t in texts]]
+    declared, _ = score_groups(groups, [prompt], RewardConfig(), {"grounding-1": RowInfo("q", answer_type="boxes")})
+    assert declared[0][0].method == "boxes" and declared[0][0].accuracy == 1.0
+    plain, _ = score_groups(groups, [prompt], RewardConfig())
+    assert plain[0][0].method != "boxes"

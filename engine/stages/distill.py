@@ -145,7 +145,7 @@ def select_pairs(cfg: DistillStageConfig, prompts: list, groups: list[list[dict]
 
 def score_dict(text: str, prompt: dict) -> dict:
     """Rule reward of one response; `extracted` and `gold_unparseable` let the judge grade it afterwards."""
-    r = score(text, prompt["answer"], prompt["choices"])
+    r = score(text, prompt["answer"], prompt["choices"], declared_type=prompt.get("answer_type") or "")
     return {"format": r.format, "accuracy": r.accuracy, "extracted": r.extracted,
             "gold_unparseable": r.gold_unparseable}
 

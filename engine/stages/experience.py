@@ -147,8 +147,9 @@ def score_groups(groups: list[list[Completion]], prompts: list[Sample], cfg: Rew
     """Reward of every completion: r = format_weight x format + accuracy_weight x accuracy, the accuracy by rules
     (rewards.score) or, for an open-ended row the rules score wrong, by the judge (a collective with a judge: every
     rank calls it). Returns the rewards as result[prompt][sample] and the judge's tally (None without a judge)."""
-    rewards = [[score(c.text, p.answer, p.choices, cfg=cfg) for c in grp] for p, grp in zip(prompts, groups,
-                                                                                              strict=True)]
+    declared = [((infos or {}).get(p.row_id) or RowInfo("")).answer_type for p in prompts]  # e.g. "boxes"
+    rewards = [[score(c.text, p.answer, p.choices, cfg=cfg, declared_type=t) for c in grp]
+               for p, grp, t in zip(prompts, groups, declared, strict=True)]
     if judge is None:
         return rewards, None
     flat, items = [], []
