@@ -165,14 +165,8 @@ def _part_dataset(rows: datasets.Dataset, row_index: list[int], pairs: list[dict
     return part
 
 
-def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
-    dist_info, world, rank = ctx.dist, ctx.dist.world_size, ctx.dist.rank
-    if cfg.model_dir:  # an external model: a directory or a Hugging Face id (cached, else downloaded by rank 0)
-        model_dir = resolve_on_ranks(cfg.model_dir, f"stages.{cfg.name}.model_dir", dist_info.is_main)
-    else:
-        model_dir = ctx.model_dir(cfg.policy)
-    source = str(cfg.model_dir or cfg.policy)
-    processor = Processor.from_pretrained(model_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+def _load_prompts(cfg: DistillStageConfig, processor: Processor, ctx: StageContext):
+    """(rows, encoded prompts, encode report, data path); at most distill.num_prompts prompts."""
     path = ctx.resolve_path(cfg.data.train)
     rows = load_rows(str(path), columns=cfg.data.columns)
     prompts, report = encode_rows(rows, processor, template=cfg.data.template, system=cfg.data.system or None,
@@ -180,14 +174,12 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
                                   max_pixel_bytes=cfg.data.max_pixel_bytes)
     if cfg.distill.num_prompts:
         prompts = prompts[:cfg.distill.num_prompts]
-    ids = [str(x) for x in rows["id"]] if "id" in rows.column_names else [f"row-{i}" for i in range(len(rows))]
-    check_unique_ids(ids, path)  # every rank reads the same rows, so every rank stops with the same message
-    index_of = {row_id: i for i, row_id in enumerate(ids)}
-    problems = rows["problem"]
-    answer_types = rows["answer_type"] if "answer_type" in rows.column_names else [""] * len(rows)
+    return rows, prompts, report, path
 
-    parts_dir = ctx.stage_dir / "parts"
-    settings = _settings(cfg, source, ctx.run.seed)
+
+def _parts_done(parts_dir: Path, settings: dict, rank: int) -> set[int]:
+    """The parts already written (rank 0 pins the settings on first use and refuses parts made with others); every
+    rank gets the same set or stops with the same message (a collective)."""
     done, error = set(), ""
     if rank == 0:
         parts_dir.mkdir(parents=True, exist_ok=True)
@@ -202,19 +194,46 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
             _write_json(pinned, settings)
         done = {int(p.name[5:10]) for p in parts_dir.glob("part-*.json")}
     done, error = broadcast_object((done, error))
-    if error:  # every rank stops with the same message
+    if error:
         raise ValueError(error)
+    return done
+
+
+def _judges(cfg: DistillStageConfig, ctx: StageContext, rank: int):
+    """(the consistency judge, the reward judge for open-ended answers), both on rank 0 only (None elsewhere or when
+    off). Every rank checks the judge settings first, so a missing key stops the stage before any sampling."""
+    if not cfg.judge.enabled:
+        return None, None
+    check_ready(cfg.judge)
+    if rank != 0:
+        return None, None
+    judge_cfg = dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
+                                    or str(ctx.stage_dir / "judge_cache.jsonl"))
+    judge = make_judge(judge_cfg)
+    open_answers = getattr(cfg.judge, "open_answers", True)  # a plain JudgeConfig (tests) grades them too
+    return judge, (RewardJudge(judge_cfg, client=judge) if open_answers else None)
+
+
+def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
+    dist_info, world, rank = ctx.dist, ctx.dist.world_size, ctx.dist.rank
+    if cfg.model_dir:  # an external model: a directory or a Hugging Face id (cached, else downloaded by rank 0)
+        model_dir = resolve_on_ranks(cfg.model_dir, f"stages.{cfg.name}.model_dir", dist_info.is_main)
+    else:
+        model_dir = ctx.model_dir(cfg.policy)
+    source = str(cfg.model_dir or cfg.policy)
+    processor = Processor.from_pretrained(model_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    rows, prompts, report, path = _load_prompts(cfg, processor, ctx)
+    ids = [str(x) for x in rows["id"]] if "id" in rows.column_names else [f"row-{i}" for i in range(len(rows))]
+    check_unique_ids(ids, path)  # every rank reads the same rows, so every rank stops with the same message
+    index_of = {row_id: i for i, row_id in enumerate(ids)}
+    problems = rows["problem"]
+    answer_types = rows["answer_type"] if "answer_type" in rows.column_names else [""] * len(rows)
+    parts_dir = ctx.stage_dir / "parts"
+    settings = _settings(cfg, source, ctx.run.seed)
+    done = _parts_done(parts_dir, settings, rank)
     chunk = cfg.distill.chunk_prompts
     num_chunks = (len(prompts) + chunk - 1) // chunk
-    judge = None
-    if cfg.judge.enabled:
-        check_ready(cfg.judge)  # every rank: a missing key or bad URL stops the stage before any sampling
-    if rank == 0 and cfg.judge.enabled:
-        judge_cfg = dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
-                                        or str(ctx.stage_dir / "judge_cache.jsonl"))
-        judge = make_judge(judge_cfg)
-    open_answers = getattr(cfg.judge, "open_answers", True)  # a plain JudgeConfig (tests) grades them too
-    reward_judge = RewardJudge(judge_cfg, client=judge) if judge is not None and open_answers else None
+    judge, reward_judge = _judges(cfg, ctx, rank)
     log0(f"distill: {len(prompts)} prompts ({report.num_skipped} bad rows skipped) x {cfg.rollout.n} samples from "
          f"{source} | rejected = {cfg.distill.rejected} | up to {cfg.distill.max_chosen_per_prompt} chosen per "
          f"prompt | judge {'on: ' + cfg.judge.model if judge or cfg.judge.enabled else 'off'} | {num_chunks} parts, "
