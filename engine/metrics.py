@@ -47,13 +47,16 @@ def memory_gib() -> dict[str, float]:
 
 class Metrics:
     def __init__(self, path: Path, *, is_main: bool, total_steps: int, log_every: int = 1, name: str = "",
-                 flops_per_token: float = 0.0, device: torch.device | None = None, world_size: int = 1):
+                 flops_per_token: float = 0.0, device: torch.device | None = None, world_size: int = 1,
+                 plan_peak_gib: float | None = None):
         self.path = Path(path)
         self.is_main = is_main
         self.total_steps = total_steps
         self.log_every = log_every
         self.name = name
         self.flops_per_token = flops_per_token
+        self.plan_peak_gib = plan_peak_gib
+        """The memory plan's peak for this stage (engine/plan.py), logged beside the measured one on CUDA."""
         peak = peak_flops_per_s(device) if device is not None else None
         self.peak_flops = peak * world_size if peak and flops_per_token else None  # every rank's peak
         self.num_logged = 0  # steps logged by this process
@@ -78,6 +81,8 @@ class Metrics:
         if self.peak_flops:
             record["perf/mfu"] = tokens * self.flops_per_token / step_s / self.peak_flops
         record.update(memory_gib())
+        if self.plan_peak_gib is not None:
+            record["mem/plan_peak_gib"] = self.plan_peak_gib
         self.num_logged += 1
         if self.num_logged == WARMUP_STEPS:
             self.warm_start_s = time.perf_counter()

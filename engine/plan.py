@@ -194,6 +194,14 @@ def plan_stage(stage, model_cfg, shape: ModelShape, world: int, device: str,
     return StagePlan(stage.name, stage.kind, train, rollout, notes)
 
 
+def planned_peak_gib(stage, model_cfg, config, world: int, device: torch.device) -> float | None:
+    """The plan's peak (GiB per rank) of one stage whose model has the transformers `config`, for logging beside
+    the measured peak; None for a stage without a plan. A vLLM rollout counts gpu_memory_utilization x this GPU."""
+    gpu_gib = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else 0.0
+    plan = plan_stage(stage, model_cfg, model_shape(config, model_cfg.freeze_vision), world, device.type, gpu_gib)
+    return None if plan is None else plan.peak / GIB
+
+
 def plan_recipe(cfg, world: int, gpu_memory_gib: float, device: str = "cuda", config=None) -> list[StagePlan]:
     """Plans of every stage of recipe `cfg` (an engine.config.Config) on `world` GPUs of `gpu_memory_gib` each.
     `config`: the model's transformers config; None reads `cfg.model.path`/config.json."""

@@ -40,7 +40,7 @@ class NonFiniteError(RuntimeError):
 class Trainer:
     def __init__(self, model: nn.Module, *, optim: OptimConfig, train: TrainConfig, checkpoint: CheckpointConfig,
                  stage_dir: Path, dist_info: DistInfo, total_steps: int, log_every: int = 1,
-                 flops_per_token: float = 0.0):
+                 flops_per_token: float = 0.0, plan_peak_gib: float | None = None):
         self.model = model
         self.optim_cfg, self.train_cfg, self.dist = optim, train, dist_info
         self.total_steps = total_steps
@@ -50,7 +50,7 @@ class Trainer:
         self.every = checkpoint.every
         self.metrics = Metrics(Path(stage_dir) / "metrics.jsonl", is_main=dist_info.is_main, total_steps=total_steps,
                                log_every=log_every, name=Path(stage_dir).name, flops_per_token=flops_per_token,
-                               device=dist_info.device, world_size=dist_info.world_size)
+                               device=dist_info.device, world_size=dist_info.world_size, plan_peak_gib=plan_peak_gib)
         self.step = 0  # optimizer steps done
         self.stop_every = 1
         """A preemption stop (and its checkpoint) waits for a step that is a multiple of this (GRPO: of a rollout

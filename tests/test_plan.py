@@ -124,3 +124,25 @@ def test_startup_check_stops_an_oversized_recipe_before_loading(toy_world, tmp_p
     plan.check_at_startup(cfg, 2, cuda, allow_oversize=True, gpu_memory_gib=3.5)  # warns, starts
     plan.check_at_startup(cfg, 2, cuda, allow_oversize=False, gpu_memory_gib=80)
     plan.check_at_startup(cfg, 2, torch.device("cpu"), allow_oversize=False)  # CPU: logged, never raises
+
+
+def test_planned_peak_is_logged_beside_the_measured_one(toy_world, tmp_path):
+    """A training stage gets the plan's peak for its own settings (what metrics.jsonl records on CUDA as
+    mem/plan_peak_gib), and Metrics writes it when given."""
+    import json
+
+    from engine.config import parse_config
+    from engine.metrics import Metrics
+
+    stage = {"name": "s", "kind": "sft", "init": "model", "data": {"train": str(toy_world / "data" / "sft.parquet")}}
+    cfg = parse_config({"run": {"name": "p"}, "model": {"path": str(toy_world / "hf")}, "stages": [stage]},
+                       [f"--run.out_dir={tmp_path}"])
+    config = AutoConfig.from_pretrained(toy_world / "hf")
+    peak = plan.planned_peak_gib(cfg.stages[0], cfg.model, config, 2, torch.device("cpu"))
+    expected = plan.plan_stage(cfg.stages[0], cfg.model, plan.model_shape(config, cfg.model.freeze_vision), 2, "cpu",
+                               0.0)
+    assert peak == expected.peak / plan.GIB > 0
+    metrics = Metrics(tmp_path / "metrics.jsonl", is_main=True, total_steps=1, plan_peak_gib=peak)
+    metrics.log(1, {"train/loss": 1.0, "train/grad_norm": 1.0, "train/lr": 1e-3, "train/num_tokens": 10.0},
+                step_s=0.1)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["mem/plan_peak_gib"] == peak

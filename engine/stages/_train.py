@@ -18,6 +18,7 @@ from engine.data import Processor
 from engine.fsdp import vision_tower
 from engine.log import log0
 from engine.model import Policy, flops_per_token
+from engine.plan import planned_peak_gib
 from engine.stages import StageContext
 from engine.stages.common import StepOrder, build_policy, check_batch_size
 from engine.trainer import Trainer
@@ -62,7 +63,10 @@ def run_training(cfg, ctx: StageContext, stage: TrainingStage) -> None:
     policy, hf_model = build_policy(init_dir, ctx.model, dist_info)
     trainer = Trainer(policy, optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint, stage_dir=ctx.stage_dir,
                       dist_info=dist_info, total_steps=total_steps, log_every=ctx.run.log_every,
-                      flops_per_token=flops_per_token(hf_model))
+                      flops_per_token=flops_per_token(hf_model),
+                      # on CUDA the plan's peak goes beside the measured one in metrics.jsonl (mem/plan_peak_gib)
+                      plan_peak_gib=planned_peak_gib(cfg, ctx.model, hf_model.config, dist_info.world_size,
+                                                     dist_info.device) if dist_info.device.type == "cuda" else None)
     trainer.stop_every = stage.steps_per_batch  # a preemption checkpoint falls between batches, as every other
     resumed = trainer.resume()
     merge_size = processor.merge_size if vision_tower(hf_model) is not None else None
