@@ -9,8 +9,9 @@
 - wandb: when the `wandb` package is installed. `run.wandb_mode = "auto"` logs online when an API key is configured
   (WANDB_API_KEY or `wandb login`) and offline otherwise (`wandb sync <dir>` uploads it later); never a prompt.
 A value is logged as `<stage>/<key>` (`grpo_zero/rollout/reward`) at the stage's optimizer step. The eval stage adds
-its scores (`eval/<benchmark>/<model>`, `eval/gf/<model>`), the report text and its plots. Only rank 0 tracks, and
-nothing is imported unless its tracker is on.
+its scores (`eval/<benchmark>/<model>`, `eval/gf/<model>`; with `samples` also `eval/sampled/<benchmark>/<model>`,
+`eval/sampled/gf/<model>` and `eval/pass_at_<k>/<benchmark>/<model>`), the report text and its plots. Only rank 0
+tracks, and nothing is imported unless its tracker is on.
 """
 
 from __future__ import annotations
@@ -128,16 +129,29 @@ def log_metrics(stage: str, step: int, record: dict) -> None:
         tracker.log(values, step)
 
 
-def log_eval(scores: dict, report: Path) -> None:
-    """The eval stage's scores (percent) and GF, its report text and its plots."""
-    if not _active:
-        return
+def eval_values(scores: dict) -> dict[str, float]:
+    """scores.json (engine/report.py) as tracker values: greedy score (percent) per benchmark and model, GF per model;
+    with samples, the sampled accuracy (percent), its GF and pass@k (percent) likewise."""
     values = {}
     for model, r in scores["models"].items():
         for bench, b in r["benchmarks"].items():
             values[f"eval/{bench}/{model}"] = b["score"]
+            if "sampled" in b:
+                values[f"eval/sampled/{bench}/{model}"] = b["sampled"]["score"]
+                for k, v in b["sampled"]["pass_at_k"].items():  # not "pass@k": TensorBoard turns '@' into '_'
+                    values[f"eval/pass_at_{k}/{bench}/{model}"] = v
         if r.get("gf") is not None:
             values[f"eval/gf/{model}"] = r["gf"]
+        if r.get("sampled", {}).get("gf") is not None:
+            values[f"eval/sampled/gf/{model}"] = r["sampled"]["gf"]
+    return values
+
+
+def log_eval(scores: dict, report: Path) -> None:
+    """The eval stage's scores (`eval_values`), its report text and its plots."""
+    if not _active:
+        return
+    values = eval_values(scores)
     for tracker in _active:
         tracker.log(values, 0)
         tracker.text("eval/report", report.read_text())

@@ -56,11 +56,24 @@ def _log_steps(tmp_path, name="grpo_zero"):
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
 
+def _sampled(scores_per_row: list[list[float]]) -> dict:
+    """scores.json's `sampled` entry of one model on one benchmark, from 4 samples a prompt, as the report makes it."""
+    from engine.report_analyses import sampled_benchmark
+
+    preds = {f"r{i}": {"id": f"r{i}", "category": "c", "n": 4, "scores": s, "format": [True] * 4,
+                       "finish_reasons": ["stop"] * 4, "error": ""} for i, s in enumerate(scores_per_row)}
+    return sampled_benchmark(preds, list(preds), 4, [1, 4], macro=False, where="test")[0]
+
+
 def _eval_outputs(tmp_path):
     from PIL import Image
 
-    scores = {"models": {"base": {"benchmarks": {"toy_id": {"score": 40.0}}, "gf": None},
-                         "specs": {"benchmarks": {"toy_id": {"score": 55.0}}, "gf": 3.5}}}
+    # specs: row 0 right in 1 of 4 samples, row 1 in 3 of 4 -> accuracy 50%, pass@4 100%; base: 1 of 8 -> 12.5%, 50%.
+    scores = {"models": {
+        "base": {"benchmarks": {"toy_id": {"score": 40.0, "sampled": _sampled([[1, 0, 0, 0], [0, 0, 0, 0]])}},
+                 "gf": None, "sampled": {"gf": None}},
+        "specs": {"benchmarks": {"toy_id": {"score": 55.0, "sampled": _sampled([[0, 0, 1, 0], [1, 1, 0, 1]])}},
+                  "gf": 3.5, "sampled": {"gf": 7.25}}}}
     report = tmp_path / "report.md"
     report.write_text("# Evaluation report\n")
     Image.new("RGB", (8, 6), "red").save(tmp_path / "gf.png")
@@ -79,6 +92,10 @@ def test_every_metrics_key_reaches_the_trackers_with_the_stage_prefix(tmp_path, 
     tracking.log_eval(scores, report)
     assert ("eval/toy_id/specs", 55.0, 0) in rec.scalars and ("eval/gf/specs", 3.5, 0) in rec.scalars
     assert "eval/gf/base" not in {k for k, _, _ in rec.scalars}
+    assert {("eval/sampled/toy_id/specs", 50.0, 0), ("eval/sampled/toy_id/base", 12.5, 0),
+            ("eval/pass_at_1/toy_id/specs", 50.0, 0), ("eval/pass_at_4/toy_id/specs", 100.0, 0),
+            ("eval/pass_at_4/toy_id/base", 50.0, 0), ("eval/sampled/gf/specs", 7.25, 0)} <= set(rec.scalars)
+    assert "eval/sampled/gf/base" not in {k for k, _, _ in rec.scalars}
     assert rec.texts == ["eval/report"] and rec.images == ["eval/gf"]
     tracking.finish()
     assert rec.closed and not tracking._active
@@ -132,6 +149,7 @@ def test_tensorboard_event_files_read_back(tmp_path):
             if key != "step" and isinstance(value, (int, float)):
                 assert scalars[(f"grpo_zero/{key}", row["step"])] == pytest.approx(float(value), rel=1e-6), key
     assert scalars[("eval/toy_id/specs", 0)] == 55.0 and scalars[("eval/gf/specs", 0)] == 3.5
+    assert scalars[("eval/sampled/toy_id/specs", 0)] == 50.0 and scalars[("eval/pass_at_4/toy_id/specs", 0)] == 100.0
     tags = {tag for tag, _, _ in events}
     assert any(t.startswith("eval/report") for t in tags) and "eval/gf" in tags
 
