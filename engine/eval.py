@@ -9,6 +9,9 @@ the GF are measured against (or `--base NAME`). A benchmark is `kind=DIR` with k
 mathvision, mmmu, megabench, toy, or `name:kind:group=DIR` to name it and set its group; by default MathVista,
 MathVerse and MathVision are in-distribution and MMMU and MEGA-Bench out-of-distribution, as in the paper. Any eval
 stage setting is a `--key=value` (`--max_new_tokens=2048`, `--judge.enabled=true`; engine/stages/config.py).
+Sampled evaluation (the paper's pass@k analysis): `--samples K` responses a prompt besides the greedy one, drawn with
+`--temperature` and `--top-p`, and pass@k for `--pass-k 1,8,64` (default: powers of 2 up to K, and K); the report
+then adds each model's sampled accuracy, sampled format and pass@k.
 Output: `<out>/eval/` (report.md, scores.json, predictions/); a rerun resumes, and a rerun that would mix settings
 or models stops, as engine/train.py does. Exit codes: 0 done, 1 failed, 2 bad arguments, 128 + N on signal N.
 """
@@ -86,7 +89,31 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmarks", required=True, help="kind=DIR,... or name:kind:group=DIR,...")
     parser.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     parser.add_argument("--base", default="", help="the base model's report name (default: the first --model)")
+    # Sampled evaluation; unset keeps the eval stage's defaults (greedy only), so the stage record is unchanged.
+    parser.add_argument("--samples", type=int, metavar="K", help="sampled responses a prompt besides the greedy "
+                        "one (default 0: greedy only); the paper's pass@64 needs 64")
+    parser.add_argument("--temperature", type=float, help="temperature of the sampled responses (default 1.0)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling of the sampled responses (default 1.0: off)")
+    parser.add_argument("--pass-k", metavar="K,...", help="k of the pass@k columns, each in [1, K] (default: "
+                        "1, 2, 4, ... up to K, and K)")
     return parser
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    """The eval stage's samples / temperature / top_p / pass_k from the command line, only those given."""
+    out = {key: value for key, value in (("samples", args.samples), ("temperature", args.temperature),
+                                         ("top_p", args.top_p)) if value is not None}
+    if args.pass_k is not None:
+        try:
+            out["pass_k"] = [int(k) for k in args.pass_k.split(",") if k.strip()]
+        except ValueError:
+            raise ValueError(f"--pass-k: {args.pass_k!r} is not a comma-separated list of integers "
+                             f"(e.g. 1,8,64)") from None
+    sampling_only = [flag for flag, key in (("--temperature", "temperature"), ("--top-p", "top_p"),
+                                            ("--pass-k", "pass_k")) if key in out]
+    if sampling_only and not out.get("samples"):
+        raise ValueError(f"{', '.join(sampling_only)} only apply to sampled responses: add --samples K (K >= 1)")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     names = model_names(args.model)
     try:
         table = {"name": "eval", "kind": "eval", "models": list(names), "base": args.base,
-                 "benchmarks": parse_benchmarks(args.benchmarks)}
+                 "benchmarks": parse_benchmarks(args.benchmarks), **sampling_settings(args)}
         stage = parse_stage(table, overrides, source="engine.eval")
         missing = [m for m in args.model if not Path(m).is_dir() and not is_hub_id(m)]
         if missing:

@@ -49,3 +49,45 @@ def test_two_models_one_command_then_a_rerun(tmp_path, toy_world, capsys):
     assert "0 to go" in capsys.readouterr().out
     assert main([*args[:-2], "--max_new_tokens=16", "--chunk_prompts=8"]) == 2
     assert "max_new_tokens: ran with 8, now 16" in capsys.readouterr().out
+
+
+def test_sampling_flags_set_the_eval_stage(tmp_path, monkeypatch, capsys):
+    import engine.eval
+
+    seen = []
+    monkeypatch.setattr(engine.eval, "_run", lambda stage, names, out: seen.append(stage) or 0)
+    args = ["--model", str(tmp_path), "--benchmarks", f"toy={tmp_path}"]
+    assert main(args) == 0
+    assert (seen[-1].samples, seen[-1].temperature, seen[-1].top_p, seen[-1].pass_ks()) == (0, 1.0, 1.0, [])
+    assert main([*args, "--samples", "8", "--temperature", "0.7", "--top-p", "0.9", "--pass-k", "1,8,4"]) == 0
+    assert (seen[-1].samples, seen[-1].temperature, seen[-1].top_p, seen[-1].pass_ks()) == (8, 0.7, 0.9, [1, 4, 8])
+    assert main([*args, "--samples=8"]) == 0 and seen[-1].pass_ks() == [1, 2, 4, 8]  # the stage's default ks
+
+    for bad, message in [(["--temperature", "0.7"], "--temperature only apply to sampled responses: add --samples"),
+                         (["--samples", "2", "--pass-k", "1,x"], "--pass-k: '1,x' is not a comma-separated list"),
+                         (["--samples", "2", "--pass-k", "4"], "pass_k [4]: each k must be in [1, samples = 2]"),
+                         (["--samples", "2", "--temperature", "0"], "temperature must be > 0 to sample")]:
+        assert main([*args, *bad]) == 2, bad
+        assert message in capsys.readouterr().err, bad
+    assert len(seen) == 3  # no bad command got as far as running
+
+
+def test_sampled_evaluation_writes_pass_at_k(tmp_path, toy_world, capsys):
+    data = toy_world / "data"
+    args = ["--model", str(toy_world / "hf"), "--benchmarks", f"toy_id:toy:none={data / 'test.parquet'}",
+            "--out", str(tmp_path / "out"), "--max_new_tokens=8", "--chunk_prompts=8",
+            "--samples", "2", "--temperature", "0.7", "--top-p", "0.9", "--pass-k", "1,2"]
+    assert main(args) == 0
+    stage = tmp_path / "out" / "eval"
+    scores = json.loads((stage / "scores.json").read_text())
+    assert scores["sampling"] == {"samples": 2, "temperature": 0.7, "top_p": 0.9, "pass_k": [1, 2]}
+    sampled = scores["models"]["toy_world0"]["benchmarks"]["toy_id"]["sampled"]
+    assert sampled["n"] == 2 and sampled["num"] == 16 and set(sampled["pass_at_k"]) == {"1", "2"}
+    assert sampled["pass_at_k"]["1"] <= sampled["pass_at_k"]["2"]  # more tries never pass less often
+    lines = [json.loads(x) for x in (stage / "predictions" / "toy_world0" / "toy_id.samples.jsonl").open()]
+    assert len(lines) == 16 and {(x["n"], x["temperature"], x["top_p"], len(x["responses"])) for x in lines} == {
+        (2, 0.7, 0.9, 2)}
+    assert "## Sampled decoding (2 samples a prompt)" in (stage / "report.md").read_text()
+    capsys.readouterr()
+    assert main([*args[:-8], "--samples", "4"]) == 2  # other sampling settings: a new directory, not a mix
+    assert "samples: ran with 2, now 4" in capsys.readouterr().out
