@@ -18,7 +18,8 @@ class JudgeSettings(JudgeConfig):
     """`JudgeConfig` (engine/judge.py: concurrency, retries, budget, cache, timeouts) plus the backend choice."""
 
     backend: Literal["gemini", "openai"] = "gemini"
-    """gemini: google-genai (`model` a Gemini name); openai: an OpenAI-compatible chat endpoint at `base_url`."""
+    """gemini: Gemini's REST API (engine/judge.py; `model` a Gemini name, key in GOOGLE_API_KEY or GEMINI_API_KEY);
+    openai: an OpenAI-compatible chat endpoint at `base_url` (engine/judge_openai.py)."""
     api_key_env: str = "OPENAI_API_KEY"
     """openai backend: environment variable holding the API key (declared in engine/env.py); "" sends no key."""
     open_answers: bool = True
