@@ -139,8 +139,11 @@ def intro(scores: dict, benchmark_kinds: list[str], rollouts: list[dict]) -> lis
             "hundred thousand parameters at the default spec), trained from scratch on synthetic pictures in "
             "minutes on a CPU. It runs every SPECS stage through the same code as a real run, and it is big enough "
             "to learn the answer *format* (`<think>...</think><answer>...</answer>`), which is what the cold start "
-            "is about. It is not a small copy of the paper's experiment: the model is far too small to reason, so "
-            "answer accuracy is a weak, noisy signal, and the paper's benchmark gains are not expected here. With "
+            "is about. It is not a small copy of the paper's experiment: at this size the model does not learn to "
+            "read the pictures (the pretrained base answers at about chance, on training rows as on test rows; "
+            "recipes/tiny.toml's header has the probes), so there is no accuracy for GRPO to sharpen, answer "
+            "accuracy moves only with noise and with the drift of the unrewarded reasoning text, and the paper's "
+            "accuracy gains are not expected here. With "
             f"{nums[0] if nums else 0} test rows a score's 95% interval is up to about +-{half:.0f} points: smaller "
             "differences are noise. " + _decoding_note(scores) + " Each claim below is computed from this run; one "
             "that is not shown or does not hold is reported as it came out."]
