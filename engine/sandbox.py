@@ -99,8 +99,10 @@ def _bwrap_argv(limits: Limits, seccomp_fd: int) -> list[str]:
     return ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
             "--die-with-parent", "--new-session", "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
             "--uid", "65534", "--gid", "65534",
-            *_view(), "--dev", "/dev", "--proc", "/proc",
+            # The private /tmp first, then the read-only view: a Python or venv that lives under /tmp (a CI
+            # checkout, say) is bound on top of the tmpfs instead of being hidden by it.
             "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
+            *_view(), "--dev", "/dev", "--proc", "/proc",
             "--size", str(limits.tmp_bytes), "--tmpfs", "/dev/shm",
             "--dir", WORKDIR, "--chdir", WORKDIR, "--seccomp", str(seccomp_fd), "--"]
 

@@ -72,7 +72,11 @@ def test_our_files_are_not_visible():
     readme = Path(__file__).resolve().parents[1] / "README.md"
     ok, out = mc.run_case(f"import os\nprint(os.path.exists({str(readme)!r}), os.path.exists(os.path.expanduser('~'))"
                           f", sorted(os.listdir('/tmp')))", [])
-    assert ok and out == "False False ['sandbox']"
+    # A Python installation that lives under /tmp (a CI checkout's venv) is bound there, read-only: its top folder
+    # shows next to the program's own.
+    under_tmp = {Path(p).parts[2] for p in (sys.prefix, sys.base_prefix, os.path.realpath(sys.executable))
+                 if Path(p).parts[:2] == ("/", "tmp") and len(Path(p).parts) > 2}
+    assert ok and out == f"False False {sorted({'sandbox'} | under_tmp)}"
     ok, out = mc.run_case("import numpy, json\nprint(int(numpy.arange(4).sum()))", [])  # its libraries are
     assert ok and out == "6"
 
@@ -206,3 +210,12 @@ def test_seccomp_refuses_kernel_interfaces():
             "print(out)")
     ok, out = mc.run_case(code, [])
     assert ok and out == str([(-1, 1)] * len(names))
+
+
+def test_private_tmp_is_mounted_before_the_python_view():
+    """A Python or venv under /tmp (a CI checkout there) must be bound on top of the private /tmp, not hidden by
+    it: bwrap applies its mounts in order (CI failed with 'execvp /tmp/.../.venv/bin/python' before)."""
+    argv = sandbox._bwrap_argv(sandbox.Limits(), 3)
+    tmp = argv.index("/tmp")
+    assert argv[tmp - 1] == "--tmpfs"
+    assert tmp < argv.index("--ro-bind")
