@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     from transformers import AutoConfig
 
+    from engine import hub
     from engine.config import ConfigError, load_config
 
     try:
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 2
     config_dir = Path(args.model_config or cfg.model.path)
+    if not args.model_config and hub.is_hub_id(cfg.model.path):  # a cached id (load_config checked it is one)
+        config_dir = hub.cached_snapshot(cfg.model.path) or config_dir
     if not (config_dir / "config.json").is_file():
         sys.stderr.write(f"error: {config_dir}/config.json not found: pass --model-config DIR (a directory with the "
                          "model's config.json)\n")

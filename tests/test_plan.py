@@ -111,6 +111,20 @@ def test_plan_command_says_what_does_not_fit(toy_world, tmp_path, capsys):
     assert "DOES NOT FIT" in out and "lower rollout.max_batch_rows" in out
 
 
+def test_plan_command_reads_a_cached_hub_id(toy_world, tmp_path, capsys, monkeypatch):
+    """model.path as a Hugging Face id in the local cache: the plan reads the snapshot's config.json (it used to
+    look for '<org>/<name>/config.json' relative to the working directory and stop)."""
+    from engine import hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "cached_snapshot", lambda repo_id: toy_world / "hf" if repo_id == "toy/tiny" else None)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text((REPO / "tests" / "fixtures" / "plan_recipe.toml").read_text().format(
+        hf="toy/tiny", data=toy_world / "data" / "train.parquet"))
+    assert plan.main([str(recipe), "--gpus", "2", "--gpu-memory", "80"]) == 0
+    assert "grpo (grpo): peak" in capsys.readouterr().out
+
+
 def test_startup_check_stops_an_oversized_recipe_before_loading(toy_world, tmp_path):
     from engine.config import load_config
 
