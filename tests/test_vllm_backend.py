@@ -66,6 +66,9 @@ def test_make_backend_falls_back_to_builtin(monkeypatch, toy_world, processor):
     backend = rollout_pkg.make_backend("vllm", toy_world / "hf", max_batch_rows=5, batching="static", **args)
     assert isinstance(backend, BuiltinBackend) and backend.max_batch_size == 5 and backend.batching == "static"
     assert len(said) == 1 and "not installed" in said[0] and "builtin" in said[0]
+    # the stage's description line names the backend that will run, not only the one asked for
+    assert rollout_pkg.backend_label("vllm") == "vllm (not installed: builtin)"
+    assert rollout_pkg.backend_label("builtin") == "builtin"
     for kwargs in (dict(require=True), dict(tensor_parallel_size=2)):
         with pytest.raises(RuntimeError, match=r"pip install -e '\.\[vllm\]'"):
             rollout_pkg.make_backend("vllm", toy_world / "hf", **kwargs, **args)

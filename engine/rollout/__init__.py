@@ -10,7 +10,14 @@ from engine.rollout.base import Completion, RolloutBackend, RolloutTiming, Sampl
 from engine.rollout.builtin import BuiltinBackend
 
 __all__ = ["BuiltinBackend", "Completion", "RolloutBackend", "RolloutTiming", "SamplingParams", "WeightStream",
-           "make_backend"]
+           "backend_label", "make_backend"]
+
+
+def backend_label(kind: str) -> str:
+    """How a run's log names the backend `kind` will actually be: "vllm (not installed: builtin)" for the fallback."""
+    if kind == "vllm" and importlib.util.find_spec("vllm") is None:
+        return "vllm (not installed: builtin)"
+    return kind
 
 
 def make_backend(kind: str, model_dir: str | Path, *, device: torch.device, dtype: torch.dtype, processor,

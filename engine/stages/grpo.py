@@ -29,7 +29,7 @@ from engine.fsdp import resolve_dtype
 from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.reward_judge import RewardJudge, RowInfo, check_ready, row_infos
 from engine.rewards import RewardConfig
-from engine.rollout import make_backend
+from engine.rollout import backend_label, make_backend
 from engine.stages import StageContext
 from engine.stages._train import Run, run_training
 from engine.stages.common import build_policy
@@ -91,10 +91,10 @@ class GRPOStage:
         return (f"grpo: {len(self.prompts)} prompts ({self.num_bad_rows} bad rows skipped) | "
                 f"{self.cfg.train.batch_size} prompts x {r.n} completions a rollout, {g.mini_batches} mini-batches x "
                 f"{g.ppo_epochs} epochs | {total_steps} steps | clip [{g.clip_low}, {g.clip_high}] | agg {g.agg} | "
-                f"kl {g.kl_coef} ({g.kl_estimator}) | tis cap {g.tis_cap or 'off'} | rollout {r.backend}, max "
-                f"{r.max_new_tokens} new tokens | old log-probs " + ("= current (on-policy, no extra forward)"
-                                                                     if self.on_policy else
-                                                                     "from a no-grad forward after sampling"))
+                f"kl {g.kl_coef} ({g.kl_estimator}) | tis cap {g.tis_cap or 'off'} | rollout "
+                f"{backend_label(r.backend)}, max {r.max_new_tokens} new tokens | old log-probs "
+                + ("= current (on-policy, no extra forward)" if self.on_policy
+                   else "from a no-grad forward after sampling"))
 
     def fit(self, run: Run) -> None:
         """for each rollout batch: collect; for each epoch and mini-batch: one optimizer step (logged)."""
