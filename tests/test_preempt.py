@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,15 +14,9 @@ import pytest
 
 from engine import train
 
-from .conftest import REPO
+from ._launch import TRAIN, kill_tree, python, start
+from ._launch import train as train_run
 from .test_eval_stage import scripted  # noqa: F401, F811 - a fixture
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
 
 RECIPE = """
 [run]
@@ -119,24 +112,20 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, toy_world):
 def test_sigterm_to_torchrun_stops_both_ranks_after_the_same_step(tmp_path, toy_world):
     recipe, out = _recipe(tmp_path, toy_world, steps=40), tmp_path / "out"
     metrics = out / "sft" / "metrics.jsonl"
-    cmd = [*TORCHRUN, str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={out}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO,
-                            start_new_session=True)
+    proc = start(python(TRAIN, recipe, f"--run.out_dir={out}", nproc=2), stdout=subprocess.PIPE)
     try:
         assert _when(lambda: _lines(metrics) >= 2 or proc.poll() is not None), "no step logged"
         proc.send_signal(signal.SIGTERM)  # what a scheduler sends the job's launcher before preemption
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc)
     assert proc.returncode != 0, output[-3000:]
     stopped = _lines(metrics)
     assert "stopped by SIGTERM: stage sft after step" in output, output[-3000:]
     assert f"after step {stopped}/40" in output and (out / "sft" / "checkpoints" / f"step-{stopped:06d}").is_dir()
 
-    result = subprocess.run([*TORCHRUN, str(REPO / "engine" / "train.py"), str(recipe), f"--run.out_dir={out}"],
-                            capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = train_run(recipe, out, nproc=2)
     assert f"resume: from step {stopped}/40" in result.stdout and (out / "sft" / "DONE").is_file()
     assert _lines(metrics) == 40
 

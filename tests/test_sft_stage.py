@@ -6,36 +6,12 @@ from pathlib import Path
 import pytest
 
 from ._launch import train
-
-RECIPE = """
-[run]
-name = "t"
-seed = 3
-[model]
-path = "{hf}"
-dtype = "float32"
-[[stages]]
-name = "sft"
-kind = "sft"
-init = "model"
-loss_impl = "{impl}"
-[stages.data]
-train = "{data}"
-[stages.optim]
-lr = 3e-3
-warmup_steps = 1
-[stages.train]
-steps = 3
-batch_size = 8
-micro_batch_tokens = 400
-"""
+from .test_train_dist import _recipe
 
 
 def _losses(tmp_path: Path, toy_world: Path, impl: str) -> list[float]:
-    recipe = tmp_path / f"{impl}.toml"
-    recipe.write_text(RECIPE.format(hf=toy_world / "hf", data=toy_world / "data" / "sft.parquet", impl=impl))
     out = tmp_path / impl
-    train(recipe, out)
+    train(_recipe(tmp_path, toy_world, steps=3), out, f"--stages.sft.loss_impl={impl}")
     rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
