@@ -115,7 +115,9 @@ class RssWatch:
 
     def __init__(self):
         self.peak: dict[str, float] = {}
-        threading.Thread(target=self._run, daemon=True).start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
 
     @staticmethod
     def now() -> dict[str, float]:
@@ -124,10 +126,15 @@ class RssWatch:
         return {k: int(v.split()[0]) / 2**20 for k, v in fields.items()}  # kB -> GiB
 
     def _run(self) -> None:
-        while True:
+        while not self._stop.wait(0.01):
             for k, v in self.now().items():
                 self.peak[k] = max(self.peak.get(k, 0.0), v)
-            time.sleep(0.01)
+
+    def close(self) -> None:
+        # Stopped and joined before exit: a daemon thread still polling while the interpreter tore down a 7B-wide
+        # model aborted the process ("terminate called without an active exception") after its work was done.
+        self._stop.set()
+        self._thread.join()
 
     def take(self) -> dict[str, float]:
         """Peaks (GiB) since the last call, and ru_maxrss: the process's peak so far, which the kernel keeps."""
@@ -154,6 +161,7 @@ def rank_part(work: Path) -> None:
     export_hf(policy, hf_model, work / "hf7b", work / "export", dist_info, max_shard_bytes=EXPORT_SHARD_BYTES)
     phases["export"] = {**watch.take(), "s": time.perf_counter() - t1}
     (work / f"rank{dist_info.rank}.json").write_text(json.dumps(phases))
+    watch.close()
     destroy_distributed()
 
 
@@ -206,10 +214,15 @@ def load_only(work: Path, hf: Path, env: dict) -> int:
     for rank in range(2):
         phases = json.loads((work / f"rank{rank}.json").read_text())
         params = state_bytes(shape, 2, rank)["params"] / GIB
-        start = phases["start"]["VmRSS"]
-        print(f"rank {rank}: plan: fp32 parameter shards {params:.2f} GiB; expected load peak <= start {start:.2f} + "
-              f"shards {params:.2f} + largest tensor {sizes[largest] / GIB:.2f} = "
-              f"{start + params + sizes[largest] / GIB:.2f} GiB")
+        start = phases["start"]
+        # The issue's claim: (model / world) + the largest tensor, in the heap. The safetensors pages this rank reads
+        # are memory-mapped and count in RSS too (clean page cache, reclaimable) until load_into closes the files.
+        print(f"rank {rank}: start rss {start['VmRSS']:.2f} GiB (heap {start['RssAnon']:.2f}); plan: fp32 shards "
+              f"{params:.2f} GiB. Expected at load: heap <= {start['RssAnon']:.2f} + {params:.2f} + largest "
+              f"{sizes[largest] / GIB:.2f} = {start['RssAnon'] + params + sizes[largest] / GIB:.2f} GiB; mapped "
+              f"files ~ {start['RssFile']:.2f} + this rank's bf16 rows {params / 2:.2f} GiB. At export: heap ~ "
+              f"{start['RssAnon']:.2f} + {params:.2f} + 2.5 x largest (its rows cast, the gathered chunks, their "
+              f"concatenation){' + one file ' + f'{EXPORT_SHARD_BYTES / GIB:.2f}' if rank == 0 else ''} GiB")
         for name in ("load", "export"):
             p = phases[name]
             print(f"  {name:6s} {p['s']:5.0f} s | peak (ru_maxrss) {p['ru_maxrss']:.2f} GiB | sampled max: rss "
