@@ -1,4 +1,5 @@
-"""engine/rollout/vllm_backend.py on image prompts: vLLM against the builtin backend on a tiny Qwen2.5-VL (CPU, fp32).
+"""engine/rollout/vllm_backend.py on image prompts: vLLM against the builtin backend on a tiny Qwen2.5-VL (CPU, fp32);
+and a stage's export (engine.checkpoint.export_hf) served by vLLM's own `LLM.chat`, against transformers.
 
 Runs under `make test-vllm` (vLLM's CPU build in .venv-vllm) and skips elsewhere. vLLM's CPU build cannot load
 Qwen2.5-VL's processors without torchvision, which .venv-vllm lacks; tests/vllm_shims.py stands in for the
