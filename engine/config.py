@@ -1,8 +1,10 @@
 """Recipes: TOML files -> typed, validated dataclasses.
 
 A recipe is `[run]`, `[model]` and a list of `[[stages]]`; each stage has a `name`, a `kind` and the tables
-its kind needs (`[stages.optim]`, `[stages.train]`, ...). Loading collects every problem (unknown keys with a
-did-you-mean, wrong types, bad values, cross-stage references) and raises one `ConfigError` before any work.
+its kind needs (`[stages.optim]`, `[stages.train]`, ...). A recipe may include shared TOML files (`include = [...]`,
+engine/config_include.py: tables merge by key, stages by name, the recipe's own keys win). Loading collects every
+problem (unknown keys with a did-you-mean, wrong types, bad values, cross-stage references) and raises one
+`ConfigError` before any work.
 
     python -m engine.config recipes/tiny.toml [--stages.pretrain.optim.lr=1e-3]   # print the resolved config
                                                   # (files that do not exist yet are listed as warnings)
@@ -19,6 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.config_include import RecipeFileError, read_recipe
 from engine.stages.config import STAGE_KINDS, StageConfig
 
 
@@ -332,20 +335,12 @@ def _cross_checks(cfg: Config, files: list[str]) -> list[str]:
 
 
 def load_config(path: str | Path, overrides: list[str] = (), file_warnings: list[str] | None = None) -> Config:
-    """Read and validate a recipe file (`file_warnings`: see `parse_config`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), [f"recipe file not found (cwd: {Path.cwd()})"])
-    data = path.read_bytes()
+    """Read and validate a recipe file and the files it includes (engine/config_include.py; `file_warnings`: see
+    `parse_config`)."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(str(path), [f"not a text file (not UTF-8: byte {data[e.start]:#04x} at offset {e.start}); "
-                                      f"a recipe is a TOML file such as recipes/tiny.toml"]) from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(path), [f"not valid TOML: {e}"]) from None
+        raw, _ = read_recipe(path)
+    except RecipeFileError as e:
+        raise ConfigError(str(e.path), [e.message]) from None
     return parse_config(raw, overrides, source=str(path), file_warnings=file_warnings)
 
 
@@ -416,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"{e}\n")
         return 2
+    included = [str(p) for p in read_recipe(argv[0])[1][1:]]
+    if included:  # a TOML comment: the output still loads as a recipe
+        sys.stdout.write(f"# {argv[0]} with {', '.join(included)} merged in (engine/config_include.py)\n")
     sys.stdout.write(to_toml(cfg))
     for problem in missing:  # after the config, so they are the last thing on the screen
         sys.stderr.write(f"warning: {problem} (engine/train.py needs it before it starts)\n")

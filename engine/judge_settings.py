@@ -19,7 +19,8 @@ class JudgeSettings(JudgeConfig):
 
     backend: Literal["gemini", "openai"] = "gemini"
     """gemini: Gemini's REST API (engine/judge.py; `model` a Gemini name, key in GOOGLE_API_KEY or GEMINI_API_KEY);
-    openai: an OpenAI-compatible chat endpoint at `base_url` (engine/judge_openai.py)."""
+    openai: an OpenAI-compatible chat endpoint at `base_url` (engine/judge_openai.py); base_url = "local" starts a
+    rule-based stand-in for GPT-4o on 127.0.0.1 in the judging process (engine/judge_local.py; no key, no network)."""
     api_key_env: str = "OPENAI_API_KEY"
     """openai backend: environment variable holding the API key (declared in engine/env.py); "" sends no key."""
     open_answers: bool = True
@@ -30,6 +31,9 @@ class JudgeSettings(JudgeConfig):
         if self.backend == "openai" and not self.base_url:
             errs.append("judge.backend = 'openai' needs judge.base_url (e.g. http://127.0.0.1:8000/v1 for a local "
                         "vLLM server, https://api.openai.com/v1 for GPT-4o)")
+        if self.base_url == "local" and self.backend != "openai":
+            errs.append("judge.base_url = 'local' (the rule-based stand-in, engine/judge_local.py) needs "
+                        "judge.backend = 'openai'")
         if self.api_key_env and self.api_key_env not in VARS:
             errs.append(f"judge.api_key_env = {self.api_key_env!r} is not declared in engine/env.py; use one of "
                         f"{sorted(k for k in VARS if k.endswith('API_KEY'))}, or '' for a server without a key")

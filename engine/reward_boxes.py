@@ -16,12 +16,17 @@ verifier's default when it is unset (verify.py:183-199), and the `iou_max_iou_fi
   (det_helper.py:137-181); a matched pair earns its IoU when the labels agree, else 0 (det_helper.py:171-173);
   score_t = earned IoU / number of gold boxes (verify.py:310);
   score = mean over t of score_t (verify.py:345-350), times 0.6 ** |#predicted - #gold| (verify.py:424-426).
+Dynamic threshold (the GRPO stage's default, `grpo.box_iou = "dynamic"`): V-Triune's release trains with
+DET_IOU_THRESHOLD=dynamic (scripts/reward_server.sh:4), which scores at ONE threshold that rises with training
+progress instead of averaging the eleven: with r = step / total_steps, 0.85 while r <= 0.1, 0.95 while r <= 0.25,
+then 0.99 (verify.py:453-461, r from BaseVerifier.__init__, verify.py:67). The step is verl's global step, 1-based
+(verl/trainer/ppo/ray_trainer.py:902-903), one per rollout batch, out of total_training_steps (ray_trainer.py:519);
+`iou_threshold_at` takes the same numbers. Distillation and evaluation have no training step: they average.
 Not reproduced: the per-row mix with the completeness, label-first and mAP terms (`det_reward_ratio` in each row's
-verifier_parm), the "dynamic" threshold schedule over training steps (one threshold: 0.85 for the first 10% of the
-steps, 0.95 up to 25%, then 0.99, verify.py:453-461; the release's scripts/reward_server.sh sets it), and the
-rescaling of
-predicted boxes from the model's input size to a 0-1000 frame (`det_verifier_normalized`, verify.py:408-416): here
-the answer and the gold must use the same coordinate frame.
+verifier_parm), and the rescaling of predicted boxes from the model's input size to a 0-1000 frame
+(`det_verifier_normalized`, verify.py:408-416): here the answer and the gold must use the same coordinate frame.
+Nor a quirk of the released matching loop: it rebinds its loop variables (det_helper.py:155-161), so with several
+boxes it pairs the last unmatched prediction and gold and credits them the best IoU; here the best pair is matched.
 """
 
 from __future__ import annotations
@@ -35,6 +40,29 @@ IOU_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
 """V-Triune's thresholds, whose scores are averaged (reward_server/verify.py:329)."""
 SIZE_PENALTY = 0.6
 """Factor per box of difference between the predicted and gold counts (verify.py:425)."""
+
+
+DYNAMIC_SCHEDULE = ((0.1, 0.85), (0.25, 0.95), (1.0, 0.99))
+"""V-Triune's dynamic IoU threshold: (up to this fraction of the training steps, threshold), verify.py:453-461."""
+
+
+def iou_threshold_at(step: int, total_steps: int) -> float:
+    """V-Triune's dynamic IoU threshold at training step `step` (1-based) of `total_steps` (rollout batches):
+    0.85 while step / total_steps <= 0.1, 0.95 while <= 0.25, then 0.99 (verify.py:453-461)."""
+    if total_steps < 1 or step < 0:
+        raise ValueError(f"iou_threshold_at: need step >= 0 and total_steps >= 1, got {step}, {total_steps}")
+    ratio = step / total_steps
+    return next((t for upto, t in DYNAMIC_SCHEDULE if ratio <= upto), DYNAMIC_SCHEDULE[-1][1])
+
+
+def box_iou_threshold(mode: str, step: int, total_steps: int) -> float:
+    """The threshold `box_score` uses for `grpo.box_iou = mode` at a step: 0.0 (the mean over IOU_THRESHOLDS) for
+    "average", `iou_threshold_at(step, total_steps)` for "dynamic"."""
+    if mode == "average":
+        return 0.0
+    if mode == "dynamic":
+        return iou_threshold_at(step, total_steps)
+    raise ValueError(f"box IoU mode {mode!r} not in {{dynamic, average}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,15 +150,17 @@ def iou(a: Box, b: Box) -> float:
     return inter / union
 
 
-def box_score(pred: list[Box], gold: list[Box]) -> float:
-    """V-Triune's IoU score of predicted against gold boxes, in [0, 1] (see the module docstring)."""
+def box_score(pred: list[Box], gold: list[Box], threshold: float = 0.0) -> float:
+    """V-Triune's IoU score of predicted against gold boxes, in [0, 1] (see the module docstring): at one IoU
+    `threshold` (the dynamic schedule), or the mean over IOU_THRESHOLDS when it is 0.0 ("average")."""
     if not pred or not gold:
         return 0.0
     # Every pair, best IoU first (ties in prediction-then-gold order): the greedy order of det_helper.py:155-164.
     pairs = sorted(((iou(p, g), i, j) for i, p in enumerate(pred) for j, g in enumerate(gold)),
                    key=lambda x: (-x[0], x[1], x[2]))
+    thresholds = (threshold,) if threshold else IOU_THRESHOLDS
     total = 0.0
-    for t in IOU_THRESHOLDS:
+    for t in thresholds:
         used_pred, used_gold, earned = set(), set(), 0.0
         for value, i, j in pairs:
             if value < t:
@@ -141,4 +171,4 @@ def box_score(pred: list[Box], gold: list[Box]) -> float:
             used_gold.add(j)
             earned += value if pred[i].label == gold[j].label else 0.0
         total += earned / len(gold)
-    return total / len(IOU_THRESHOLDS) * SIZE_PENALTY ** abs(len(pred) - len(gold))
+    return total / len(thresholds) * SIZE_PENALTY ** abs(len(pred) - len(gold))

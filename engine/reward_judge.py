@@ -4,7 +4,8 @@ an LLM judge for open-ended answers), shared by the GRPO and distill stages.
 One interface, two backends, chosen by `judge.backend`:
   gemini  `engine.judge.Judge` (Gemini's REST API; key from GOOGLE_API_KEY or GEMINI_API_KEY)
   openai  `engine.judge_openai.OpenAIJudge`: any OpenAI-compatible chat endpoint at `judge.base_url` (GPT-4o, or a
-          judge served locally by vLLM / SGLang); key from the variable named by `judge.api_key_env`.
+          judge served locally by vLLM / SGLang); key from the variable named by `judge.api_key_env`. base_url =
+          "local" starts engine/judge_local.py's rule-based stand-in on 127.0.0.1 (demo and tests; not an LLM).
 Both send their requests through engine/http_json.py (deadline, size cap, no redirects); no SDK is needed.
 
 Which answers are judged: those whose row is open-ended (its `answer_type` column says "open", or, without one,
@@ -27,6 +28,7 @@ import time
 from engine.dist import broadcast_object, gather_object
 from engine.env import env
 from engine.judge import KEY_VARS, Judge, JudgeConfig, Verdict
+from engine.judge_local import LOCAL, start_local_judge
 from engine.judge_openai import OpenAIJudge, split_url
 from engine.judge_settings import JudgeSettings
 from engine.log import log0, logger
@@ -71,6 +73,8 @@ def check_ready(cfg: JudgeConfig) -> None:
     if errs:
         raise ValueError("judge config: " + "; ".join(errs))
     if isinstance(cfg, JudgeSettings) and cfg.backend == "openai":
+        if cfg.base_url == LOCAL:  # the in-process stand-in (engine/judge_local.py): no URL to check, no key
+            return
         split_url(cfg.base_url)
         _openai_key(cfg)
     else:
@@ -87,6 +91,8 @@ def make_yes_no_judge(cfg: JudgeConfig) -> Judge | OpenAIJudge | None:
         return None
     if isinstance(cfg, JudgeSettings):
         check_ready(cfg)
+        if cfg.backend == "openai" and cfg.base_url == LOCAL:  # a stand-in for GPT-4o, served in this process
+            return OpenAIJudge(dataclasses.replace(cfg, base_url=start_local_judge()), "")
         if cfg.backend == "openai":
             return OpenAIJudge(cfg, _openai_key(cfg))
     return Judge(cfg)
@@ -158,6 +164,8 @@ class RewardJudge:
         self.cfg, self.rank = cfg, rank
         self.client = client if client is not None else make_yes_no_judge(cfg) if rank == 0 else None
         where = f" at {cfg.base_url}" if cfg.base_url else ""
+        if cfg.base_url == LOCAL:
+            where = " (LOCAL STAND-IN for GPT-4o: a string/number rule, engine/judge_local.py)"
         log0(f"reward judge: {getattr(cfg, 'backend', 'gemini')} {cfg.model}{where}"
              + f" for open-ended answers | cache {cfg.cache_path or 'in memory'} | request budget "
              f"{cfg.request_budget or 'unlimited'}")

@@ -54,6 +54,9 @@ class RewardConfig:
     """True: a response that fails the format check also gets accuracy 0 (stricter than SPECS, which adds them)."""
     math_timeout_s: int = 5
     """math-verify parse/verify timeout, in seconds (signal based: applied on the main thread only)."""
+    box_iou_threshold: float = 0.0
+    """Boxes: score at this one IoU threshold (the GRPO stage sets V-Triune's dynamic schedule per rollout batch,
+    engine/reward_boxes.py); 0.0 averages over V-Triune's eleven thresholds."""
 
 
 @dataclass(slots=True)
@@ -391,7 +394,7 @@ def score(
     extracted = extract_answer(response, cfg)
     if declared_type == "boxes" or (not declared_type and looks_like_boxes(answer)):
         gold_boxes = parse_boxes(answer)
-        correct = box_score(parse_boxes(extracted), gold_boxes) if gold_boxes else None
+        correct = box_score(parse_boxes(extracted), gold_boxes, cfg.box_iou_threshold) if gold_boxes else None
         method = "boxes"
     else:
         correct, extracted, method = _accuracy(extracted, answer, choices, cfg, judge)

@@ -89,3 +89,23 @@ def test_grpo_with_a_stub_judge(toy_world, tmp_path):
     assert (tmp_path / "out" / "grpo" / "judge_cache.jsonl").is_file()
     assert "sk-stub-SECRET-123" not in (tmp_path / "out" / "grpo" / "judge_cache.jsonl").read_text()
     assert set(rows["data_source"]) == {"count_color", "major_color", "digit_sum"}
+
+
+@pytest.mark.subprocess
+def test_grpo_with_the_local_stand_in_judge(toy_world, tmp_path):
+    """base_url = "local": rank 0 starts engine/judge_local.py's rule-based stand-in on 127.0.0.1 and the real
+    OpenAI client grades the open-ended rows over HTTP, with no key and no network; the logs name it a stand-in."""
+    data = tmp_path / "train.parquet"
+    _open_ended_rows(toy_world, data)
+    recipe = tmp_path / "r.toml"
+    text = RECIPE.format(world=toy_world, data=data, url="local").replace('model = "stub-judge"',
+                                                                          'model = "local-rule-judge"')
+    recipe.write_text(text.replace('api_key_env = "JUDGE_API_KEY"', 'api_key_env = ""'))
+    result = launch(python(TRAIN, recipe, f"--run.out_dir={tmp_path / 'out'}", nproc=2), env=child_env())
+    assert "LOCAL STAND-IN for GPT-4o" in result.stdout + result.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    for m in metrics:
+        assert m["rollout/judge_calls"] > 0 and m["rollout/judge_failures"] == 0 and m["rollout/judged_frac"] > 0
+    cache = (tmp_path / "out" / "grpo" / "judge_cache.jsonl").read_text().splitlines()
+    assert cache and {json.loads(line)["verdict"] for line in cache} <= {"yes", "no"}

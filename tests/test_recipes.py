@@ -10,7 +10,7 @@ from engine.config import ConfigError, load_config
 
 from .conftest import REPO
 
-RECIPES = sorted((REPO / "recipes").rglob("*.toml"))
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.toml") if p.parent.name != "include")  # include/: parts
 USER_FILES = ["checkpoints/Qwen2.5-VL-7B-Instruct/", "checkpoints/Qwen2.5-VL-72B-Instruct/",
               "checkpoints/Qwen2.5-VL-32B-Instruct/", "data/specs/train.parquet",
               *(f"data/benchmarks/{b}/" for b in ("mathvista", "mathverse", "mathvision", "mmmu", "megabench")),
@@ -101,6 +101,37 @@ def test_ablations_evaluate_and_train_like_the_main_run(recipe, tmp_path, monkey
     assert abl["specs"].rollout.max_new_tokens == main["specs"].rollout.max_new_tokens
     assert abl["specs"].rollout.temperature == main["specs"].rollout.temperature
     assert abl["specs"].rollout.max_batch_rows == main["specs"].rollout.max_batch_rows
+
+
+SHARED_EVAL = REPO / "recipes" / "include" / "five_benchmarks.toml"
+
+
+@pytest.mark.parametrize("recipe", [REPO / "recipes" / "specs.toml", REPO / "recipes" / "eval.toml", *ABLATIONS],
+                         ids=lambda p: p.name)
+def test_evaluation_is_defined_once(recipe, tmp_path, monkeypatch):
+    """specs.toml, eval.toml and every ablation take the benchmarks and the eval settings from one included file
+    and write none of their own: the eval stage each resolves to is the shared one but for the models."""
+    import dataclasses
+    import tomllib
+
+    from engine.config_include import read_recipe
+
+    own = tomllib.loads(recipe.read_text())
+    raw, files = read_recipe(recipe)
+    assert SHARED_EVAL.resolve() in [f.resolve() for f in files]
+    own_eval = next(s for s in own["stages"] if s["name"] == "eval")
+    assert set(own_eval) == {"name", "models"}, "eval settings belong in recipes/include/five_benchmarks.toml"
+    monkeypatch.chdir(tmp_path)
+    _make(tmp_path)
+    shared = tomllib.loads(SHARED_EVAL.read_text())["stages"][0]
+    ev = dataclasses.asdict(load_config(recipe).stages[-1])
+    assert ev["models"] == own_eval["models"]
+    assert [b["name"] for b in ev["benchmarks"]] == [b["name"] for b in shared["benchmarks"]]
+    for b, want in zip(ev["benchmarks"], shared["benchmarks"], strict=True):
+        assert {k: b[k] for k in want} == want
+    assert {k: ev[k] for k in shared if k not in ("benchmarks", "judge")} == \
+        {k: v for k, v in shared.items() if k not in ("benchmarks", "judge")}
+    assert ev["judge"]["enabled"] is False and ev["judge"]["model"] == shared["judge"]["model"]
 
 
 def test_paper_tags_only_on_values_the_paper_states():

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from engine.data import Sample
-from engine.reward_boxes import IOU_THRESHOLDS, Box, box_score, iou, parse_boxes
+from engine.reward_boxes import IOU_THRESHOLDS, Box, box_iou_threshold, box_score, iou, iou_threshold_at, parse_boxes
 from engine.rewards import RewardConfig, answer_type, score
 from engine.rollout import Completion
 from engine.stages.experience import score_groups
@@ -117,3 +117,58 @@ def test_grpo_batch_passes_the_declared_type_for_bare_box_golds():
     assert declared[0][0].method == "boxes" and declared[0][0].accuracy == 1.0
     plain, _ = score_groups(groups, [prompt], RewardConfig())
     assert plain[0][0].method != "boxes"
+
+
+def test_dynamic_threshold_schedule():
+    """V-Triune's DET_IOU_THRESHOLD=dynamic (reward_server/verify.py:453-461): 0.85 while step / total <= 0.1, 0.95
+    while <= 0.25, then 0.99; steps are 1-based."""
+    at = {step: iou_threshold_at(step, 100) for step in (1, 10, 11, 25, 26, 100)}
+    assert at == {1: 0.85, 10: 0.85, 11: 0.95, 25: 0.95, 26: 0.99, 100: 0.99}
+    assert [iou_threshold_at(s, 8) for s in range(1, 9)] == [0.95, 0.95] + [0.99] * 6  # 1/8 > 0.1
+    assert iou_threshold_at(1, 1) == 0.99
+    assert box_iou_threshold("average", 1, 100) == 0.0 and box_iou_threshold("dynamic", 1, 100) == 0.85
+    with pytest.raises(ValueError, match="total_steps >= 1"):
+        iou_threshold_at(1, 0)
+    with pytest.raises(ValueError, match="not in"):
+        box_iou_threshold("fixed", 1, 10)
+
+
+def test_reward_at_a_fixed_iou_changes_across_the_threshold_step():
+    """A prediction of IoU 0.9 earns 0.9 while the threshold is 0.85 (step 10 of 100) and 0 once it is 0.95 (step 11);
+    the average mode gives the mean over the eleven thresholds."""
+    gold = "[{'bbox_2d': [0, 0, 10, 10], 'label': 'dog'}]"
+    answer = "<think>x</think><answer>[{'bbox_2d': [0, 0, 10, 9], 'label': 'dog'}]</answer>"  # IoU 90 / 100
+    early, late = (score(answer, gold, cfg=RewardConfig(box_iou_threshold=iou_threshold_at(s, 100))) for s in (10, 11))
+    assert early.accuracy == pytest.approx(0.9) and late.accuracy == 0.0
+    assert score(answer, gold).accuracy == pytest.approx(0.9 * 9 / 11)  # earned at the 9 thresholds <= 0.9
+    assert box_score([Box(0, 0, 10, 10)], [Box(0, 0, 10, 10)], 0.99) == 1.0
+
+
+@pytest.mark.parametrize("mode,start", [("dynamic", 0), ("dynamic", 10), ("average", 0)])
+def test_grpo_stage_passes_the_rollout_step_to_the_box_reward(monkeypatch, mode, start):
+    """GRPOStage.fit sets each rollout batch's box threshold from its 1-based index out of the stage's rollout batches
+    (a resumed stage continues the schedule)."""
+    from types import SimpleNamespace
+
+    from engine.config import parse_stage
+    from engine.stages import grpo
+
+    cfg = parse_stage({"name": "g", "kind": "grpo", "init": "model", "data": {"train": "x.parquet"},
+                       "grpo": {"box_iou": mode}})
+    stage, seen = grpo.GRPOStage(cfg), {}
+
+    def fake_collect(collector, index):
+        seen[index] = collector.reward.box_iou_threshold
+        return SimpleNamespace(stats={})
+
+    monkeypatch.setattr(grpo, "collect", fake_collect)
+    monkeypatch.setattr(stage, "collector", lambda run: SimpleNamespace(reward=RewardConfig(),
+                                                                        backend=SimpleNamespace(close=lambda: None)))
+    monkeypatch.setattr(stage, "mini_batch", lambda *a: SimpleNamespace(rows=[], num_passes=1))
+    trainer = SimpleNamespace(step=start, total_steps=20, run_step=lambda *a, **k: None)
+    stage.fit(SimpleNamespace(trainer=trainer))
+    if mode == "average":
+        assert set(seen.values()) == {0.0}
+    else:
+        want = {i: 0.85 if i < 2 else 0.95 if i < 5 else 0.99 for i in range(start, 20)}  # steps 1-2, 3-5, 6-20
+        assert seen == want

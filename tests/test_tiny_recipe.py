@@ -38,6 +38,13 @@ def test_tiny_recipe_end_to_end(tmp_path):
     assert "| model | toy_id | toy_ood | ID mean | OOD mean | mean | G_ID | G_OOD | GF |" in report
     assert all(f"| {m} |" in report for m in scores["models"])
     assert (out / "eval" / "training_curves.png").is_file() and (out / "eval" / "gf.png").is_file()
+    assert "| model | benchmark | pass@1 | pass@2 | pass@4 |" in report  # [stages.eval] samples = 4
+
+    # Both GRPO stages run the judged path against the local stand-in judge (engine/judge_local.py): the judge
+    # metrics exist, nothing fails; requests go out only for open-ended (free-text gold) rows the rules miss.
+    for stage in ("grpo_zero", "specs"):
+        first = json.loads((out / stage / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["rollout/judge_calls"] >= 0 and first["rollout/judge_failures"] == 0, stage
 
     # The SPECS cold start teaches the format: the final GRPO starts far better formatted than GRPO-zero did.
     def first_format_acc(stage):

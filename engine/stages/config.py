@@ -188,6 +188,10 @@ class GRPOConfig:
     correcting for the rollout engine's numerics (bf16, another kernel, vLLM); 0 turns it off."""
     loss_impl: Literal["recompute", "onepass"] = "recompute"
     """kernels.grpo_loss implementation: recompute (8NVH, O(N) memory) or onepass (6NVH, a [C, V] buffer)."""
+    box_iou: Literal["dynamic", "average"] = "dynamic"
+    """Detection/grounding rows (answer type "boxes"): "dynamic" scores at V-Triune's IoU threshold for the training
+    progress (0.85 for the first 10% of the rollout batches, 0.95 up to 25%, then 0.99), as its release trains;
+    "average" takes the mean over thresholds 0.5 ... 0.99 (engine/reward_boxes.py)."""
 
     @property
     def steps_per_rollout(self) -> int:

@@ -27,6 +27,7 @@ from engine.data import Processor, Sample, encode_rows, load_rows
 from engine.dist import max_and_sum
 from engine.fsdp import resolve_dtype
 from engine.packed_rows import num_targets, pack_samples, to_device
+from engine.reward_boxes import box_iou_threshold
 from engine.reward_judge import RewardJudge, RowInfo, check_ready, row_infos
 from engine.rewards import RewardConfig
 from engine.rollout import backend_label, make_backend
@@ -103,6 +104,9 @@ class GRPOStage:
         collector = self.collector(run)
         for index in range(trainer.step // k, trainer.total_steps // k):
             start_s = time.perf_counter()
+            # Box rewards tighten their IoU threshold with progress: V-Triune's step is 1-based, one per rollout batch.
+            collector.reward = dataclasses.replace(collector.reward, box_iou_threshold=box_iou_threshold(
+                g.box_iou, index + 1, trainer.total_steps // k))
             batch = collect(collector, index)
             for epoch in range(g.ppo_epochs):
                 for part in range(g.mini_batches):
