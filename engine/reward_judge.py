@@ -109,14 +109,16 @@ class RowInfo:
 
 
 def row_infos(rows) -> dict[str, RowInfo]:
-    """Row id -> RowInfo for a datasets.Dataset of prompt rows; ids as engine.data.encode_rows assigns them."""
+    """Row id -> RowInfo for a datasets.Dataset of prompt rows; ids as engine.data.encode_rows assigns them. The
+    source is the `data_source` column, else the `task` column, else empty (not monitored per source)."""
     cols = rows.column_names
     ids = [str(x) if x not in (None, "") else f"row-{i}" for i, x in enumerate(rows["id"])] if "id" in cols \
         else [f"row-{i}" for i in range(len(rows))]
     n = len(ids)
     problems = rows["problem"] if "problem" in cols else [""] * n
     types = rows["answer_type"] if "answer_type" in cols else [""] * n
-    sources = rows["data_source"] if "data_source" in cols else [""] * n
+    # The toy world and task-tagged sets name their family in `task`: monitored per source like a data_source.
+    sources = rows["data_source"] if "data_source" in cols else rows["task"] if "task" in cols else [""] * n
     return {i: RowInfo(q or "", t or "", s or "") for i, q, t, s in zip(ids, problems, types, sources, strict=True)}
 
 

@@ -6,7 +6,7 @@ Qwen2.5-VL, all built offline in a few seconds and byte-identical for a given se
 
 Layout written under `out_dir`:
     data/train.parquet, data/test.parquet  id, task, problem, answer, choices, images (List(Image()), PNG bytes)
-    data/test_ood.parquet                   the same columns, task families held out of training (OOD_TASKS)
+    data/test_ood.parquet                   the same columns, task families held out of training (spec.ood_tasks)
     data/sft.parquet                        train rows + response (a `format_share` of them <think>/<answer> tagged)
     data/pairs.parquet                      the tagged sft rows + chosen (that response), rejected (it corrupted
                                             by engine/corrupt.py), corruption: synthetic format-only pairs
@@ -111,17 +111,18 @@ def generate_split(spec: ToySpec, split: str) -> list[ToySample]:
     """The samples of one split, with the metadata of what was drawn (objects, reasoning).
 
     Args:
-        spec: the world spec; only seed, num_train/num_test and image_size matter here.
-        split: "train", "test" or "test_ood" (the held-out `OOD_TASKS` families, num_test rows).
+        spec: the world spec; only seed, num_train/num_test, the task lists and the image sizes matter here.
+        split: "train", "test" or "test_ood" (the held-out `spec.ood_tasks` families, num_test rows).
 
     Returns:
-        num_train or num_test samples; task families cycle in `TASKS` (or `OOD_TASKS`) order.
+        num_train or num_test samples; task families cycle in `spec.tasks` (or `spec.ood_tasks`) order.
     """
     num = {"train": spec.num_train, "test": spec.num_test, "test_ood": spec.num_test}[split]
-    tasks = OOD_TASKS if split == "test_ood" else TASKS
+    tasks = spec.ood_tasks if split == "test_ood" else spec.tasks
+    size = spec.ood_image_size or spec.image_size if split == "test_ood" else spec.image_size
     # A str seed goes through sha512 in random.seed, so streams are stable across processes and PYTHONHASHSEED.
     rng = random.Random(f"toy/{spec.seed}/{split}")
-    return [make_sample(rng, tasks[i % len(tasks)], spec.image_size) for i in range(num)]
+    return [make_sample(rng, tasks[i % len(tasks)], size) for i in range(num)]
 
 
 def _sft_responses(spec: ToySpec, samples: list[ToySample]) -> list[str]:

@@ -1,10 +1,18 @@
 """Sample generator for the toy world: PIL-drawn pictures with verifiable questions and synthetic responses.
 
-Three task families, each with an answer that follows from what was drawn, plus one held out for OOD evaluation:
-  count_color  "How many red shapes ...?"                  -> integer string, e.g. "3"
-  major_color  "Which color appears most often ...?" (A-D) -> option letter, e.g. "B"
-  digit_sum    "What is the sum of the digits ...?"        -> integer string, e.g. "12"
-  count_shape  "How many triangles ...?" (test_ood only)   -> integer string, e.g. "2"
+Task families, each with an answer that follows from what was drawn (a world picks its in-distribution and
+held-out families, ToySpec.tasks / ood_tasks; the defaults are the first three and count_shape):
+  count_color   "How many red shapes ...?"                  -> integer string, e.g. "3"
+  major_color   "Which color appears most often ...?" (A-D) -> option letter, e.g. "B"
+  digit_sum     "What is the sum of the digits ...?"        -> integer string, e.g. "12"
+  main_color    "What color are most of the shapes?"        -> free text, a colour name, e.g. "red"
+  count_shapes  "How many shapes are in the picture?"       -> integer string, e.g. "6"
+  count_shape   "How many triangles ...?"                   -> integer string, e.g. "2"
+
+How hard they are for the toy model (measured, docs/LOG.md): main_color has one colour on most cells, so every
+image token carries the answer, and the tiny model learns it in ~100 steps; count_shapes needs the share of
+non-background cells, learnt to ~90% in ~400 steps; count_color, major_color and digit_sum need one colour or digit
+picked out of a few cells, which the tiny model barely learns in the demo's budget.
 
 The picture is a grid of cells of `CELL_PX` pixels; every object sits inside its own cell, so objects never touch
 and each shape is one connected region of one exact colour (drawing is not anti-aliased). Tests rely on that to
@@ -180,6 +188,34 @@ def _digit_sum(rng: random.Random, image_size: int) -> ToySample:
     )
 
 
+def _main_color(rng: random.Random, image_size: int) -> ToySample:
+    """Open-ended: the gold is a colour name, not a choice or a number (a judge may score paraphrases)."""
+    main = rng.choice(list(COLORS))
+    num_main = rng.randint(3, 10)
+    # Fewer than half as many of the others, so the main colour is clearly the most frequent.
+    others = [rng.choice([c for c in COLORS if c != main]) for _ in range(rng.randint(0, num_main // 2 - 1))]
+    objects = _place(rng, image_size, [main] * num_main + others)
+    question = rng.choice(["What color are most of the shapes?", "Which color do most shapes in the image have?"])
+    return ToySample(
+        task="main_color", problem="<image>" + question, answer=main, choices=[],
+        image=_render(objects, image_size), objects=objects,
+        reasoning=f"Most of the shapes are {main}.", summary=f"Most of the shapes are {main}.",
+    )
+
+
+def _count_shapes(rng: random.Random, image_size: int) -> ToySample:
+    num = rng.randint(1, 8)
+    objects = _place(rng, image_size, [rng.choice(list(COLORS)) for _ in range(num)])
+    question = rng.choice(["How many shapes are in the picture?", "Count all the shapes in the image."])
+    total = _plural(num, "shape")
+    return ToySample(
+        task="count_shapes", problem="<image>" + question, answer=str(num), choices=[],
+        image=_render(objects, image_size), objects=objects,
+        reasoning=f"I count {total} in the picture.",
+        summary=f"There {'is' if num == 1 else 'are'} {total}.",
+    )
+
+
 def _count_shape(rng: random.Random, image_size: int) -> ToySample:
     """Held out of training (OOD_TASKS): counting by shape instead of colour, in words the training text lacks."""
     target = rng.choice(SHAPES)
@@ -199,7 +235,7 @@ def _count_shape(rng: random.Random, image_size: int) -> ToySample:
 
 
 _MAKERS = {"count_color": _count_color, "major_color": _major_color, "digit_sum": _digit_sum,
-           "count_shape": _count_shape}
+           "main_color": _main_color, "count_shapes": _count_shapes, "count_shape": _count_shape}
 
 
 def make_sample(rng: random.Random, task: str, image_size: int) -> ToySample:
@@ -207,7 +243,7 @@ def make_sample(rng: random.Random, task: str, image_size: int) -> ToySample:
 
     Args:
         rng: the only source of randomness.
-        task: one of `TASKS` or `OOD_TASKS`.
+        task: one of engine.toy_spec.KNOWN_TASKS.
         image_size: side of the square RGB image in pixels; a multiple of `CELL_PX`.
 
     Returns:

@@ -226,3 +226,14 @@ def test_grade_scored_for_distill(stub, key_env):
     rows = [{"problem": "What?", "answer": "a red circle", "choices": None}]
     tally = grade_scored(RewardJudge(_cfg(stub)), groups, rows)
     assert [s["accuracy"] for s in groups[0]] == [1.0, 0.0] and tally.num_judged == 2
+
+
+def test_row_source_is_data_source_else_task():
+    import datasets
+
+    from engine.reward_judge import row_infos
+
+    both = datasets.Dataset.from_dict({"id": ["a"], "problem": ["q"], "task": ["count"], "data_source": ["src"]})
+    task_only = datasets.Dataset.from_dict({"id": ["a"], "problem": ["q"], "task": ["count"]})
+    neither = datasets.Dataset.from_dict({"id": ["a"], "problem": ["q"]})
+    assert [row_infos(d)["a"].data_source for d in (both, task_only, neither)] == ["src", "count", ""]

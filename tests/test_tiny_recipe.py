@@ -7,7 +7,7 @@ import pytest
 
 from ._launch import REPO, train
 
-# The real recipe, with fewer GRPO steps and distill prompts so CI stays short. Pretrain keeps its 300 steps so that
+# The real recipe, with fewer GRPO steps and distill prompts so CI stays short. Pretrain keeps its 600 steps so that
 # the base samples enough well-formatted answers for the distill stage to find pairs, and the cold start its 30
 # (5 s) so that it visibly teaches the format (10 steps moved format accuracy only 0.33 -> 0.41).
 OVERRIDES = ["--stages.grpo_zero.train.steps=8", "--stages.distill.distill.num_prompts=256",
@@ -42,9 +42,13 @@ def test_tiny_recipe_end_to_end(tmp_path):
 
     # Both GRPO stages run the judged path against the local stand-in judge (engine/judge_local.py): the judge
     # metrics exist, nothing fails; requests go out only for open-ended (free-text gold) rows the rules miss.
+    # The toy's main_color rows have free-text golds (colour names), so some answers the rules miss reach the judge.
     for stage in ("grpo_zero", "specs"):
-        first = json.loads((out / stage / "metrics.jsonl").read_text().splitlines()[0])
-        assert first["rollout/judge_calls"] >= 0 and first["rollout/judge_failures"] == 0, stage
+        steps = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        steps = [m for m in steps if "rollout/judge_calls" in m]
+        assert steps and all(m["rollout/judge_failures"] == 0 for m in steps), stage
+        assert sum(m["rollout/judge_calls"] for m in steps) > 0, stage
+        assert "rollout/source/main_color/accuracy" in steps[0], stage  # per-source monitoring by toy task
 
     # The SPECS cold start teaches the format: the final GRPO starts far better formatted than GRPO-zero did.
     def first_format_acc(stage):

@@ -174,6 +174,46 @@ def test_ood_split_holds_out_its_task_family(toy_world, tmp_path):
         assert drawn == len(sample.objects)  # every recorded object is on the picture, nothing else
 
 
+def test_demo_families_follow_from_pixels():
+    """main_color and count_shapes (recipes/tiny.toml's families): answers re-derived from the pixels alone."""
+    spec = ToySpec(seed=2, num_train=60, tasks=["main_color", "count_shapes"], ood_tasks=["count_shape"])
+    for sample in generate_split(spec, "train"):
+        pixels = np.asarray(sample.image)
+        counts = {c: _count_color(pixels, c) for c in COLORS}
+        if sample.task == "main_color":
+            assert sample.answer in COLORS and sample.choices == []  # free text: an open-ended gold
+            others = sum(counts.values()) - counts[sample.answer]
+            assert counts[sample.answer] >= 3 and 2 * others < counts[sample.answer], counts  # a clear majority
+            assert sample.reasoning.endswith(f"are {sample.answer}.")
+        else:
+            assert sum(counts.values()) == int(sample.answer) and 1 <= int(sample.answer) <= 8
+            assert f"{sample.answer} shape" in sample.reasoning
+
+
+def test_ood_pictures_can_differ_from_training():
+    """ood_image_size draws the trained families on larger pictures: same questions, a visual shift."""
+    spec = ToySpec(num_train=6, num_test=6, tasks=["main_color", "count_shapes"],
+                   ood_tasks=["main_color", "count_shapes"], ood_image_size=168)
+    assert spec.check() == []
+    train, ood = generate_split(spec, "train"), generate_split(spec, "test_ood")
+    assert {s.image.size for s in train} == {(112, 112)} and {s.image.size for s in ood} == {(168, 168)}
+    assert {s.task for s in ood} == {"main_color", "count_shapes"}
+    for sample in ood:  # up to 14 shapes anywhere on the 6x6 grid, still exact
+        counts = [_count_color(np.asarray(sample.image), c) for c in COLORS]
+        assert sum(counts) == len(sample.objects)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(tasks=["count_color", "spelling"]), "unknown task family ['spelling']"),
+    (dict(ood_tasks=[]), "ood_tasks must name at least one"),
+    (dict(ood_tasks=["count_color"]), "ood_tasks must be held out of tasks"),
+    (dict(ood_tasks=["count_color"], ood_image_size=150), "ood_image_size must be a multiple of 28"),
+])
+def test_task_settings_are_checked(changes, message):
+    errors = ToySpec(**changes).check()
+    assert len(errors) == 1 and message in errors[0], errors
+
+
 def test_sft_responses(toy_world, tmp_path):
     sft = _load(toy_world / "data/sft.parquet", tmp_path)
     train = _load(toy_world / "data/train.parquet", tmp_path)
