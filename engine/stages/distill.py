@@ -35,7 +35,7 @@ import datasets
 from engine import atomic, preempt
 from engine.corrupt import corrupt, split_response
 from engine.data import Processor, check_unique_ids, encode_rows, load_rows
-from engine.dist import gather_object, on_main, resolve_on_ranks, together
+from engine.dist import gather_object, on_main, resolve_on_ranks
 from engine.fsdp import resolve_dtype
 from engine.log import log0
 from engine.reward_judge import RewardJudge, check_ready, grade_scored
@@ -43,6 +43,7 @@ from engine.reward_judge import make_yes_no_judge as make_judge
 from engine.rewards import score
 from engine.rollout import SamplingParams, make_backend
 from engine.stages import StageContext
+from engine.stages.common import together_if_local
 from engine.stages.config import DistillStageConfig
 
 datasets.disable_progress_bars()  # one line per part in the log instead of five progress bars
@@ -239,7 +240,7 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
          f"{len(done)} already written")
     todo = [c for c in range(num_chunks) if c not in done]
     if todo:  # built on every rank (each samples its share); one rank that cannot build it stops them all
-        backend = together(lambda: _backend(cfg, ctx, model_dir, processor))
+        backend = together_if_local(lambda: _backend(cfg, ctx, model_dir, processor), cfg.rollout.backend)
     writer = _PartWriter(cfg, rows, index_of, source, parts_dir, num_chunks, judge, reward_judge)
     for c in todo:
         t0 = time.perf_counter()
@@ -252,8 +253,8 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
                  "answer_type": answer_types[index_of[s.row_id]]} for s in chunk_prompts]
         # Every rank samples, also with no prompts (a tensor-parallel vLLM engine spans several ranks); one rank's
         # failure (e.g. out of memory) stops them all.
-        gathered = gather_object(together(functools.partial(_sample, backend, cfg, chunk_prompts, mine, meta,
-                                                            sampling)))
+        gathered = gather_object(together_if_local(functools.partial(_sample, backend, cfg, chunk_prompts, mine, meta,
+                                                                     sampling), backend))
         # Rank 0 judges, pairs and writes the part; an error there stops every rank before the next collective.
         on_main(functools.partial(writer.write, c, chunk_prompts, meta, gathered, t0))
         if preempt.agreed(dist_info.device):  # a signal: stop after this part, which is written

@@ -51,6 +51,7 @@ from engine.reward_judge import make_yes_no_judge as make_judge
 from engine.rewards import format_ok
 from engine.rollout import RolloutBackend, SamplingParams, make_backend
 from engine.stages import StageContext
+from engine.stages.common import together_if_local
 from engine.stages.config import EvalStageConfig
 
 
@@ -226,12 +227,12 @@ def _predict(cfg: EvalStageConfig, ctx: StageContext, backend: _Backend, judge, 
     log0(f"eval: {what}: {len(rows) - len(todo)} rows predicted earlier, {len(todo)} to go")
     if not todo:
         return
-    processor, generator = together(backend.get)  # a rank that cannot load the model stops them all
+    processor, generator = together_if_local(backend.get, cfg.backend)  # one rank's error stops them all
     progress = Progress(f"eval: {what}", len(todo), "prompts")
     for start in range(0, len(todo), cfg.chunk_prompts):
         chunk = todo[start:start + cfg.chunk_prompts]
-        local = together(functools.partial(_generate, cfg, processor, generator, chunk[rank::world], decoding,
-                                           ctx.run.seed))  # one rank's failure (e.g. out of memory) stops them all
+        local = together_if_local(functools.partial(_generate, cfg, processor, generator, chunk[rank::world],
+                                                     decoding, ctx.run.seed), generator)  # e.g. out of memory
         gathered = gather_object(local)
         # Rank 0 scores (and asks the judge) and writes; an error there stops every rank, before the next collective.
         on_main(functools.partial(_append_chunk, path, module, judge, decoding, chunk, gathered))

@@ -32,7 +32,7 @@ from engine.rewards import RewardConfig
 from engine.rollout import backend_label, make_backend
 from engine.stages import StageContext
 from engine.stages._train import Run, run_training
-from engine.stages.common import build_policy
+from engine.stages.common import build_policy, together_if_local
 from engine.stages.config import GRPOStageConfig
 from engine.stages.experience import Collector, RolloutBatch, collect
 from kernels import grpo_loss, plan_bins
@@ -122,11 +122,13 @@ class GRPOStage:
         # fp32 inference copy on CPU (exact tests); bf16 on GPU, like the trainer's compute dtype.
         sample_dtype = resolve_dtype(ctx.model.dtype, ctx.dist.device)[0]
         r = cfg.rollout
-        backend = make_backend(r.backend, run.init_dir, device=ctx.dist.device, processor=run.processor,
-                               dtype=sample_dtype, gpu_memory_utilization=r.gpu_memory_utilization,
-                               enforce_eager=r.enforce_eager, max_model_len=r.max_model_len or cfg.data.max_tokens,
-                               seed=ctx.run.seed, max_batch_rows=r.max_batch_rows, compile_decode=r.compile_decode,
-                               batching=r.batching, require=r.require, tensor_parallel_size=r.tensor_parallel_size)
+        # Built on every rank: one rank that cannot build it stops every rank with its message.
+        backend = together_if_local(functools.partial(
+            make_backend, r.backend, run.init_dir, device=ctx.dist.device, processor=run.processor,
+            dtype=sample_dtype, gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
+            max_model_len=r.max_model_len or cfg.data.max_tokens, seed=ctx.run.seed, max_batch_rows=r.max_batch_rows,
+            compile_decode=r.compile_decode, batching=r.batching, require=r.require,
+            tensor_parallel_size=r.tensor_parallel_size), r.backend)
         reward = RewardConfig(format_weight=cfg.grpo.format_weight, accuracy_weight=cfg.grpo.accuracy_weight)
         judge = None
         if cfg.judge.enabled and cfg.judge.open_answers:
