@@ -110,10 +110,12 @@ class Checkpointer:
                  f"stays {self.path(last[-1]) if last else 'none'}")
             return None
         final, tmp = self.path(step), self.dir / f"step-{step:06d}.tmp"
-        if self.dist.is_main:
+
+        def fresh_tmp() -> None:  # rank 0; an error (a full disk) stops every rank with its message
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash during an earlier save
             tmp.mkdir(parents=True)
-        barrier()
+
+        on_main(fresh_tmp)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         failed: BaseException | None = None
         try:
@@ -127,12 +129,14 @@ class Checkpointer:
         outcomes = gather_object((failure, _state_bytes(model_sd) + _state_bytes(optim_sd)))
         if any(f for f, _ in outcomes):
             self._fail(tmp, [f for f, _ in outcomes if f], sum(n for _, n in outcomes), failed)
-        if self.dist.is_main:
+
+        def publish() -> None:  # rank 0, once every rank's part is written
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self.steps()[: -self.cfg.keep]:
                 shutil.rmtree(self.path(old), ignore_errors=True)
-        barrier()
+
+        on_main(publish)
         log0(f"checkpoint: saved step {step} to {final}")
         return final
 
@@ -230,12 +234,14 @@ class Checkpointer:
     def _set_aside(self, step: int) -> None:
         """Rename a damaged checkpoint out of `steps()` without deleting it (rank 0; every rank waits)."""
         barrier()
-        if self.dist.is_main:
+
+        def rename() -> None:
             dest, i = self.dir / f"step-{step:06d}.damaged", 2
             while dest.exists():
                 dest, i = self.dir / f"step-{step:06d}.damaged-{i}", i + 1
             self.path(step).rename(dest)
-        barrier()
+
+        on_main(rename)
 
 
 def _read_rng(file: Path) -> tuple[dict | None, str]:
