@@ -132,6 +132,7 @@ limit = 4
 # (stages, where the fault is injected, on which rank, kind): one case per kind of one-rank work.
 CASES = {
     "toy-build-rank0": (TOY, "engine.stages.toy:build_toy_world", 0, "value"),
+    "sft-data-read-rank1": (SFT, "engine.stages.common:load_rows", 1, "value"),
     "sft-first-step-metrics-rank0": (SFT, "engine.metrics:Metrics.log", 0, "disk"),
     "sft-export-rank0": (SFT, "engine.checkpoint:save_file", 0, "disk"),
     "distill-part-rank0": (DISTILL, "engine.stages.distill:_PartWriter.write", 0, "value"),

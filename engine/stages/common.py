@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
-from engine.data import epoch_order
+from engine.data import epoch_order, load_rows
 from engine.dist import DistInfo, together
 from engine.fsdp import parallelize, resolve_dtype
 from engine.log import log0
@@ -65,6 +65,12 @@ def check_batch_size(batch_size: int, world_size: int, where: str) -> None:
     if batch_size % world_size:
         raise ValueError(f"{where}.batch_size = {batch_size} is not divisible by the world size {world_size}; "
                          f"use a multiple of {world_size}")
+
+
+def read_rows(path: Path, columns: dict):
+    """`load_rows` on every rank (a collective): a rank that cannot read the file (a node without it) stops every
+    rank with its message, before the encoding's own collectives."""
+    return together(lambda: load_rows(str(path), columns=columns))
 
 
 def together_if_local(fn, backend):

@@ -34,7 +34,7 @@ import datasets
 
 from engine import atomic, preempt
 from engine.corrupt import corrupt, split_response
-from engine.data import Processor, check_unique_ids, encode_rows, load_rows
+from engine.data import Processor, check_unique_ids, encode_rows
 from engine.dist import gather_object, on_main, resolve_on_ranks
 from engine.fsdp import resolve_dtype
 from engine.log import log0
@@ -43,7 +43,7 @@ from engine.reward_judge import make_yes_no_judge as make_judge
 from engine.rewards import score
 from engine.rollout import SamplingParams, make_backend
 from engine.stages import StageContext
-from engine.stages.common import together_if_local
+from engine.stages.common import read_rows, together_if_local
 from engine.stages.config import DistillStageConfig
 
 datasets.disable_progress_bars()  # one line per part in the log instead of five progress bars
@@ -170,7 +170,7 @@ def _part_dataset(rows: datasets.Dataset, row_index: list[int], pairs: list[dict
 def _load_prompts(cfg: DistillStageConfig, processor: Processor, ctx: StageContext):
     """(rows, encoded prompts, encode report, data path); at most distill.num_prompts prompts."""
     path = ctx.resolve_path(cfg.data.train)
-    rows = load_rows(str(path), columns=cfg.data.columns)
+    rows = read_rows(path, cfg.data.columns)
     prompts, report = encode_rows(rows, processor, template=cfg.data.template, system=cfg.data.system or None,
                                   on_bad_row=cfg.data.on_bad_row, max_tokens=cfg.data.max_tokens, source=str(path),
                                   max_pixel_bytes=cfg.data.max_pixel_bytes)

@@ -18,13 +18,13 @@ from typing import ClassVar
 import torch
 
 from engine import atomic
-from engine.data import Processor, Sample, encode_rows, load_rows
+from engine.data import Processor, Sample, encode_rows
 from engine.dist import all_reduce, gather_object, lockstep, on_main
 from engine.log import log0, logger
 from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.stages import StageContext
 from engine.stages._train import Run, run_training
-from engine.stages.common import build_policy
+from engine.stages.common import build_policy, read_rows
 from engine.stages.config import DPOStageConfig
 from kernels import dpo_loss, plan_bins
 
@@ -33,7 +33,7 @@ Pair = tuple[Sample, Sample]
 
 def encode_pairs(cfg: DPOStageConfig, processor: Processor, path: Path) -> list[Pair]:
     """(chosen, rejected) samples of every row where both encode; a row bad on either side is dropped, counted."""
-    rows = load_rows(str(path), columns=cfg.data.columns)
+    rows = read_rows(path, cfg.data.columns)
     common = dict(template=cfg.data.template, system=cfg.data.system or None, on_bad_row=cfg.data.on_bad_row,
                   max_tokens=cfg.data.max_tokens, source=str(path),
                   max_pixel_bytes=cfg.data.max_pixel_bytes // 2)  # chosen and rejected each keep their own

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from engine.data import Processor, Sample, encode_rows, load_rows
+from engine.data import Processor, Sample, encode_rows
 from engine.dist import max_and_sum
 from engine.fsdp import resolve_dtype
 from engine.packed_rows import num_targets, pack_samples, to_device
@@ -32,7 +32,7 @@ from engine.rewards import RewardConfig
 from engine.rollout import backend_label, make_backend
 from engine.stages import StageContext
 from engine.stages._train import Run, run_training
-from engine.stages.common import build_policy, together_if_local
+from engine.stages.common import build_policy, read_rows, together_if_local
 from engine.stages.config import GRPOStageConfig
 from engine.stages.experience import Collector, RolloutBatch, collect
 from kernels import grpo_loss, plan_bins
@@ -77,7 +77,7 @@ class GRPOStage:
         if self.cfg.judge.enabled:
             check_ready(self.cfg.judge)  # a missing key or a bad URL stops the stage here, before any rollout
         data, path = self.cfg.data, ctx.resolve_path(self.cfg.data.train)
-        rows = load_rows(str(path), columns=data.columns)
+        rows = read_rows(path, data.columns)
         self.infos = row_infos(rows)
         self.prompts, report = encode_rows(rows, processor, template=data.template,
                                            system=data.system or None, on_bad_row=data.on_bad_row,
