@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from engine import atomic, dcp_safe
-from engine.dist import DistInfo, barrier, gather_object
+from engine.dist import DistInfo, barrier, gather_object, on_main
 from engine.log import log0, logger
 from engine.sections import CheckpointConfig
 
@@ -110,10 +110,12 @@ class Checkpointer:
                  f"stays {self.path(last[-1]) if last else 'none'}")
             return None
         final, tmp = self.path(step), self.dir / f"step-{step:06d}.tmp"
-        if self.dist.is_main:
+
+        def fresh_tmp() -> None:  # rank 0; an error (a full disk) stops every rank with its message
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash during an earlier save
             tmp.mkdir(parents=True)
-        barrier()
+
+        on_main(fresh_tmp)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         failed: BaseException | None = None
         try:
@@ -127,12 +129,14 @@ class Checkpointer:
         outcomes = gather_object((failure, _state_bytes(model_sd) + _state_bytes(optim_sd)))
         if any(f for f, _ in outcomes):
             self._fail(tmp, [f for f, _ in outcomes if f], sum(n for _, n in outcomes), failed)
-        if self.dist.is_main:
+
+        def publish() -> None:  # rank 0, once every rank's part is written
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self.steps()[: -self.cfg.keep]:
                 shutil.rmtree(self.path(old), ignore_errors=True)
-        barrier()
+
+        on_main(publish)
         log0(f"checkpoint: saved step {step} to {final}")
         return final
 
@@ -230,12 +234,14 @@ class Checkpointer:
     def _set_aside(self, step: int) -> None:
         """Rename a damaged checkpoint out of `steps()` without deleting it (rank 0; every rank waits)."""
         barrier()
-        if self.dist.is_main:
+
+        def rename() -> None:
             dest, i = self.dir / f"step-{step:06d}.damaged", 2
             while dest.exists():
                 dest, i = self.dir / f"step-{step:06d}.damaged-{i}", i + 1
             self.path(step).rename(dest)
-        barrier()
+
+        on_main(rename)
 
 
 def _read_rng(file: Path) -> tuple[dict | None, str]:
@@ -281,9 +287,12 @@ def export_hf(model: nn.Module, hf_model: nn.Module, src_dir: Path, out_dir: Pat
         sd.pop("lm_head.weight", None)  # tied to the input embeddings; safetensors rejects shared storage
     dtype = _export_dtype(src_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if dist_info.is_main:
+
+    def fresh_tmp() -> None:  # rank 0; an error stops every rank with its message
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+
+    on_main(fresh_tmp)
 
     def fetch(name: str) -> torch.Tensor | None:
         # Cast before gathering (half the traffic for bf16); every rank gathers every tensor in the same order.
@@ -291,12 +300,17 @@ def export_hf(model: nn.Module, hf_model: nn.Module, src_dir: Path, out_dir: Pat
         t = t.full_tensor() if isinstance(t, DTensor) else t
         return t.cpu().contiguous() if dist_info.is_main else None
 
-    _write_shards({k: v.numel() * dtype.itemsize for k, v in sd.items()}, fetch, tmp, write=dist_info.is_main,
-                  max_bytes=max_shard_bytes)
-    if dist_info.is_main:
+    # Rank 0 writes while every rank gathers: a write error (a full disk) is raised on every rank at the end.
+    failure = _write_shards({k: v.numel() * dtype.itemsize for k, v in sd.items()}, fetch, tmp,
+                            write=dist_info.is_main, max_bytes=max_shard_bytes, keep_going=True)
+
+    def finish() -> None:
+        if failure is not None:
+            raise failure
         _finish_hf_dir(tmp, hf_model, src_dir, out_dir)
         log0(f"export: {len(sd)} tensors ({dtype}) to {out_dir}")
-    barrier()
+
+    on_main(finish)
 
 
 def _write_hf_dir(full_sd: dict, hf_model: nn.Module, src_dir: Path, out_dir: Path,
@@ -354,23 +368,30 @@ def shard_groups(sizes: dict[str, int], max_bytes: int = _SHARD_BYTES) -> list[l
 
 
 def _write_shards(sizes: dict[str, int], fetch, out_dir: Path, *, write: bool,
-                  max_bytes: int = _SHARD_BYTES) -> None:
+                  max_bytes: int = _SHARD_BYTES, keep_going: bool = False) -> Exception | None:
     """Write the tensors `fetch(name)` returns as safetensors files of at most ~`max_bytes`, with the index file
     transformers expects when there are several. The file layout is planned from `sizes` first, so each file is
     written (and freed) as soon as its tensors are fetched. `fetch` runs for every name on every caller (it may be
-    a collective); only with `write` are files written."""
+    a collective); only with `write` are files written. A write error is raised, or with `keep_going` returned
+    after every tensor was fetched (so the other ranks are not left in a collective)."""
     groups = shard_groups(sizes, max_bytes)
-    weight_map = {}
+    weight_map, failure = {}, None
     for i, names in enumerate(groups):
         file = SINGLE_WEIGHTS if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         shard = {name: fetch(name) for name in names}
-        if write:
-            save_file(shard, out_dir / file, metadata={"format": "pt"})
+        if write and failure is None:
+            try:
+                save_file(shard, out_dir / file, metadata={"format": "pt"})
+            except Exception as e:  # e.g. a full disk: stop writing, keep fetching
+                if not keep_going:
+                    raise
+                failure = e
         weight_map.update(dict.fromkeys(names, file))
         del shard
-    if write and len(groups) > 1:
+    if write and failure is None and len(groups) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return failure
 
 
 def checkpoint_to_hf(ckpt: Path, stage_hf: Path, out_dir: Path, prefix: str = "hf.") -> Path:

@@ -6,7 +6,9 @@ everywhere; the rendezvous then uses a free loopback port.
 
 import dataclasses
 import os
+import pickle
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -126,6 +128,68 @@ def max_and_sum(maxes: list[int], sums: list[int], device: torch.device) -> tupl
     out = all_reduce(t.to(device), "max").tolist()  # sync: one transfer for both
     slots = out[len(maxes) :]
     return [int(x) for x in out[: len(maxes)]], [int(sum(slots[i :: len(sums)])) for i in range(len(sums))]
+
+
+def on_main(fn: Callable[[], object], share: bool = True):
+    """`fn()` on rank 0 alone; its result on every rank, or its exception raised on every rank (a collective).
+    `share=False` keeps the result on rank 0 (the others get None): for objects that do not pickle, like a client.
+
+    For rank-0-only work (writing a file, reading a record, asking a judge) that the other ranks would otherwise
+    pass by into the next collective, where rank 0's error leaves them waiting until its exit closes the connection.
+    `fn` must not use collectives itself. Rank 0 re-raises its own exception (with its traceback); the others raise a
+    copy with the same type and message (`_portable`), so every rank stops with the same line.
+    """
+    rank, world = rank_world()
+    if world == 1:
+        return fn()
+    result, failure = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # any error: the other ranks must hear of it, whatever it is
+            failure = e
+    shared_result, error = broadcast_object((result if share else None, _portable(failure)))
+    if failure is not None:
+        raise failure
+    if error is not None:
+        error.add_note("(raised on rank 0; every rank stops with it)")
+        raise error
+    return result if rank == 0 else shared_result
+
+
+def together(fn: Callable[[], object]):
+    """`fn()` on every rank; if it raised on any rank, every rank raises the lowest failing rank's exception (a
+    collective). For work each rank does on its own (reading its files or its shard) where one rank may fail alone.
+    `fn` must not use collectives itself (a rank that failed before one would leave the others in it)."""
+    if rank_world()[1] == 1:
+        return fn()
+    result, failure = None, None
+    try:
+        result = fn()
+    except Exception as e:  # any error: the other ranks must hear of it, whatever it is
+        failure = e
+    failed = [(r, e) for r, e in enumerate(gather_object(_portable(failure))) if e is not None]
+    if not failed:
+        return result
+    first_rank, first = failed[0]
+    if failure is not None and (type(first), str(first)) == (type(failure), str(failure)):
+        raise failure  # this rank's own error (or the same one), with its traceback
+    first.add_note(f"(raised on rank {first_rank}; every rank stops with it)")
+    raise first from failure
+
+
+def _portable(exc: Exception | None) -> Exception | None:
+    """`exc` as another rank can unpickle it: a copy of the same type and message, else a RuntimeError that names the
+    type (an exception whose constructor does not take its own args cannot be rebuilt from a pickle)."""
+    if exc is None:
+        return None
+    try:
+        copy = pickle.loads(pickle.dumps(exc))
+        if type(copy) is type(exc) and str(copy) == str(exc):
+            return copy
+    except Exception:  # noqa: S110 - any pickling failure: fall back to the message
+        pass
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def resolve_on_ranks(text: str, key: str, is_main: bool) -> Path:

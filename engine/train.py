@@ -21,6 +21,7 @@ sys.path = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _R
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 from engine import atomic, preempt, tracking  # noqa: E402
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
 from engine.console import quiet_third_party  # noqa: E402
-from engine.dist import barrier, broadcast_object, destroy_distributed, init_distributed, resolve_on_ranks  # noqa: E402
+from engine.dist import barrier, destroy_distributed, init_distributed, on_main, resolve_on_ranks  # noqa: E402
 from engine.log import log0, logger, setup_logging  # noqa: E402
 from engine.plan import check_at_startup  # noqa: E402
 from engine.runlock import acquire_on_main  # noqa: E402
@@ -74,16 +75,7 @@ def _seed_everything(seed: int) -> None:
 
 def _plan(cfg: Config, args, is_main: bool) -> Plan:
     """Rank 0 compares the stage records with the recipe; every rank gets the same plan or the same error."""
-    plan, error = None, ""
-    if is_main:
-        try:
-            plan = plan_stages(cfg, cfg.out_dir, rerun=args.rerun, force=args.force)
-        except RerunError as e:
-            error = str(e)
-    plan, error = broadcast_object((plan, error))
-    if error:
-        raise RerunError(error)
-    return plan
+    return on_main(lambda: plan_stages(cfg, cfg.out_dir, rerun=args.rerun, force=args.force))
 
 
 def _local_model(cfg: Config, plan: Plan, is_main: bool):
@@ -103,7 +95,8 @@ def _prepare(cfg: Config, args, overrides: list[str], is_main: bool) -> Plan:
     """Check the stage records, move stages to rerun aside, write the resolved config; the plan of each stage."""
     plan = _plan(cfg, args, is_main)
     out_dir = cfg.out_dir
-    if is_main:
+
+    def write() -> None:  # rank 0; a failure (e.g. a full disk) stops every rank with its message
         for note in plan.notes:
             logger.warning(note)
         moved = move_aside(out_dir, plan.move_aside)
@@ -112,6 +105,8 @@ def _prepare(cfg: Config, args, overrides: list[str], is_main: bool) -> Plan:
         out_dir.mkdir(parents=True, exist_ok=True)
         # Written only after the stage records agree with it: it never claims settings a stage did not run with.
         atomic.write_text(out_dir / "config.resolved.toml", to_toml(cfg))
+
+    on_main(write)
     if args.print_config:
         log0("resolved config:\n" + to_toml(cfg))
     log0(f"config: {args.recipe}" + (f" with {' '.join(overrides)}" if overrides else "")
@@ -167,18 +162,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise preempt.Preempted(f"before stage {stage.name} (every earlier stage finished)")
             log0(f"stage {stage.name} ({stage.kind}): {'resume' if action == 'resume' else 'start'}")
             start_s = time.perf_counter()
-            if dist_info.is_main and action == "run":
-                write_record(cfg, stage, stage_dir)  # before any work, so a resume is checked against it too
-            barrier()
+            if action == "run":  # before any work, so a resume is checked against it too (rank 0 writes it)
+                on_main(functools.partial(write_record, cfg, stage, stage_dir))
             _seed_everything(cfg.run.seed + index)  # per stage, so skipping earlier stages changes nothing
             run_stage(stage, StageContext(cfg.run, model, dist_info, out_dir, stage_dir))
             barrier()
             tracking.flush()
             elapsed_s = time.perf_counter() - start_s
-            if dist_info.is_main:
-                done = {"stage": stage.name, "kind": stage.kind, "elapsed_s": round(elapsed_s, 2),
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                atomic.write_text(stage_dir / DONE_MARKER, json.dumps(done) + "\n")
+            done = {"stage": stage.name, "kind": stage.kind, "elapsed_s": round(elapsed_s, 2),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            on_main(functools.partial(atomic.write_text, stage_dir / DONE_MARKER, json.dumps(done) + "\n"))
             log0(f"stage {stage.name} ({stage.kind}): done in {elapsed_s:.1f} s -> {stage_dir}")
         log0(f"all stages done: {out_dir}")
         return 0

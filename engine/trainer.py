@@ -10,6 +10,7 @@ accumulates gradients, keeps FSDP2 collectives in lockstep, clips, skips non-fin
 and schedule, logs metrics and saves/restores checkpoints. It knows nothing about the stages.
 """
 
+import functools
 import math
 import time
 import warnings
@@ -21,7 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from engine.checkpoint import Checkpointer
-from engine.dist import DistInfo, all_reduce, lockstep
+from engine.dist import DistInfo, all_reduce, lockstep, on_main
 from engine.fsdp import build_optimizer, build_scheduler
 from engine.log import log0, logger
 from engine.metrics import Metrics
@@ -72,11 +73,11 @@ class Trainer:
         cut metrics.jsonl back to it."""
         state = self.checkpointer.load_latest(self.model, self.optimizer, keys=tuple(self.state()))
         if state is None:
-            self.metrics.truncate(0)  # a crash before the first checkpoint: start the file over
+            on_main(lambda: self.metrics.truncate(0))  # a crash before the first checkpoint: start the file over
             return False
         self.step, self.num_skipped, self.bad_in_a_row = state["step"], state["num_skipped"], state["bad_in_a_row"]
         self.scheduler.load_state_dict(state["scheduler"])
-        self.metrics.truncate(self.step)
+        on_main(lambda: self.metrics.truncate(self.step))  # rank 0's file; its error stops every rank
         log0(f"resume: from step {self.step}/{self.total_steps} ({self.checkpointer.path(self.step)})")
         return True
 
@@ -98,7 +99,9 @@ class Trainer:
         self.stop_requested |= values.pop(PREEMPT_KEY) > 0  # the same on every rank: it was all-reduced
         self.step += 1
         stop = self.stop_requested and self.step % self.stop_every == 0
-        self.metrics.log(self.step, values, step_s=time.perf_counter() - start_s)
+        # Rank 0 appends to metrics.jsonl; an error there (a full disk) stops every rank before the next step's
+        # collectives (sync: one small broadcast a step, after the step's own host sync).
+        on_main(functools.partial(self.metrics.log, self.step, values, step_s=time.perf_counter() - start_s))
         if (self.every and self.step % self.every == 0 and self.step < self.total_steps) or stop:
             self.save()
         if stop:

@@ -10,11 +10,13 @@ and two class attributes: `steps_per_batch` (optimizer steps per batch of `train
 """
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Protocol
 
 from engine.checkpoint import export_hf
 from engine.data import Processor
+from engine.dist import together
 from engine.fsdp import vision_tower
 from engine.log import log0
 from engine.model import Policy, flops_per_token
@@ -53,7 +55,10 @@ def run_training(cfg, ctx: StageContext, stage: TrainingStage) -> None:
     """Train `stage` from `cfg.init` and export the result to `<stage dir>/hf`."""
     dist_info = ctx.dist
     init_dir = ctx.model_dir(cfg.init)
-    processor = Processor.from_pretrained(init_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    # Work each rank does alone is wrapped in `together`: one rank's error (a file it cannot read) stops every rank
+    # with the same message instead of leaving the others in the next collective.
+    processor = together(lambda: Processor.from_pretrained(init_dir, min_pixels=cfg.data.min_pixels,
+                                                           max_pixels=cfg.data.max_pixels))
     num_items = stage.load(processor, ctx)
     check_batch_size(cfg.train.batch_size, dist_info.world_size * stage.batch_split, f"stages.{cfg.name}.train")
     order = StepOrder(num_items, cfg.train.batch_size, ctx.run.seed)
@@ -61,12 +66,13 @@ def run_training(cfg, ctx: StageContext, stage: TrainingStage) -> None:
     log0(stage.describe(total_steps))
 
     policy, hf_model = build_policy(init_dir, ctx.model, dist_info)
-    trainer = Trainer(policy, optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint, stage_dir=ctx.stage_dir,
-                      dist_info=dist_info, total_steps=total_steps, log_every=ctx.run.log_every,
-                      flops_per_token=flops_per_token(hf_model),
-                      # on CUDA the plan's peak goes beside the measured one in metrics.jsonl (mem/plan_peak_gib)
-                      plan_peak_gib=planned_peak_gib(cfg, ctx.model, hf_model.config, dist_info.world_size,
-                                                     dist_info.device) if dist_info.device.type == "cuda" else None)
+    # on CUDA the plan's peak goes beside the measured one in metrics.jsonl (mem/plan_peak_gib)
+    plan_peak_gib = planned_peak_gib(cfg, ctx.model, hf_model.config, dist_info.world_size,
+                                     dist_info.device) if dist_info.device.type == "cuda" else None
+    trainer = together(functools.partial(Trainer, policy, optim=cfg.optim, train=cfg.train, checkpoint=cfg.checkpoint,
+                                         stage_dir=ctx.stage_dir, dist_info=dist_info, total_steps=total_steps,
+                                         log_every=ctx.run.log_every, flops_per_token=flops_per_token(hf_model),
+                                         plan_peak_gib=plan_peak_gib))
     trainer.stop_every = stage.steps_per_batch  # a preemption checkpoint falls between batches, as every other
     resumed = trainer.resume()
     merge_size = processor.merge_size if vision_tower(hf_model) is not None else None

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
-from engine.data import epoch_order
-from engine.dist import DistInfo
+from engine.data import epoch_order, load_rows
+from engine.dist import DistInfo, together
 from engine.fsdp import parallelize, resolve_dtype
 from engine.log import log0
 from engine.model import Policy, build_meta_model, count_params, flops_per_token, load_weights
@@ -65,3 +65,21 @@ def check_batch_size(batch_size: int, world_size: int, where: str) -> None:
     if batch_size % world_size:
         raise ValueError(f"{where}.batch_size = {batch_size} is not divisible by the world size {world_size}; "
                          f"use a multiple of {world_size}")
+
+
+def read_rows(path: Path, columns: dict):
+    """`load_rows` on every rank (a collective): a rank that cannot read the file (a node without it) stops every
+    rank with its message, before the encoding's own collectives."""
+    return together(lambda: load_rows(str(path), columns=columns))
+
+
+def together_if_local(fn, backend):
+    """`fn()` through `engine.dist.together` (one rank's error raised on every rank) when `backend`, a rollout
+    backend or its kind before it is built, samples without collectives of its own: the builtin one. vLLM under a
+    process group builds its engines with collectives and a tensor-parallel engine pools its ranks' prompts in one;
+    a rank that failed there would wait in our collective while the others wait in vLLM's, so it is left to fail
+    alone (torchrun then stops the others)."""
+    from engine.rollout.builtin import BuiltinBackend
+
+    local = backend == "builtin" if isinstance(backend, str) else isinstance(backend, BuiltinBackend)
+    return together(fn) if local else fn()

@@ -24,6 +24,7 @@ asks the judge (so one process owns the verdict cache) and writes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections import Counter
@@ -33,8 +34,8 @@ import datasets
 
 from engine import atomic, preempt
 from engine.corrupt import corrupt, split_response
-from engine.data import Processor, check_unique_ids, encode_rows, load_rows
-from engine.dist import broadcast_object, gather_object, resolve_on_ranks
+from engine.data import Processor, check_unique_ids, encode_rows
+from engine.dist import gather_object, on_main, resolve_on_ranks
 from engine.fsdp import resolve_dtype
 from engine.log import log0
 from engine.reward_judge import RewardJudge, check_ready, grade_scored
@@ -42,6 +43,7 @@ from engine.reward_judge import make_yes_no_judge as make_judge
 from engine.rewards import score
 from engine.rollout import SamplingParams, make_backend
 from engine.stages import StageContext
+from engine.stages.common import read_rows, together_if_local
 from engine.stages.config import DistillStageConfig
 
 datasets.disable_progress_bars()  # one line per part in the log instead of five progress bars
@@ -168,7 +170,7 @@ def _part_dataset(rows: datasets.Dataset, row_index: list[int], pairs: list[dict
 def _load_prompts(cfg: DistillStageConfig, processor: Processor, ctx: StageContext):
     """(rows, encoded prompts, encode report, data path); at most distill.num_prompts prompts."""
     path = ctx.resolve_path(cfg.data.train)
-    rows = load_rows(str(path), columns=cfg.data.columns)
+    rows = read_rows(path, cfg.data.columns)
     prompts, report = encode_rows(rows, processor, template=cfg.data.template, system=cfg.data.system or None,
                                   on_bad_row=cfg.data.on_bad_row, max_tokens=cfg.data.max_tokens, source=str(path),
                                   max_pixel_bytes=cfg.data.max_pixel_bytes)
@@ -177,36 +179,34 @@ def _load_prompts(cfg: DistillStageConfig, processor: Processor, ctx: StageConte
     return rows, prompts, report, path
 
 
-def _parts_done(parts_dir: Path, settings: dict, rank: int) -> set[int]:
-    """The parts already written (rank 0 pins the settings on first use and refuses parts made with others); every
-    rank gets the same set or stops with the same message (a collective)."""
-    done, error = set(), ""
-    if rank == 0:
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        pinned = parts_dir / "settings.json"
-        if pinned.exists():
+def _parts_done(parts_dir: Path, settings: dict) -> set[int]:
+    """The parts already written (rank 0 pins the settings on first use and refuses parts made with others)."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    pinned = parts_dir / "settings.json"
+    if pinned.exists():
+        try:
             old = json.loads(pinned.read_text())
-            if old != settings:
-                diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-                error = (f"{parts_dir} holds parts made with other settings {diff} (old, new); restore them to "
-                         f"resume, or move that directory away to start over")
-        else:
-            _write_json(pinned, settings)
-        done = {int(p.name[5:10]) for p in parts_dir.glob("part-*.json")}
-    done, error = broadcast_object((done, error))
-    if error:
-        raise ValueError(error)
-    return done
+        except ValueError as e:
+            raise ValueError(f"{pinned} is not JSON ({e}); move {parts_dir} away to start the parts over") from None
+        if old != settings:
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise ValueError(f"{parts_dir} holds parts made with other settings {diff} (old, new); restore them to "
+                             f"resume, or move that directory away to start over")
+    else:
+        _write_json(pinned, settings)
+    return {int(p.name[5:10]) for p in parts_dir.glob("part-*.json")}
 
 
-def _judges(cfg: DistillStageConfig, ctx: StageContext, rank: int):
+def _judges(cfg: DistillStageConfig, ctx: StageContext):
     """(the consistency judge, the reward judge for open-ended answers), both on rank 0 only (None elsewhere or when
     off). Every rank checks the judge settings first, so a missing key stops the stage before any sampling."""
     if not cfg.judge.enabled:
         return None, None
     check_ready(cfg.judge)
-    if rank != 0:
-        return None, None
+    return on_main(lambda: _make_judges(cfg, ctx), share=False) or (None, None)
+
+
+def _make_judges(cfg: DistillStageConfig, ctx: StageContext):
     judge_cfg = dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
                                     or str(ctx.stage_dir / "judge_cache.jsonl"))
     judge = make_judge(judge_cfg)
@@ -230,23 +230,18 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
     answer_types = rows["answer_type"] if "answer_type" in rows.column_names else [""] * len(rows)
     parts_dir = ctx.stage_dir / "parts"
     settings = _settings(cfg, source, ctx.run.seed)
-    done = _parts_done(parts_dir, settings, rank)
+    done = on_main(lambda: _parts_done(parts_dir, settings))  # a bad settings.json stops every rank alike
     chunk = cfg.distill.chunk_prompts
     num_chunks = (len(prompts) + chunk - 1) // chunk
-    judge, reward_judge = _judges(cfg, ctx, rank)
+    judge, reward_judge = _judges(cfg, ctx)
     log0(f"distill: {len(prompts)} prompts ({report.num_skipped} bad rows skipped) x {cfg.rollout.n} samples from "
          f"{source} | rejected = {cfg.distill.rejected} | up to {cfg.distill.max_chosen_per_prompt} chosen per "
          f"prompt | judge {'on: ' + cfg.judge.model if judge or cfg.judge.enabled else 'off'} | {num_chunks} parts, "
          f"{len(done)} already written")
     todo = [c for c in range(num_chunks) if c not in done]
-    if todo:
-        dtype, _ = resolve_dtype(ctx.model.dtype, dist_info.device)
-        r = cfg.rollout
-        backend = make_backend(r.backend, model_dir, device=dist_info.device, dtype=dtype, processor=processor,
-                               gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
-                               max_model_len=r.max_model_len or cfg.data.max_tokens, seed=ctx.run.seed,
-                               max_batch_rows=r.max_batch_rows, compile_decode=r.compile_decode,
-                               batching=r.batching, require=r.require, tensor_parallel_size=r.tensor_parallel_size)
+    if todo:  # built on every rank (each samples its share); one rank that cannot build it stops them all
+        backend = together_if_local(lambda: _backend(cfg, ctx, model_dir, processor), cfg.rollout.backend)
+    writer = _PartWriter(cfg, rows, index_of, source, parts_dir, num_chunks, judge, reward_judge)
     for c in todo:
         t0 = time.perf_counter()
         chunk_prompts = prompts[c * chunk:(c + 1) * chunk]
@@ -254,42 +249,70 @@ def run(cfg: DistillStageConfig, ctx: StageContext) -> None:
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                   max_new_tokens=cfg.rollout.max_new_tokens,
                                   seed=ctx.run.seed * 1_000_003 + c * world + rank)
-        # Every rank calls generate, also with no prompts: a tensor-parallel vLLM engine spans several ranks.
-        out = backend.generate([chunk_prompts[i] for i in mine], cfg.rollout.n, sampling)
         meta = [{"problem": problems[index_of[s.row_id]], "answer": s.answer, "choices": s.choices,
                  "answer_type": answer_types[index_of[s.row_id]]} for s in chunk_prompts]
-        local = {i: [{"text": x.text, **score_dict(x.text, meta[i])} for x in g]
-                 for i, g in zip(mine, out, strict=True)}
-        gathered = gather_object(local)
-        if rank == 0:
-            scored = {k: v for part in gathered for k, v in part.items()}
-            groups = [scored[i] for i in range(len(chunk_prompts))]
-            counts = Counter(prompts=len(chunk_prompts))
-            if reward_judge is not None:  # open-ended answers the rules score wrong: the judge decides
-                tally = grade_scored(reward_judge, groups, meta)
-                counts.update(judged_open=tally.num_judged, judge_failures=tally.num_failures)
-            pairs = select_pairs(cfg, meta, groups, judge, counts, first_prompt=c * chunk)
-            part_path = parts_dir / f"part-{c:05d}.parquet"
-            if pairs:
-                row_index = [index_of[s.row_id] for s in chunk_prompts]
-                part = _part_dataset(rows, row_index, pairs, source)
-                _write_atomic(part_path, lambda p, part=part: part.to_parquet(str(p)))
-            _write_json(parts_dir / f"part-{c:05d}.json", {k: counts[k] for k in COUNT_KEYS})  # marks it done
-            log0(f"distill: part {c + 1}/{num_chunks}: {counts['candidates']}/{counts['samples']} samples correct "
-                 f"and well formatted -> {counts['pairs']} pairs ({time.perf_counter() - t0:.1f} s)")
+        # Every rank samples, also with no prompts (a tensor-parallel vLLM engine spans several ranks); one rank's
+        # failure (e.g. out of memory) stops them all.
+        gathered = gather_object(together_if_local(functools.partial(_sample, backend, cfg, chunk_prompts, mine, meta,
+                                                                     sampling), backend))
+        # Rank 0 judges, pairs and writes the part; an error there stops every rank before the next collective.
+        on_main(functools.partial(writer.write, c, chunk_prompts, meta, gathered, t0))
         if preempt.agreed(dist_info.device):  # a signal: stop after this part, which is written
             raise preempt.Preempted(f"distill after part {c + 1}/{num_chunks} (written; a rerun continues)")
     if todo:
         backend.close()
-    error = ""
-    if rank == 0:
-        try:
-            _finish(cfg, ctx, parts_dir, num_chunks, settings, report.num_skipped, judge)
-        except ValueError as e:  # "no pairs": every rank stops with it, none is left waiting at a collective
-            error = str(e)
-    error = broadcast_object(error)
-    if error:
-        raise ValueError(error)
+    # "no pairs", a full disk: every rank stops with rank 0's message, none is left waiting at a collective
+    on_main(lambda: _finish(cfg, ctx, parts_dir, num_chunks, settings, report.num_skipped, judge))
+
+
+def _sample(backend, cfg: DistillStageConfig, chunk_prompts: list, mine: list[int], meta: list[dict],
+            sampling: SamplingParams) -> dict[int, list[dict]]:
+    """This rank's prompts `mine` of the chunk, `rollout.n` samples each, scored by the rules."""
+    out = backend.generate([chunk_prompts[i] for i in mine], cfg.rollout.n, sampling)
+    return {i: [{"text": x.text, **score_dict(x.text, meta[i])} for x in g] for i, g in zip(mine, out, strict=True)}
+
+
+def _backend(cfg: DistillStageConfig, ctx: StageContext, model_dir: Path, processor: Processor):
+    dtype, _ = resolve_dtype(ctx.model.dtype, ctx.dist.device)
+    r = cfg.rollout
+    return make_backend(r.backend, model_dir, device=ctx.dist.device, dtype=dtype, processor=processor,
+                        gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
+                        max_model_len=r.max_model_len or cfg.data.max_tokens, seed=ctx.run.seed,
+                        max_batch_rows=r.max_batch_rows, compile_decode=r.compile_decode, batching=r.batching,
+                        require=r.require, tensor_parallel_size=r.tensor_parallel_size)
+
+
+@dataclasses.dataclass
+class _PartWriter:
+    """What rank 0 needs to turn a chunk's scored samples into a part: judges, pairs, the files."""
+
+    cfg: DistillStageConfig
+    rows: datasets.Dataset
+    index_of: dict[str, int]
+    source: str
+    parts_dir: Path
+    num_chunks: int
+    judge: object
+    reward_judge: RewardJudge | None
+
+    def write(self, c: int, chunk_prompts: list, meta: list[dict], gathered: list[dict], start_s: float) -> None:
+        """Part `c`: the pairs of its prompts (part-NNNNN.parquet, if any) and its counts (part-NNNNN.json, which
+        marks it done)."""
+        scored = {k: v for part in gathered for k, v in part.items()}
+        groups = [scored[i] for i in range(len(chunk_prompts))]
+        counts = Counter(prompts=len(chunk_prompts))
+        if self.reward_judge is not None:  # open-ended answers the rules score wrong: the judge decides
+            tally = grade_scored(self.reward_judge, groups, meta)
+            counts.update(judged_open=tally.num_judged, judge_failures=tally.num_failures)
+        chunk = self.cfg.distill.chunk_prompts
+        pairs = select_pairs(self.cfg, meta, groups, self.judge, counts, first_prompt=c * chunk)
+        if pairs:
+            row_index = [self.index_of[s.row_id] for s in chunk_prompts]
+            part = _part_dataset(self.rows, row_index, pairs, self.source)
+            _write_atomic(self.parts_dir / f"part-{c:05d}.parquet", lambda p: part.to_parquet(str(p)))
+        _write_json(self.parts_dir / f"part-{c:05d}.json", {k: counts[k] for k in COUNT_KEYS})  # marks it done
+        log0(f"distill: part {c + 1}/{self.num_chunks}: {counts['candidates']}/{counts['samples']} samples correct "
+             f"and well formatted -> {counts['pairs']} pairs ({time.perf_counter() - start_s:.1f} s)")
 
 
 def _finish(cfg: DistillStageConfig, ctx: StageContext, parts_dir: Path, num_chunks: int, settings: dict,

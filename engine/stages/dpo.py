@@ -18,13 +18,13 @@ from typing import ClassVar
 import torch
 
 from engine import atomic
-from engine.data import Processor, Sample, encode_rows, load_rows
-from engine.dist import all_reduce, lockstep
+from engine.data import Processor, Sample, encode_rows
+from engine.dist import all_reduce, gather_object, lockstep, on_main
 from engine.log import log0, logger
 from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.stages import StageContext
 from engine.stages._train import Run, run_training
-from engine.stages.common import build_policy
+from engine.stages.common import build_policy, read_rows
 from engine.stages.config import DPOStageConfig
 from kernels import dpo_loss, plan_bins
 
@@ -33,7 +33,7 @@ Pair = tuple[Sample, Sample]
 
 def encode_pairs(cfg: DPOStageConfig, processor: Processor, path: Path) -> list[Pair]:
     """(chosen, rejected) samples of every row where both encode; a row bad on either side is dropped, counted."""
-    rows = load_rows(str(path), columns=cfg.data.columns)
+    rows = read_rows(path, cfg.data.columns)
     common = dict(template=cfg.data.template, system=cfg.data.system or None, on_bad_row=cfg.data.on_bad_row,
                   max_tokens=cfg.data.max_tokens, source=str(path),
                   max_pixel_bytes=cfg.data.max_pixel_bytes // 2)  # chosen and rejected each keep their own
@@ -114,11 +114,10 @@ class DPOStage:
         """The stored reference log-probs, or compute them (before the first update) and store them."""
         ctx, mbt = run.ctx, self.cfg.train.micro_batch_tokens
         ref_file = ctx.stage_dir / "ref_logps.pt"
-        if ref_file.is_file():
-            try:
-                return torch.load(ref_file, weights_only=True)
-            except Exception as e:  # written atomically now; an older run's crash could leave it cut short
-                logger.warning(f"{ref_file} is unreadable ({type(e).__name__}: {e}): computing it again")
+        stored = self.stored_reference(ref_file)
+        # Every rank computes or none does (a collective): one rank that cannot read the file computes with all.
+        if all(gather_object(stored is not None)):
+            return stored
         # The untouched policy is the reference: no second model. Once training has begun (a resume) it is not.
         if self.ref_dir == run.init_dir and not run.resumed:
             ref_logps = reference_logps(run.policy, self.pairs, ctx, mbt, run.merge_size)
@@ -127,9 +126,26 @@ class DPOStage:
             ref_logps = reference_logps(ref_policy, self.pairs, ctx, mbt, run.merge_size)
             del ref_policy
             gc.collect()
-        if ctx.dist.is_main:
+
+        def store() -> None:  # rank 0; a full disk stops every rank with its message
             with atomic.replacing(ref_file, ref_logps.numel() * ref_logps.element_size()) as tmp:
                 torch.save(ref_logps, tmp)
+
+        on_main(store)
+        return ref_logps
+
+    def stored_reference(self, ref_file: Path) -> torch.Tensor | None:
+        """The log-probs in `ref_file` when it holds them for these pairs, else None (said once)."""
+        if not ref_file.is_file():
+            return None
+        try:
+            ref_logps = torch.load(ref_file, weights_only=True)
+        except Exception as e:  # written atomically now; an older run's crash could leave it cut short
+            logger.warning(f"{ref_file} is unreadable ({type(e).__name__}: {e}): computing it again")
+            return None
+        if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (len(self.pairs), 2):
+            logger.warning(f"{ref_file} does not hold [{len(self.pairs)}, 2] log-probs: computing them again")
+            return None
         return ref_logps
 
     def micro_batches(self, run: Run, step: int) -> tuple[list[dict], int]:

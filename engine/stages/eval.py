@@ -27,6 +27,7 @@ MEGA-Bench's score is the macro mean over its tasks, as officially.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import zlib
 from pathlib import Path
@@ -36,7 +37,7 @@ from PIL import Image
 from engine import atomic, benchmarks, preempt, tracking
 from engine.benchmarks import BenchRow
 from engine.data import BadRow, Processor
-from engine.dist import barrier, broadcast_object, gather_object
+from engine.dist import gather_object, on_main, together
 from engine.fsdp import resolve_dtype
 from engine.log import Progress, log0
 from engine.predictions import (
@@ -50,6 +51,7 @@ from engine.reward_judge import make_yes_no_judge as make_judge
 from engine.rewards import format_ok
 from engine.rollout import RolloutBackend, SamplingParams, make_backend
 from engine.stages import StageContext
+from engine.stages.common import together_if_local
 from engine.stages.config import EvalStageConfig
 
 
@@ -92,11 +94,14 @@ def _checkpoint_dir(ctx: StageContext, model: str) -> Path:
 
     stage, _, step = model.partition("@")
     out = ctx.stage_dir / "checkpoints_hf" / model
-    if ctx.dist.rank == 0 and not out.is_dir():
-        ckpt = ctx.out_dir / stage / "checkpoints" / f"step-{int(step):06d}"
-        log0(f"eval: converting {ckpt} to a Hugging Face directory {out}")
-        checkpoint_to_hf(ckpt, ctx.model_dir(stage), out)
-    barrier()
+
+    def convert() -> None:  # rank 0; a damaged checkpoint stops every rank with its message
+        if not out.is_dir():
+            ckpt = ctx.out_dir / stage / "checkpoints" / f"step-{int(step):06d}"
+            log0(f"eval: converting {ckpt} to a Hugging Face directory {out}")
+            checkpoint_to_hf(ckpt, ctx.model_dir(stage), out)
+
+    on_main(convert)
     return out
 
 
@@ -187,36 +192,22 @@ class _Backend:
 
 
 def run(cfg: EvalStageConfig, ctx: StageContext) -> None:
-    rank = ctx.dist.rank
-    benches = load_benchmarks(cfg, ctx)
+    # Each rank reads the benchmarks (a file one rank cannot read stops them all); rank 0 owns the judge and its
+    # cache, and finds the checkpoints. Any error stops every rank with the same message.
+    benches = together(lambda: load_benchmarks(cfg, ctx))
     judge = None
-    if rank == 0 and cfg.judge.enabled:  # one process owns the judge and its cache
-        judge = make_judge(dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
-                                               or str(ctx.stage_dir / "judge_cache.jsonl")))
-    models, error = [], ""
-    if rank == 0:
-        try:
-            models = resolve_models(cfg, ctx)
-        except ValueError as e:
-            error = str(e)
-    models, error = broadcast_object((models, error))
-    if error:  # every rank stops with the same message
-        raise ValueError(error)
+    if cfg.judge.enabled:
+        judge = on_main(lambda: make_judge(dataclasses.replace(cfg.judge, cache_path=cfg.judge.cache_path
+                                                               or str(ctx.stage_dir / "judge_cache.jsonl"))),
+                        share=False)
+    models = on_main(lambda: resolve_models(cfg, ctx))
     for model in models:
         backend = _Backend(cfg, ctx, _checkpoint_dir(ctx, model) if "@" in model else ctx.model_dir(model))
         for b, module, rows, _ in benches:
             for decoding in decodings(cfg):
                 _predict(cfg, ctx, backend, judge, model, (b, module, rows), decoding)
         backend.close()
-    error = ""
-    if rank == 0:
-        try:
-            _summarise_and_report(cfg, ctx, models, benches)
-        except (ValueError, atomic.DiskFullError) as e:  # every rank stops with it, none is left in a collective
-            error = f"{type(e).__name__}: {e}"
-    error = broadcast_object(error)
-    if error:
-        raise ValueError(f"eval report: {error}")
+    on_main(lambda: _summarise_and_report(cfg, ctx, models, benches))  # rank 0 writes; its error stops every rank
 
 
 def _predict(cfg: EvalStageConfig, ctx: StageContext, backend: _Backend, judge, model: str, bench: tuple,
@@ -225,28 +216,37 @@ def _predict(cfg: EvalStageConfig, ctx: StageContext, backend: _Backend, judge, 
     b, module, rows = bench
     rank, world = ctx.dist.rank, ctx.dist.world_size
     path = decoding.path(ctx.stage_dir, model, b.name)
-    if rank == 0:
+
+    def read_done() -> set[str]:  # rank 0 owns the file
         drop_partial_line(path)
-    done = broadcast_object(decoding.done(read_predictions(path)) if rank == 0 else set())
+        return decoding.done(read_predictions(path))
+
+    done = on_main(read_done)
     todo = [r for r in rows if r.id not in done]
     what = f"{model} on {b.name}" + (f", {decoding.n} samples a prompt" if decoding.sampled else "")
     log0(f"eval: {what}: {len(rows) - len(todo)} rows predicted earlier, {len(todo)} to go")
     if not todo:
         return
-    processor, generator = backend.get()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    processor, generator = together_if_local(backend.get, cfg.backend)  # one rank's error stops them all
     progress = Progress(f"eval: {what}", len(todo), "prompts")
     for start in range(0, len(todo), cfg.chunk_prompts):
         chunk = todo[start:start + cfg.chunk_prompts]
-        local = _generate(cfg, processor, generator, chunk[rank::world], decoding, ctx.run.seed)
+        local = together_if_local(functools.partial(_generate, cfg, processor, generator, chunk[rank::world],
+                                                     decoding, ctx.run.seed), generator)  # e.g. out of memory
         gathered = gather_object(local)
-        if rank == 0:
-            by_id = {p["id"]: p for part in gathered for p in part}
-            append_predictions(path, _records(module, judge, decoding, chunk, by_id))
+        # Rank 0 scores (and asks the judge) and writes; an error there stops every rank, before the next collective.
+        on_main(functools.partial(_append_chunk, path, module, judge, decoding, chunk, gathered))
         progress.update(len(chunk))
         if preempt.agreed(ctx.dist.device):  # a signal: stop after this chunk, which is written
             raise preempt.Preempted(f"eval: {what} after {start + len(chunk)} of {len(todo)} prompts (written; a "
                                     f"rerun continues from there)")
+
+
+def _append_chunk(path: Path, module, judge, decoding: Decoding, chunk: list[BenchRow], gathered: list) -> None:
+    """Score every rank's predictions of `chunk` and append their lines to `path` (rank 0)."""
+    by_id = {p["id"]: p for part in gathered for p in part}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    append_predictions(path, _records(module, judge, decoding, chunk, by_id))
 
 
 def _records(module, judge, decoding: Decoding, chunk: list[BenchRow], by_id: dict[str, dict]) -> list[dict]:

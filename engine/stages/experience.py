@@ -21,7 +21,7 @@ from engine.reward_judge import JudgeTally, RewardJudge, RowInfo, open_item
 from engine.rewards import Reward, RewardConfig, answer_type, score
 from engine.rollout import Completion, RolloutBackend, SamplingParams, WeightStream
 from engine.sections import RolloutConfig
-from engine.stages.common import StepOrder
+from engine.stages.common import StepOrder, together_if_local
 from engine.stages.config import GRPOConfig
 from kernels import plan_bins
 
@@ -90,7 +90,8 @@ def collect(c: Collector, index: int) -> RolloutBatch:
     step_indices = c.order.step_indices(index)
     prompts = [c.prompts[i] for i in step_indices[rank::world]]
     seed = c.seed * 1_000_003 + index * world + rank  # by rollout and rank: a resumed run samples the same
-    groups = generate(c.backend, prompts, c.rollout, seed=seed)
+    # One rank's failure to sample (e.g. out of memory) stops every rank with its message (a small gather).
+    groups = together_if_local(lambda: generate(c.backend, prompts, c.rollout, seed=seed), c.backend)
     timing = c.backend.timing.metrics() if c.backend.timing is not None else {}
     c.backend.sleep()  # give the accelerator memory back to the trainer until the next rollout
     rewards, tally = score_groups(groups, prompts, c.reward, c.infos, c.judge)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from engine.data import Processor, Sample, encode_rows, load_rows
+from engine.data import Processor, Sample, encode_rows
 from engine.dist import max_and_sum
 from engine.fsdp import resolve_dtype
 from engine.packed_rows import num_targets, pack_samples, to_device
@@ -33,7 +33,7 @@ from engine.rewards import RewardConfig
 from engine.rollout import backend_label, make_backend
 from engine.stages import StageContext
 from engine.stages._train import Run, run_training
-from engine.stages.common import build_policy
+from engine.stages.common import build_policy, read_rows, together_if_local
 from engine.stages.config import GRPOStageConfig
 from engine.stages.experience import Collector, RolloutBatch, collect
 from kernels import grpo_loss, plan_bins
@@ -78,7 +78,7 @@ class GRPOStage:
         if self.cfg.judge.enabled:
             check_ready(self.cfg.judge)  # a missing key or a bad URL stops the stage here, before any rollout
         data, path = self.cfg.data, ctx.resolve_path(self.cfg.data.train)
-        rows = load_rows(str(path), columns=data.columns)
+        rows = read_rows(path, data.columns)
         self.infos = row_infos(rows)
         self.prompts, report = encode_rows(rows, processor, template=data.template,
                                            system=data.system or None, on_bad_row=data.on_bad_row,
@@ -126,11 +126,13 @@ class GRPOStage:
         # fp32 inference copy on CPU (exact tests); bf16 on GPU, like the trainer's compute dtype.
         sample_dtype = resolve_dtype(ctx.model.dtype, ctx.dist.device)[0]
         r = cfg.rollout
-        backend = make_backend(r.backend, run.init_dir, device=ctx.dist.device, processor=run.processor,
-                               dtype=sample_dtype, gpu_memory_utilization=r.gpu_memory_utilization,
-                               enforce_eager=r.enforce_eager, max_model_len=r.max_model_len or cfg.data.max_tokens,
-                               seed=ctx.run.seed, max_batch_rows=r.max_batch_rows, compile_decode=r.compile_decode,
-                               batching=r.batching, require=r.require, tensor_parallel_size=r.tensor_parallel_size)
+        # Built on every rank: one rank that cannot build it stops every rank with its message.
+        backend = together_if_local(functools.partial(
+            make_backend, r.backend, run.init_dir, device=ctx.dist.device, processor=run.processor,
+            dtype=sample_dtype, gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
+            max_model_len=r.max_model_len or cfg.data.max_tokens, seed=ctx.run.seed, max_batch_rows=r.max_batch_rows,
+            compile_decode=r.compile_decode, batching=r.batching, require=r.require,
+            tensor_parallel_size=r.tensor_parallel_size), r.backend)
         reward = RewardConfig(format_weight=cfg.grpo.format_weight, accuracy_weight=cfg.grpo.accuracy_weight)
         judge = None
         if cfg.judge.enabled and cfg.judge.open_answers:

@@ -8,10 +8,11 @@ from typing import ClassVar
 
 import torch
 
-from engine.data import Processor, Sample, collate, encode_rows, load_rows, plan_micro_batches
+from engine.data import Processor, Sample, collate, encode_rows, plan_micro_batches
 from engine.packed_rows import num_targets, pack_samples, to_device
 from engine.stages import StageContext
 from engine.stages._train import Run, run_training
+from engine.stages.common import read_rows
 from engine.stages.config import SFTStageConfig
 from kernels import fused_nll, plan_bins
 
@@ -33,7 +34,7 @@ class SFTStage:
     def load(self, processor: Processor, ctx: StageContext) -> int:
         data = self.cfg.data
         path = ctx.resolve_path(data.train)
-        self.samples, report = encode_rows(load_rows(str(path), columns=data.columns), processor,
+        self.samples, report = encode_rows(read_rows(path, data.columns), processor,
                                            template=data.template,
                                            system=data.system or None, response_column=data.response_column,
                                            on_bad_row=data.on_bad_row, max_tokens=data.max_tokens, source=str(path),
