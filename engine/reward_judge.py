@@ -188,13 +188,12 @@ class RewardJudge:
         parts = gather_object(asked) if distributed else [asked]
         answer = None
         if self.client is not None:
-            before = self.client.stats.num_requests
-            flat = _ask(self.client, [x for part in parts for x in part])
-            answer, start = [], 0
-            for part in parts:
-                answer.append(flat[start:start + len(part)])
-                start += len(part)
-            answer = (answer, self.client.stats.num_requests - before)
+            try:
+                answer = self._answer(parts)
+            except Exception as exc:  # noqa: BLE001 - never stops a run, nor leaves the other ranks in the broadcast
+                logger.warning("judge: %d items left to the rules after %s: %s", sum(map(len, parts)),
+                               type(exc).__name__, exc)
+                answer = ([["unjudged"] * len(part) for part in parts], 0)
         by_rank, num_requests = broadcast_object(answer) if distributed else answer
         verdicts = by_rank[self.rank if distributed else 0]
         tally = JudgeTally(num_asked=len(mine), num_requests=num_requests if self.rank == 0 else 0)
@@ -210,6 +209,16 @@ class RewardJudge:
             r.total, r.method = r.format + r.accuracy, "judge"
         tally.seconds = time.perf_counter() - start_s
         return tally
+
+    def _answer(self, parts: list[list[tuple[str, str, str]]]) -> tuple[list[list[str]], int]:
+        """Rank 0: the verdicts of every rank's items, split back by rank, and the HTTP requests this took."""
+        before = self.client.stats.num_requests
+        flat = _ask(self.client, [x for part in parts for x in part])
+        answer, start = [], 0
+        for part in parts:
+            answer.append(flat[start:start + len(part)])
+            start += len(part)
+        return answer, self.client.stats.num_requests - before
 
 
 def grade_scored(judge: RewardJudge, groups: list[list[dict]], rows: list[dict],

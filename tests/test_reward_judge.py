@@ -219,6 +219,20 @@ def test_judge_outage_never_raises(stub, key_env):
     assert rewards[0][0].accuracy == 0.0 and tally.num_failures == 1
 
 
+def test_a_broken_client_leaves_items_unjudged(stub, key_env):
+    """Anything raised on the judging rank after the gather (here the client's stats) becomes "unjudged", so the
+    other ranks are never left waiting in the broadcast that follows."""
+    class Broken:
+        @property
+        def stats(self):
+            raise AttributeError("no stats")
+
+    judge = RewardJudge(_cfg(stub), client=Broken())
+    rewards, tally = score_groups([[_completion("<answer>a tree</answer>")]], [_sample("r", "the tall tree")],
+                                  RewardConfig(), {"r": RowInfo("q", "open")}, judge)
+    assert rewards[0][0].accuracy == 0.0 and (tally.num_asked, tally.num_failures) == (1, 1)
+
+
 def test_grade_scored_for_distill(stub, key_env):
     stub.decide = lambda p: ("text", "YES") if "a crimson circle" in p else ("text", "NO")
     base = {"format": 0.5, "accuracy": 0.0, "gold_unparseable": False}
