@@ -290,7 +290,7 @@ def parse_stage(table: dict, overrides: list[str] = (), source: str = "<stage>")
         raise ConfigError(source, [f"kind: {kind!r} not in {{{', '.join(STAGE_KINDS)}}}"])
     stage = _build(STAGE_KINDS[kind], table, name, problems)
     if stage is not None:
-        problems.extend(f"{name}.{p}" for p in stage.check())
+        problems.extend(_stage_problem(stage, p).removeprefix("stages.") for p in stage.check())
     if problems:
         raise ConfigError(source, list(dict.fromkeys(problems)))
     return stage

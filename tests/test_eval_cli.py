@@ -25,6 +25,9 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert "'mathvistaa' not in" in capsys.readouterr().err
     assert main(["--model", f"{tmp_path}/a/b", "--benchmarks", f"toy={tmp_path}"]) == 2
     assert "neither directories nor Hugging Face ids" in capsys.readouterr().err
+    # A setting problem names the stage like a recipe's does ("eval: the ...", not "eval.the ...").
+    assert main(["--model", str(tmp_path), "--benchmarks", f"mine:toy:id={tmp_path}/t.parquet"]) == 2
+    assert "  eval: the Generalization Factor needs benchmarks in both groups" in capsys.readouterr().err
 
 
 def test_two_models_one_command_then_a_rerun(tmp_path, toy_world, capsys):
