@@ -26,6 +26,8 @@ def test_tiny_recipe_end_to_end(tmp_path):
     counts = json.loads((out / "distill" / "summary.json").read_text())["counts"]
     assert counts["prompts"] == 256 and counts["samples"] == 256 * 4 and counts["pairs"] > 0
     assert counts["pairs"] <= counts["candidates"] <= min(counts["correct"], counts["well_formatted"])
+    # The consistency check (the local stand-in judge) confirmed every chosen response and turned some down.
+    assert 0 < counts["chosen"] <= counts["judged_yes"] and counts["judged_no"] > 0 and counts["judge_failures"] == 0
     assert (out / "eval" / "checkpoints_hf" / "specs@4" / "model.safetensors").is_file()  # converted from DCP
 
     scores = json.loads((out / "eval" / "scores.json").read_text())
