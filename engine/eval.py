@@ -179,4 +179,6 @@ def _run(stage, names: dict[str, str], out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.dist import exit_process
+
+    exit_process(main())

@@ -35,7 +35,14 @@ import torch  # noqa: E402
 from engine import atomic, preempt, tracking  # noqa: E402
 from engine.config import Config, ConfigError, load_config, to_toml  # noqa: E402
 from engine.console import quiet_third_party  # noqa: E402
-from engine.dist import barrier, destroy_distributed, init_distributed, on_main, resolve_on_ranks  # noqa: E402
+from engine.dist import (  # noqa: E402
+    barrier,
+    destroy_distributed,
+    exit_process,
+    init_distributed,
+    on_main,
+    resolve_on_ranks,
+)
 from engine.log import log0, logger, setup_logging  # noqa: E402
 from engine.plan import check_at_startup  # noqa: E402
 from engine.runlock import acquire_on_main  # noqa: E402
@@ -199,4 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
