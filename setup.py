@@ -141,8 +141,8 @@ setup(
     },
     # Installed commands (in .venv/bin after `make venv`): the same as the module entry points.
     entry_points={"console_scripts": [
-        "specs-train = engine.train:main",  # python engine/train.py RECIPE; torchrun takes the script path
-        "specs-eval = engine.eval:main",  # python -m engine.eval --model ... --benchmarks ...
+        "specs-train = engine.train:cli",  # python engine/train.py RECIPE; torchrun takes the script path
+        "specs-eval = engine.eval:cli",  # python -m engine.eval --model ... --benchmarks ...
         "specs-config = engine.config:main",  # python -m engine.config RECIPE: the resolved config
         "specs-plan = engine.plan:main",  # python -m engine.plan RECIPE --gpus 8 --gpu-memory 80: the memory plan
     ]},

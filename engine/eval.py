@@ -178,7 +178,13 @@ def _run(stage, names: dict[str, str], out: Path) -> int:
         destroy_distributed()
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """`main`, then the process exit that torchrun workers need (engine.dist.exit_process): the `specs-eval` command
+    and `python -m engine.eval`."""
     from engine.dist import exit_process
 
-    exit_process(main())
+    exit_process(main(argv))
+
+
+if __name__ == "__main__":
+    cli()

@@ -205,5 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         destroy_distributed()
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """`main`, then the process exit that torchrun workers need (engine.dist.exit_process): the `specs-train` command
+    and `python engine/train.py`."""
+    exit_process(main(argv))
+
+
 if __name__ == "__main__":
-    exit_process(main())
+    cli()
