@@ -5,7 +5,6 @@ everywhere; the rendezvous then uses a free loopback port.
 """
 
 import dataclasses
-import gc
 import logging
 import os
 import pickle
@@ -64,7 +63,6 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-        gc.collect()  # objects in reference cycles (stages, meshes) that still hold gloo work: freed while alive
 
 
 def exit_process(code: int) -> None:

@@ -61,9 +61,10 @@ class ToySpec:
 
     def check(self) -> list[str]:
         """Returns one message per invalid field (empty when the spec is usable)."""
-        # Only ToySpec's own fields: a subclass (the toy stage config) adds string fields of its own.
-        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(ToySpec) if f.type in (int, "int")}
-        sizes = {k: v for k, v in sizes.items() if k not in ("seed", "ood_image_size")}  # 0 is valid for these
+        # ToySpec's own integer fields (a subclass, the toy stage config, adds fields of its own); seed and
+        # ood_image_size may be 0.
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(ToySpec)
+                 if f.type is int and f.name not in ("seed", "ood_image_size")}
         errors = [f"{k} must be >= 1, got {v}" for k, v in sizes.items() if v < 1]
         for key in ("tasks", "ood_tasks"):
             names = getattr(self, key)

@@ -80,11 +80,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _plan(cfg: Config, args, is_main: bool) -> Plan:
-    """Rank 0 compares the stage records with the recipe; every rank gets the same plan or the same error."""
-    return on_main(lambda: plan_stages(cfg, cfg.out_dir, rerun=args.rerun, force=args.force))
-
-
 def _local_model(cfg: Config, plan: Plan, is_main: bool):
     """[model] with `path` a local directory: a Hugging Face id is resolved through the cache (rank 0 downloads it
     when it is missing and the hub is reachable, then the other ranks resolve it from their cache). Only when a
@@ -98,9 +93,10 @@ def _local_model(cfg: Config, plan: Plan, is_main: bool):
     return dataclasses.replace(cfg.model, path=path)
 
 
-def _prepare(cfg: Config, args, overrides: list[str], is_main: bool) -> Plan:
+def _prepare(cfg: Config, args, overrides: list[str]) -> Plan:
     """Check the stage records, move stages to rerun aside, write the resolved config; the plan of each stage."""
-    plan = _plan(cfg, args, is_main)
+    # Rank 0 compares the stage records with the recipe; every rank gets the same plan or the same error.
+    plan = on_main(lambda: plan_stages(cfg, cfg.out_dir, rerun=args.rerun, force=args.force))
     out_dir = cfg.out_dir
 
     def write() -> None:  # rank 0; a failure (e.g. a full disk) stops every rank with its message
@@ -154,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = None
     try:
         lock = acquire_on_main(out_dir, dist_info.is_main)  # one run per out_dir, before anything is written
-        plan = _prepare(cfg, args, overrides, dist_info.is_main)
+        plan = _prepare(cfg, args, overrides)
         _startup_block(cfg, dist_info)
         check_at_startup(cfg, dist_info.world_size, dist_info.device, allow_oversize=args.ignore_memory_plan)
         tracking.start(cfg.run, out_dir, to_toml(cfg), dist_info.is_main)
